@@ -1,0 +1,25 @@
+"""User-facing errors: each carries a one-line message naming the file, case or key at fault.
+
+The CLI prints ``str(error)`` without a traceback (unless ``hydra.verbose`` is set), marks the
+MLflow run FAILED with the message as a tag, and exits non-zero.
+"""
+
+
+class HarnessError(Exception):
+    """Base class of errors whose message is meant for the user, on one line."""
+
+
+class ConfigError(HarnessError):
+    """A configuration value is missing or out of range (the message names the key)."""
+
+
+class SourceError(HarnessError):
+    """The model or training configuration could not be found, fetched or loaded safely."""
+
+
+class DataError(HarnessError):
+    """The dataset, split or manifest is unusable as a whole (not a single case)."""
+
+
+class CaseError(HarnessError):
+    """One case cannot be evaluated (bad file, grid mismatch, ...); other cases go on."""
