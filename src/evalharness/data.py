@@ -1,0 +1,318 @@
+"""List the cases of the evaluation split and the dataset's label names.
+
+Two layouts are read: a Medical Segmentation Decathlon folder (``dataset.json`` with a
+``training`` list; ``data.name`` "decathlon" or "demo") and a CSV manifest (``data.name`` "csv").
+The split methods pick the test part the way training did, so a model is never scored on cases it
+was trained on: "decathlon" replays MONAI's ``DecathlonDataset`` followed by scikit-learn's
+``train_test_split`` without loading any image, "sklearn" applies ``train_test_split`` to the
+listed cases, "file" reads the rows of a split CSV, "all" keeps every case.
+
+Files that do not exist are kept as cases: the evaluation records them as per-case failures, so
+one bad case does not stop the others. Problems with the dataset as a whole raise ``DataError``,
+bad configuration values raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from evalharness.errors import ConfigError, DataError
+
+NAMES = ("decathlon", "csv", "demo")
+SPLIT_METHODS = ("decathlon", "sklearn", "file", "all")
+
+# What the training notebook ran: DecathlonDataset(..., section="training") with MONAI's defaults
+# val_frac=0.2 and seed=0, then train_test_split(ds.data, test_size=0.1, random_state=42).
+MONAI_VAL_FRAC = 0.2
+MONAI_SEED = 0
+MONAI_MAX_SEED = 2**32  # monai.utils.misc.MAX_SEED: Randomizable.set_random_state takes seed % it
+DECATHLON_TEST_SIZE = 0.1
+SKLEARN_TEST_SIZE = 0.2
+RANDOM_STATE = 42
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case to evaluate; its files may not exist (the evaluation then records a failure)."""
+
+    case_id: str  # image file name without .nii/.nii.gz, unique within the dataset
+    image: Path  # absolute
+    label: Path | None  # absolute; None when the split has no labels (metrics are skipped)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The evaluation split: its cases in split order, label names and where it came from."""
+
+    cases: tuple[Case, ...]
+    label_names: dict[int, str]  # background included
+    root: Path  # the folder relative paths resolve against (Decathlon folder or manifest's)
+    split_method: str
+
+
+def load_dataset(data_cfg: Mapping[str, Any]) -> Dataset:
+    """Read the dataset described by the ``data`` config and return its evaluation split."""
+    name = _get(data_cfg, "name")
+    if name not in NAMES:
+        raise ConfigError(f"data.name={name}: expected one of {', '.join(NAMES)}")
+    split_cfg = _get(data_cfg, "split") or {}
+    if not isinstance(split_cfg, Mapping):
+        raise ConfigError(f"data.split={split_cfg!r}: expected a mapping with a `method` key")
+    method = _get(split_cfg, "method") or ("all" if name == "csv" else "decathlon")
+    if method not in SPLIT_METHODS:
+        raise ConfigError(f"data.split.method={method}: expected one of {', '.join(SPLIT_METHODS)}")
+    if method == "decathlon" and name == "csv":
+        raise ConfigError(
+            "data.split.method=decathlon: needs a Decathlon folder (data.name decathlon or demo), "
+            "not a CSV manifest; use sklearn, file or all"
+        )
+
+    if name == "csv":
+        manifest = _manifest_path(data_cfg)
+        folder, label_names = manifest.parent, {}
+        listed = None if method == "file" else _read_manifest(manifest, data_cfg)
+    else:
+        folder = _decathlon_folder(data_cfg)
+        listed, label_names = _read_decathlon(folder / "dataset.json")
+
+    if method == "file":
+        cases = _file_split(split_cfg, folder)
+    elif method == "all":
+        cases = listed
+    elif method == "sklearn":
+        cases = _test_part(listed, split_cfg, SKLEARN_TEST_SIZE)
+    else:
+        training = [listed[i] for i in monai_training_indices(len(listed))]
+        cases = _test_part(training, split_cfg, DECATHLON_TEST_SIZE)
+
+    cases = cases[: _limit(data_cfg)]
+    if not cases:
+        raise DataError(f"data.split.method={method}: no cases in the split of {folder}")
+    return Dataset(
+        cases=tuple(cases),
+        label_names=_label_names(label_names, _get(data_cfg, "labels")),
+        root=folder,
+        split_method=method,
+    )
+
+
+def monai_training_indices(n: int) -> list[int]:
+    """Indices, in order, that ``DecathlonDataset(section="training")`` keeps of `n` listed cases.
+
+    Replays ``DecathlonDataset._split_datalist`` with its defaults (val_frac=0.2, seed=0): a
+    ``np.random.RandomState(seed)`` shuffles ``np.arange(n)`` in place and the first
+    ``int(n * val_frac)`` indices go to validation; "training" is the rest, in shuffled order.
+    """
+    indices = np.arange(n)
+    np.random.RandomState(MONAI_SEED % MONAI_MAX_SEED).shuffle(indices)
+    return indices[int(n * MONAI_VAL_FRAC) :].tolist()
+
+
+def case_id_of(path: Path) -> str:
+    """File name without .nii.gz/.nii (or without its last suffix for other formats)."""
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def _get(cfg: Mapping[str, Any], key: str) -> Any:
+    """``cfg[key]``, or None when absent (a DictConfig reports "???" values as absent)."""
+    return cfg.get(key) if key in cfg else None
+
+
+def _resolve(folder: Path, value: str | os.PathLike[str]) -> Path:
+    """Absolute, normalised path of `value` (relative ones against `folder`), like MONAI's."""
+    return Path(os.path.normpath(folder / Path(value).expanduser()))
+
+
+def _decathlon_folder(data_cfg: Mapping[str, Any]) -> Path:
+    """``data.root`` (joined with ``data.task`` when set), checked to hold a dataset.json."""
+    root, task = _get(data_cfg, "root"), _get(data_cfg, "task")
+    if not root:
+        raise ConfigError("data.root: missing (expected the Decathlon dataset folder)")
+    folder = _resolve(Path.cwd(), Path(root) / task if task else root)
+    if not (folder / "dataset.json").is_file():
+        where = f"data.root={root}" + (f", data.task={task}" if task else "")
+        raise DataError(
+            f"{where}: no dataset.json in {folder} "
+            "(expected a Medical Segmentation Decathlon folder)"
+        )
+    return folder
+
+
+def _read_decathlon(path: Path) -> tuple[list[Case], dict[int, str]]:
+    """Cases of dataset.json's "training" list (file order) and its "labels" names."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: unreadable dataset.json ({exc})".replace("\n", " ")) from exc
+    training = content.get("training") if isinstance(content, dict) else None
+    if not isinstance(training, list) or not training:
+        raise DataError(f'{path}: expected a non-empty "training" list of image/label entries')
+    cases = []
+    for i, entry in enumerate(training):
+        image = entry.get("image") if isinstance(entry, dict) else None
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if not isinstance(image, str) or not isinstance(label, str | None):
+            raise DataError(f'{path}: training[{i}] must have an "image" path (and "label" path)')
+        image_path = _resolve(path.parent, image)
+        label_path = _resolve(path.parent, label) if label else None
+        cases.append(Case(case_id_of(image_path), image_path, label_path))
+    _check_unique(cases, str(path))
+    labels = content.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise DataError(f'{path}: "labels" must map label values to names')
+    return cases, _int_keys(labels, f'{path}: "labels"', DataError)
+
+
+def _manifest_path(data_cfg: Mapping[str, Any]) -> Path:
+    """``data.manifest``, relative to ``data.root`` when set, checked to exist."""
+    manifest, root = _get(data_cfg, "manifest"), _get(data_cfg, "root")
+    if not manifest:
+        raise ConfigError("data.manifest: missing (expected a CSV of image/label paths)")
+    path = _resolve(_resolve(Path.cwd(), root) if root else Path.cwd(), manifest)
+    if not path.is_file():
+        raise DataError(f"data.manifest={manifest}: {path} not found (expected a CSV file)")
+    return path
+
+
+def _read_manifest(path: Path, data_cfg: Mapping[str, Any]) -> list[Case]:
+    """Cases of a CSV manifest; paths relative to its folder; no label column means no labels."""
+    image_col = _get(data_cfg, "image_column") or "image"
+    label_col = _get(data_cfg, "label_column")
+    case_col = _get(data_cfg, "case_column")
+    table = _read_csv(path, "data.manifest")
+    if table.empty:
+        raise DataError(f"data.manifest={path}: no rows (expected one row per case)")
+    required = {"data.image_column": image_col, "data.label_column": label_col}
+    required["data.case_column"] = case_col
+    for key, column in required.items():
+        if column and column not in table.columns:
+            raise DataError(_missing_column(path, "data.manifest", column, key, table))
+    source = f"data.manifest={path}"
+    cases = _cases_from_rows(table, path.parent, source, image_col, label_col or "label", case_col)
+    _check_unique(cases, source)
+    return cases
+
+
+def _file_split(split_cfg: Mapping[str, Any], folder: Path) -> list[Case]:
+    """Cases of the split CSV rows whose ``column`` equals ``value`` (default split == test)."""
+    file = _get(split_cfg, "file")
+    if not file:
+        raise ConfigError("data.split.file: missing (expected a CSV with a split column)")
+    path = _resolve(folder, file)
+    if not path.is_file():
+        raise DataError(
+            f"data.split.file={file}: {path} not found (expected a CSV with columns image, "
+            "label, split)"
+        )
+    column = _get(split_cfg, "column") or "split"
+    value = _get(split_cfg, "value")
+    value = "test" if value is None else str(value)
+    table = _read_csv(path, "data.split.file")
+    for col, why in (("image", "the image paths"), (column, "data.split.column")):
+        if col not in table.columns:
+            raise DataError(_missing_column(path, "data.split.file", col, why, table))
+    source = f"data.split.file={path}"
+    selected = table[table[column].str.strip() == value]
+    cases = _cases_from_rows(selected, folder, source, "image", "label")
+    _check_unique(cases, source)
+    return cases
+
+
+def _read_csv(path: Path, key: str) -> pd.DataFrame:
+    """The CSV with every cell as a string (empty cells as "")."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        message = str(exc).replace("\n", " ")
+        raise DataError(f"{key}={path}: unreadable CSV ({message})") from exc
+
+
+def _missing_column(path: Path, key: str, column: str, why: str, table: pd.DataFrame) -> str:
+    """One-line message for a missing CSV column (`why` says what it is for), listing the found."""
+    found = ", ".join(map(str, table.columns)) or "none"
+    return f"{key}={path}: no column {column!r} ({why}); found: {found}"
+
+
+def _cases_from_rows(
+    table: pd.DataFrame,
+    folder: Path,
+    source: str,
+    image_col: str,
+    label_col: str,
+    case_col: str | None = None,
+) -> list[Case]:
+    """Cases of CSV rows (paths relative to `folder`); ids from `case_col` or image file names."""
+    has_labels = label_col in table.columns
+    cases = []
+    for index, row in table.to_dict("index").items():
+        image = row[image_col].strip()
+        if not image:
+            raise DataError(f"{source}: line {index + 2} has an empty {image_col!r} cell")
+        label = row[label_col].strip() if has_labels else ""
+        image_path = _resolve(folder, image)
+        case_id = row[case_col].strip() if case_col else case_id_of(image_path)
+        cases.append(Case(case_id, image_path, _resolve(folder, label) if label else None))
+    return cases
+
+
+def _check_unique(cases: list[Case], source: str) -> None:
+    """Refuse repeated case ids: results, tags and files are keyed by them."""
+    counts = Counter(case.case_id for case in cases)
+    duplicates = sorted(case_id for case_id, count in counts.items() if count > 1)
+    if duplicates:
+        raise DataError(f"{source}: duplicate case ids {', '.join(duplicates)} (must be unique)")
+
+
+def _test_part(pool: list[Case], split_cfg: Mapping[str, Any], default: float) -> list[Case]:
+    """Test part of ``train_test_split(pool, test_size, random_state)``, in sklearn's order."""
+    test_size = _get(split_cfg, "test_size")
+    test_size = default if test_size is None else test_size
+    random_state = _get(split_cfg, "random_state")
+    random_state = RANDOM_STATE if random_state is None else random_state
+    try:
+        return train_test_split(pool, test_size=test_size, random_state=random_state)[1]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"data.split.test_size={test_size}, data.split.random_state={random_state}: "
+            f"cannot split {len(pool)} cases ({exc})".replace("\n", " ")
+        ) from exc
+
+
+def _limit(data_cfg: Mapping[str, Any]) -> int | None:
+    """``data.limit``: keep only the first N cases of the split (None keeps all)."""
+    limit = _get(data_cfg, "limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"data.limit={limit!r}: expected a positive integer or null")
+    return limit
+
+
+def _label_names(from_dataset: dict[int, str], from_config: Any) -> dict[int, str]:
+    """dataset.json names updated by ``data.labels``, with 0 named background if unnamed."""
+    if from_config is not None and not isinstance(from_config, Mapping):
+        raise ConfigError(f"data.labels={from_config!r}: expected a mapping {{int: name}}")
+    names = {0: "background", **from_dataset}
+    names.update(_int_keys(from_config or {}, "data.labels", ConfigError))
+    return dict(sorted(names.items()))
+
+
+def _int_keys(labels: Mapping[Any, Any], where: str, error: type[Exception]) -> dict[int, str]:
+    """Label names keyed by int (JSON and YAML may give "1" strings)."""
+    try:
+        return {int(key): str(name) for key, name in labels.items()}
+    except (TypeError, ValueError) as exc:
+        raise error(f"{where}: label keys must be integers, got {list(labels)}") from exc
