@@ -1,0 +1,470 @@
+"""Preprocessing-mismatch checks: the classic failures on tiny synthetic arrays are flagged, and
+legitimate differences are not."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from evalharness import checks
+from evalharness.checks import (
+    Mismatch,
+    config_mismatches,
+    format_table,
+    has_errors,
+    header_check,
+    mirror_probe,
+    overlap_voxels,
+    report_json,
+    spacing_check,
+)
+from evalharness.settings import EffectiveSettings
+
+ZNORM = {"name": "ZNormalization", "masking_method": None, "channel_wise": True}
+CONTRACT = {"activation": "softmax", "decision": "argmax", "classes": [0, 1]}
+
+
+def training_values() -> dict:
+    return {
+        "patch_size": [32, 32, 16],
+        "patch_overlap": 0.5,
+        "aggregation_mode": "hann",
+        "apply_reorder": True,
+        "target_spacing": [1.0, 1.0, 2.5],
+        "padding_mode": 0,
+        "keep_largest_component": True,
+        "binary_threshold": 0.5,
+        "normalization": [dict(ZNORM)],
+        "sampler_type": "label",
+    }
+
+
+def settings(**changes) -> EffectiveSettings:
+    base = EffectiveSettings(
+        apply_reorder=True,
+        target_spacing_mm=(1.0, 1.0, 2.5),
+        normalization=(dict(ZNORM),),
+        padding_mode=0,
+        patch_size_vox=(32, 32, 16),
+        overlap=0.5,
+        aggregation="hann",
+        keep_largest_component=True,
+        threshold=0.5,
+        batch_size=4,
+        device="cpu",
+        amp=False,
+        tta=False,
+    )
+    return replace(base, **changes)
+
+
+def check(s: EffectiveSettings, training: dict | None = None, **kwargs) -> list[Mismatch]:
+    kwargs.setdefault("n_output_channels", 2)
+    kwargs.setdefault("dataset_labels", [0, 1])
+    kwargs.setdefault("output_contract", CONTRACT)
+    values = training_values() if training is None else training
+    return config_mismatches(s, values, "mlflow", {}, **kwargs)
+
+
+def by_key(found: list[Mismatch]) -> dict[str, Mismatch]:
+    keys = [m.key for m in found]
+    assert len(keys) == len(set(keys)), keys
+    return {m.key: m for m in found}
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_clean_config_gives_no_entries():
+    assert check(settings()) == []
+    # the same values written differently: overlap in voxels, spec keys reordered,
+    # channel_wise left to its default, spacing with float noise, tuples for lists
+    same = settings(
+        overlap=[16, 16, 8],
+        normalization=({"masking_method": None, "name": "ZNormalization"},),
+        target_spacing_mm=(1.0000001, 1.0, 2.5),
+    )
+    assert check(same) == []
+    assert check(settings(), n_output_channels=1, dataset_labels=[0, 1], output_contract=None) == []
+
+
+def test_reorientation_disabled_is_an_error():
+    found = by_key(check(settings(apply_reorder=False)))
+    entry = found["preprocessing.apply_reorder"]
+    assert (entry.training, entry.evaluation, entry.severity) == (True, False, "error")
+    assert "mirrored or rotated" in entry.message
+    assert has_errors(list(found.values()))
+
+
+def test_wrong_target_spacing_names_the_axis():
+    entry = by_key(check(settings(target_spacing_mm=(1.0, 1.0, 1.0))))[
+        "preprocessing.target_spacing"
+    ]
+    assert entry.severity == "error"
+    assert "z (axis 2)" in entry.message and "2.5" in entry.message
+    assert "x (axis 0)" not in entry.message and "y (axis 1)" not in entry.message
+    native = by_key(check(settings(target_spacing_mm=None)))["preprocessing.target_spacing"]
+    assert native.severity == "error" and "keeps native spacing" in native.message
+
+
+def test_missing_normalisation_is_an_error():
+    entry = by_key(check(settings(normalization=())))["preprocessing.normalization"]
+    assert entry.severity == "error"
+    assert entry.evaluation == []
+    assert "no normalisation" in entry.message and "ZNormalization" in entry.message
+
+
+def test_normalisation_with_other_arguments_is_an_error():
+    other = dict(ZNORM, masking_method="foreground")
+    entry = by_key(check(settings(normalization=(other,))))["preprocessing.normalization"]
+    assert entry.severity == "error" and "masking_method" in entry.message
+    not_channel_wise = dict(ZNORM, channel_wise=False)
+    entry = by_key(check(settings(normalization=(not_channel_wise,))))[
+        "preprocessing.normalization"
+    ]
+    assert "channel_wise" in entry.message
+    renamed = {"name": "RescaleIntensity", "out_min_max": (0, 1)}
+    entry = by_key(check(settings(normalization=(renamed,))))["preprocessing.normalization"]
+    assert "RescaleIntensity" in entry.message
+
+
+@pytest.mark.parametrize(
+    ("channels", "labels", "severity"),
+    [
+        (2, [0, 1, 2], "error"),  # 2-channel softmax cannot predict label 2
+        (1, [0, 1, 2], "error"),  # 1-channel model, two foreground labels
+        (1, [0, 2], "error"),  # 1-channel model predicts 1, the data's foreground is 2
+        (3, [0, 1], "info"),  # a class the test data lacks: reported, not failing
+        (3, [0, 1, 2], None),
+        (1, [0, 1], None),
+    ],
+)
+def test_output_channels_against_dataset_labels(channels, labels, severity):
+    found = by_key(
+        check(settings(), n_output_channels=channels, dataset_labels=labels, output_contract=None)
+    )
+    if severity is None:
+        assert "model.out_channels" not in found
+    else:
+        entry = found["model.out_channels"]
+        assert (entry.severity, entry.evaluation, entry.training) == (severity, channels, labels)
+
+
+def test_output_contract_against_channel_count():
+    entry = by_key(check(settings(), n_output_channels=1, dataset_labels=[0, 1]))[
+        "model.output_contract"
+    ]
+    assert entry.severity == "error" and "1 output channel" in entry.message
+    sigmoid = {"activation": "sigmoid", "decision": "threshold", "classes": [0, 1]}
+    entry = by_key(check(settings(), output_contract=sigmoid))["model.output_contract"]
+    assert entry.severity == "error" and "2 output channels" in entry.message
+    three = dict(CONTRACT, classes=[0, 1, 2])
+    assert "model.output_contract" in by_key(check(settings(), output_contract=three))
+
+
+@pytest.mark.parametrize(("channels", "severity"), [(1, "error"), (2, "info"), (None, "warning")])
+def test_threshold_matters_only_for_one_channel_models(channels, severity):
+    found = check(settings(threshold=0.3), n_output_channels=channels, output_contract=None)
+    entry = by_key(found)["inference.threshold"]
+    assert (entry.training, entry.evaluation, entry.severity) == (0.5, 0.3, severity)
+
+
+def test_sweep_dimensions_are_info_only():
+    s = settings(
+        patch_size_vox=(48, 48, 16),
+        overlap=0.25,
+        aggregation="gaussian",
+        keep_largest_component=False,
+        batch_size=8,
+    )
+    training = dict(training_values(), batch_size=2)
+    found = by_key(check(s, training))
+    assert set(found) == {
+        "patch.size",
+        "patch.overlap",
+        "inference.aggregation",
+        "inference.keep_largest_component",
+        "inference.batch_size",
+    }
+    assert {m.severity for m in found.values()} == {"info"}
+    assert found["patch.overlap"].training == [24, 24, 8]
+    assert found["patch.overlap"].evaluation == [12, 12, 4]
+    assert not has_errors(list(found.values()))
+    # without a training batch size there is nothing to compare
+    assert "inference.batch_size" not in by_key(check(settings(batch_size=8)))
+
+
+def test_overlap_voxels_the_fastmonai_way():
+    assert overlap_voxels(0.5, (96, 96, 64)) == (48, 48, 32)
+    assert overlap_voxels(0.3, (32, 32, 16)) == (8, 8, 4)  # 9.6 -> 9 -> 8, 4.8 -> 4
+    assert overlap_voxels(17, (96, 96, 96)) == (16, 16, 16)
+    assert overlap_voxels([8, 9, 0], (96, 96, 96)) == (8, 8, 0)
+    assert overlap_voxels(0.0, (96, 96, 96)) == (0, 0, 0)
+    # same voxels, written differently: no entry
+    assert check(settings(overlap=[17, 16, 9])) == [] == check(settings(overlap=[16, 16, 8]))
+    # a new patch size alone is reported as patch.size: the overlap setting (0.5 -> 16 voxels
+    # at the evaluation's patch) is the same as 17 voxels there
+    bigger = check(settings(patch_size_vox=(32, 32, 32), overlap=17))
+    assert [m.key for m in bigger] == ["patch.size"]
+
+
+def test_missing_training_config_is_one_warning_listing_assumptions():
+    assumed = {"apply_reorder": True, "patch_overlap": 0.5}
+    found = config_mismatches(settings(), {}, "none", assumed)
+    assert len(found) == 1
+    (entry,) = found
+    assert (entry.key, entry.severity, entry.training) == ("training_config", "warning", None)
+    assert "apply_reorder=True" in entry.message and "patch_overlap=0.5" in entry.message
+    assert entry.evaluation == assumed
+    assert not has_errors(found)
+
+
+def test_missing_training_field_is_a_warning_naming_it():
+    training = training_values()
+    del training["target_spacing"]
+    found = by_key(
+        config_mismatches(
+            settings(target_spacing_mm=None), training, "mlflow", {"target_spacing": None}
+        )
+    )
+    entry = found["preprocessing.target_spacing"]
+    assert entry.severity == "warning"
+    assert "'target_spacing'" in entry.message and "default None" in entry.message
+    assert not has_errors(list(found.values()))
+
+
+def test_padding_mode_difference_is_a_warning():
+    entry = by_key(check(settings(padding_mode="edge")))["preprocessing.padding_mode"]
+    assert entry.severity == "warning"
+
+
+# ---------------------------------------------------------------------------------- mirror
+
+
+def asymmetric(shape=(20, 18, 16)) -> np.ndarray:
+    """An off-centre L-shaped object with a second label: no flip or transpose maps it onto
+    itself."""
+    gt = np.zeros(shape, dtype=np.uint8)
+    gt[2:8, 1:7, 1:5] = 1
+    gt[2:4, 1:3, 5:10] = 2
+    return gt
+
+
+@pytest.mark.parametrize(
+    ("axes", "text"),
+    [((0,), "x (axis 0)"), ((1,), "y (axis 1)"), ((2,), "z (axis 2)"), ((0, 1), "x and y")],
+)
+def test_mirrored_prediction_is_flagged_with_its_axis(axes, text):
+    gt = asymmetric()
+    found = mirror_probe("case_1", np.flip(gt, axes), gt)
+    assert found is not None
+    assert (found.scope, found.key, found.case, found.severity) == (
+        "data",
+        "mirror_probe",
+        "case_1",
+        "error",
+    )
+    assert found.message.startswith(f"prediction looks mirrored along {text}")
+    assert found.evaluation["dsc_transformed"] == pytest.approx(1.0)
+    assert found.evaluation["dsc_as_is"] < 0.3
+    assert "permuted" not in found.message
+
+
+def test_transposed_prediction_is_flagged_as_permutation():
+    gt = asymmetric((16, 16, 12))
+    found = mirror_probe("c", np.transpose(gt, (1, 0, 2)), gt)
+    assert found is not None and "permuted x<->y" in found.message
+    assert "mirrored" not in found.message
+    cube = asymmetric((16, 16, 16))
+    found = mirror_probe("c", np.flip(np.transpose(cube, (1, 2, 0)), 2), cube)
+    assert found is not None
+    assert found.message.startswith("prediction looks permuted to (y, z, x) and mirrored along z")
+    # axes of different length are never swapped: no permutation is tried for this grid
+    assert checks._transforms((20, 18, 16))[0] == ((0, 1, 2), ())
+    assert len(checks._transforms((20, 18, 16))) == 8
+    assert len(checks._transforms((16, 16, 16))) == 48
+
+
+def test_correct_but_eroded_prediction_is_not_flagged():
+    gt = np.zeros((24, 22, 20), dtype=np.uint8)
+    gt[3:13, 4:16, 3:11] = 1
+    gt[3:7, 4:8, 11:17] = 1
+    eroded = ndimage.binary_erosion(gt)
+    assert 0 < eroded.sum() < gt.sum()
+    assert mirror_probe("c", eroded, gt) is None
+    shifted = np.roll(gt, 1, axis=0)  # a one-voxel misregistration is not a mirror either
+    assert mirror_probe("c", shifted, gt) is None
+
+
+def test_symmetric_centred_sphere_is_not_flagged():
+    grid = np.indices((21, 21, 21)) - 10
+    sphere = ((grid**2).sum(axis=0) <= 36).astype(np.uint8)
+    assert mirror_probe("c", sphere, sphere) is None
+    assert mirror_probe("c", ndimage.binary_erosion(sphere), sphere) is None
+
+
+def test_empty_or_poor_predictions_are_not_flagged():
+    gt = asymmetric()
+    assert mirror_probe("c", np.zeros_like(gt), gt) is None
+    assert mirror_probe("c", gt, np.zeros_like(gt)) is None
+    poor = np.zeros_like(gt)
+    poor[14:17, 14:17, 12:15] = 1  # far from the object and from all its mirror images
+    assert mirror_probe("c", poor, gt) is None
+
+
+def test_partial_mirror_overlap_uses_the_margin():
+    # two blobs with one label, one of them mirrored onto the other's place: half overlaps as
+    # is, everything overlaps flipped -> gain 0.5, flagged
+    gt = np.zeros((20, 10, 10), dtype=np.uint8)
+    gt[2:6, 2:6, 2:6] = 1
+    gt[12:16, 2:8, 2:6] = 1
+    found = mirror_probe("c", np.flip(gt, 0), gt)
+    assert found is not None and "x (axis 0)" in found.message
+    assert mirror_probe("c", gt, gt) is None
+
+
+def test_mirror_probe_sampling_keeps_the_decision(monkeypatch):
+    monkeypatch.setattr(checks, "MIRROR_PROBE_SAMPLES", 60)
+    gt = asymmetric()
+    assert mirror_probe("c", gt, gt) is None
+    found = mirror_probe("c", np.flip(gt, 1), gt)
+    assert found is not None and "y (axis 1)" in found.message
+
+
+def test_mirror_probe_rejects_different_grids():
+    with pytest.raises(ValueError, match="same"):
+        mirror_probe("c", np.zeros((4, 4, 4)), np.zeros((4, 4, 5)))
+
+
+# ---------------------------------------------------------------------------------- spacing
+
+
+def test_spacing_far_from_native_is_a_warning():
+    found = spacing_check("c", (0.8, 0.8, 1.0), (1.0, 1.0, 3.0))
+    assert found is not None
+    assert (found.key, found.severity, found.case) == ("spacing_check", "warning", "c")
+    assert "z (axis 2)" in found.message and "generalisation may suffer" in found.message
+    assert "x (axis 0)" not in found.message
+    assert spacing_check("c", (5.0, 1.0, 1.0), (1.0, 1.0, 1.0)) is not None  # other direction
+    assert spacing_check("c", (1.0, 1.0, 1.0), (2.0, 0.5, 1.0)) is None  # factor 2 exactly
+    assert spacing_check("c", (1.0, 1.0, 1.0), None) is None
+
+
+# ---------------------------------------------------------------------------------- header
+
+
+def test_same_grid_passes_header_check():
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-10.0, 20.0, 5.0)
+    noisy = affine.copy()
+    noisy[0, 3] += 1e-5
+    assert header_check("c", (8, 8, 4), affine, (8, 8, 4), noisy) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "differs", "text"),
+    [
+        ("spacing", ["spacing"], "spacing [1, 1, 1] vs [1, 1, 2] mm"),
+        ("origin", ["origin"], "origin [0, 0, 0] vs [0, 0.5, 0] mm"),
+        ("flip", ["orientation", "origin"], "orientation RAS vs LAS"),
+        ("shape", ["shape"], "shape [8, 8, 4] vs [8, 8, 5]"),
+    ],
+)
+def test_header_disagreement_is_an_error_naming_what_differs(change, differs, text):
+    image = np.eye(4)
+    label = np.eye(4)
+    shape = (8, 8, 4)
+    label_shape = shape
+    if change == "spacing":
+        label[2, 2] = 2.0
+    elif change == "origin":
+        label[1, 3] = 0.5
+    elif change == "flip":  # the same box, stored with x running the other way
+        label[0, 0], label[0, 3] = -1.0, 7.0
+    else:
+        label_shape = (8, 8, 5)
+    found = header_check("case_9", shape, image, label_shape, label)
+    assert found is not None
+    assert (found.scope, found.key, found.case, found.severity) == (
+        "data",
+        "header_check",
+        "case_9",
+        "error",
+    )
+    assert found.evaluation["differs"] == differs
+    assert text in found.message
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def sample_entries() -> list[Mismatch]:
+    gt = asymmetric()
+    return [
+        *check(settings(apply_reorder=False, aggregation="gaussian")),
+        mirror_probe("case_1", np.flip(gt, 0), gt),
+        spacing_check("case_2", (1.0, 1.0, 1.0), (1.0, 1.0, 3.0)),
+    ]
+
+
+def test_report_json_fields():
+    entries = sample_entries()
+    report = report_json(entries)
+    json.dumps(report)  # serialisable
+    assert [e["key"] for e in report["config"]] == [
+        "preprocessing.apply_reorder",
+        "inference.aggregation",
+    ]
+    assert [(e["key"], e["case"]) for e in report["data"]] == [
+        ("mirror_probe", "case_1"),
+        ("spacing_check", "case_2"),
+    ]
+    assert report["preprocessing_mismatch"] is True
+    assert report["mismatch_count"] == 4
+    assert set(report["config"][0]) == {
+        "scope",
+        "key",
+        "case",
+        "training",
+        "evaluation",
+        "severity",
+        "message",
+    }
+    # info and spacing warnings alone are not a preprocessing mismatch, but are counted
+    mild = [entries[1], entries[3]]
+    assert report_json(mild)["preprocessing_mismatch"] is False
+    assert report_json(mild)["mismatch_count"] == 2
+    assert report_json([]) == {
+        "config": [],
+        "data": [],
+        "preprocessing_mismatch": False,
+        "mismatch_count": 0,
+    }
+
+
+def test_as_dict_is_json_friendly():
+    entry = Mismatch("config", "k", (1.0, np.float32(2.0)), np.int64(3), "info", "m")
+    assert entry.as_dict()["training"] == [1.0, 2.0]
+    assert type(entry.as_dict()["evaluation"]) is int
+
+
+def test_format_table_plain_and_coloured():
+    entries = sample_entries()
+    plain = format_table(entries, color=False)
+    assert "\033[" not in plain
+    lines = plain.splitlines()
+    assert len(lines) == 1 + len(entries)
+    assert lines[0].split()[:5] == ["scope", "key/case", "training", "evaluation", "severity"]
+    assert "mirror_probe [case_1]" in plain and "preprocessing.apply_reorder" in plain
+    # aligned: the severity column starts at the same place on every line
+    starts = {line.index(m.severity) for line, m in zip(lines[1:], entries, strict=True)}
+    assert len(starts) == 1 and lines[0].index("severity") in starts
+    coloured = format_table(entries, color=True).splitlines()
+    assert coloured[1].startswith("\033[31m") and coloured[1].endswith("\033[0m")  # error
+    assert "\033[" not in coloured[2]  # info
+    assert coloured[4].startswith("\033[33m")  # warning
+    assert format_table([], color=True) == "no preprocessing mismatches"
