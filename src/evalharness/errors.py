@@ -22,4 +22,12 @@ class DataError(HarnessError):
 
 
 class CaseError(HarnessError):
-    """One case cannot be evaluated (bad file, grid mismatch, ...); other cases go on."""
+    """One case cannot be evaluated (bad file, grid mismatch, ...); other cases go on.
+
+    `findings` holds the data-level check results (`checks.Mismatch`) behind the failure,
+    such as a header disagreement, so the mismatch report can include them.
+    """
+
+    def __init__(self, message: str, findings: tuple = ()) -> None:
+        super().__init__(message)
+        self.findings = findings

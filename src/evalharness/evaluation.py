@@ -1,0 +1,131 @@
+"""Everything an evaluation needs before its first case: sources, settings, cases, checks.
+
+`prepare` reads the training side and the data and validates the combination; it writes
+nothing to MLflow, so the shell can decide (resume, skip, fail) before a run exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from evalharness.checks import Mismatch, config_mismatches
+from evalharness.config import validate
+from evalharness.data import Dataset, load_dataset
+from evalharness.inference import resolve_device
+from evalharness.pipeline import probe_channels
+from evalharness.settings import EffectiveSettings, resolve_settings, stable_hash
+from evalharness.sources import LoadedModel, ResolvedModel, load_model_file, resolve_model
+
+
+@dataclass
+class Evaluation:
+    """The resolved inputs of one evaluation (one configuration, one model, one case list)."""
+
+    resolved: ResolvedModel
+    loaded: LoadedModel
+    settings: EffectiveSettings
+    assumed: dict[str, Any]
+    dataset: Dataset
+    device: torch.device
+    n_output_channels: int
+    findings: list[Mismatch]
+    config_hash: str
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.network
+
+
+def prepare(cfg: DictConfig, tracking_uri: str) -> Evaluation:
+    """Validate `cfg`, fetch and load the model, merge settings, list cases, run config checks."""
+    validate(cfg)
+    if cfg.data.name == "demo":
+        attach_demo(cfg, tracking_uri)
+    cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
+    loaded = load_model_file(
+        resolved.local_path,
+        arch=model_cfg["arch"],
+        allow_globals=list(model_cfg["allow_globals"]),
+        trust_pickle=bool(model_cfg["trust_pickle"]),
+    )
+    training = resolved.training_config
+    settings, assumed, _ = resolve_settings(cfg, training.values)
+    dataset = load_dataset(cfg.data)
+    device = resolve_device(settings.device)
+    loaded.network.to(device).eval()
+    _, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
+    findings = config_mismatches(
+        settings,
+        training.values,
+        training.source,
+        assumed,
+        n_output_channels=n_out,
+        dataset_labels=sorted(dataset.label_names),
+        output_contract=training.output,
+    )
+    config_hash = stable_hash(
+        {
+            "settings": settings.as_params(),
+            "model": resolved.sha256,
+            "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
+        }
+    )
+    return Evaluation(
+        resolved, loaded, settings, assumed, dataset, device, n_out, findings, config_hash
+    )
+
+
+def attach_demo(cfg: DictConfig, tracking_uri: str) -> None:
+    """Build (or reuse) the demo's data and training run and point the config at them."""
+    from evalharness.demo import DEMO, TINY, ensure_demo
+
+    cache = Path(cfg.demo.cache_dir or Path.cwd() / "outputs" / "demo")
+    demo = ensure_demo(cache, tracking_uri, spec=TINY if cfg.demo.size == "tiny" else DEMO)
+    with open_dict(cfg):
+        cfg.data.root = str(demo.data_root)
+        if cfg.data.split.method == "file" and cfg.data.split.file is None:
+            cfg.data.split.file = str(demo.split_file)
+        if not any(cfg.model.get(k) for k in ("run_id", "path", "uri", "run_name")):
+            cfg.model.run_id = demo.run_id
+
+
+def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
+    """Labels to score: the dataset's named foreground labels, else those the model outputs."""
+    named = sorted(k for k in dataset.label_names if k != 0)
+    if named:
+        return named
+    return [1] if n_channels == 1 else list(range(1, n_channels))
+
+
+def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
+    """Provenance tags of an evaluation run."""
+    resolved = ev.resolved
+    return {
+        "evalharness.training_run_id": resolved.training_run_id or "",
+        "evalharness.training_run_name": resolved.training_run_name or "",
+        "evalharness.training_experiment": resolved.training_experiment or "",
+        "evalharness.model_uri": resolved.artifact_uri or str(resolved.local_path),
+        "evalharness.model_sha256": resolved.sha256,
+        "evalharness.model_loader": ev.loaded.loader,
+        "evalharness.trust_pickle": str(bool(cfg.model.trust_pickle)).lower(),
+        "evalharness.training_config_source": resolved.training_config.source,
+        "evalharness.assumed": ", ".join(sorted(ev.assumed)) or "none",
+        "evalharness.config_hash": ev.config_hash,
+        "evalharness.device": str(ev.device),
+    }
+
+
+def run_params(cfg: DictConfig, ev: Evaluation) -> dict[str, Any]:
+    """The flattened resolved config plus the `effective.*` values."""
+    from evalharness.tracking import flatten
+
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params.update({f"effective.{k}": v for k, v in ev.settings.as_params().items()})
+    return params

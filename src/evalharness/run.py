@@ -1,0 +1,245 @@
+"""The evaluation shell: one MLflow run per configuration, resumable, never left RUNNING.
+
+Order of work: prepare (sources, settings, cases, config checks) → look for earlier runs of the
+same configuration hash (skip a finished one in a sweep; resume the finished cases of a killed
+or failed one) → create the run → cases → results. Any failure marks the run FAILED with the
+reason as the tag `evalharness.error`, and keeps every case already written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+
+from evalharness import tracking
+from evalharness.cases import LoopOptions, run_cases
+from evalharness.checks import Mismatch, format_table, report_json
+from evalharness.errors import ConfigError, HarnessError
+from evalharness.evaluation import Evaluation, prepare, run_params, run_tags
+from evalharness.report import log_results, print_summary
+from evalharness.results import CaseTable
+
+EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
+KEPT_STATUSES = ("ok", "no_label")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one evaluation ended: exit code, its run (or the finished one it skipped to)."""
+
+    code: int
+    run_id: str | None
+    skipped: bool = False
+
+
+def tracking_uri_of(cfg: DictConfig) -> str:
+    return cfg.mlflow.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+
+
+class _LazyRun:
+    """The evaluation run, created on first need so an early failure still gets one."""
+
+    def __init__(self, client: Any, experiment_id: str, cfg: DictConfig, parent: str | None):
+        self.client, self.experiment_id = client, experiment_id
+        self.name = cfg.mlflow.run_name
+        self.tags = {
+            "evalharness.kind": "evaluation",
+            "evalharness.pid": str(os.getpid()),
+            "evalharness.host": socket.gethostname(),
+        }
+        if parent is not None:
+            self.tags["mlflow.parentRunId"] = parent
+        self.run_id: str | None = None
+
+    def ensure(self) -> str:
+        if self.run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=self.name, tags=self.tags)
+            self.run_id = run.info.run_id
+        return self.run_id
+
+
+def evaluate(
+    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, skip_finished: bool = False
+) -> Outcome:
+    """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed."""
+    uri = tracking_uri_of(cfg)
+    try:
+        client = tracking.prepare_store(uri)
+        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
+    except Exception as error:  # the store itself is unusable: there is no run to mark
+        print(f"error: mlflow.tracking_uri={uri}: {_one_line(error)}", file=sys.stderr)
+        return Outcome(EXIT_ERROR, None)
+    run = _LazyRun(client, experiment, cfg, parent_run_id)
+    try:
+        return _evaluate(cfg, uri, output_dir, run, skip_finished)
+    except HarnessError as error:
+        message = _one_line(error)
+        print(f"error: {message}", file=sys.stderr)
+        tracking.finish(client, run.ensure(), "FAILED", message)
+        return Outcome(EXIT_ERROR, run.run_id)
+    except KeyboardInterrupt:
+        tracking.finish(client, run.ensure(), "KILLED", "interrupted")
+        raise
+    except BaseException as error:
+        tracking.finish(client, run.ensure(), "FAILED", f"internal error: {_one_line(error)}")
+        raise
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _evaluate(
+    cfg: DictConfig, uri: str, output_dir: Path, run: _LazyRun, skip_finished: bool
+) -> Outcome:
+    ev = prepare(cfg, uri)
+    client = run.client
+    earlier = tracking.runs_with_tag(
+        client, run.experiment_id, "evalharness.config_hash", ev.config_hash
+    )
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if skip_finished and finished:
+        done = finished[0].info.run_id
+        print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
+        return Outcome(EXIT_OK, done, skipped=True)
+    previous_rows, previous_findings, resumed_from = (None, [], None)
+    if cfg.run.resume:
+        previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
+    run_id = run.ensure()
+    tags = run_tags(cfg, ev)
+    if resumed_from:
+        tags["evalharness.resumed_from"] = resumed_from
+    tracking.log_params(client, run_id, run_params(cfg, ev))
+    tracking.set_tags(client, run_id, tags)
+    tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    sink = _MlflowSink(client, run_id, ev)
+    _check_config(cfg, ev, sink)
+    if previous_findings:
+        sink.findings(previous_findings)
+    table = CaseTable(output_dir / "per_case.csv", previous_rows)
+    options = LoopOptions(
+        on_case_error=cfg.run.on_case_error,
+        prefetch=cfg.run.prefetch,
+        warn=cfg.checks.on_mismatch != "ignore",
+        predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
+        skip_cases=table.case_ids(),
+    )
+    if options.skip_cases:
+        print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
+    extremes = run_cases(ev, table, sink, options)
+    frame = table.frame()
+    plot_dir = output_dir / "plots" if cfg.output.plots else None
+    summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
+    tracking.finish(client, run_id, "FINISHED")
+    print_summary(frame, summary, run_id, uri)
+    return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
+
+
+class _MlflowSink:
+    """Mirrors the case loop to the run: the table after each case, findings, predictions."""
+
+    def __init__(self, client: Any, run_id: str, ev: Evaluation) -> None:
+        self.client, self.run_id, self.ev = client, run_id, ev
+
+    def case_done(self, table: CaseTable) -> None:
+        tracking.log_file(self.client, self.run_id, table.csv_path)
+
+    def findings(self, findings: list[Mismatch]) -> None:
+        self.ev.findings.extend(findings)
+        self.log_findings()
+
+    def prediction_saved(self, path: Path) -> None:
+        tracking.log_file(self.client, self.run_id, path, "predictions")
+
+    def log_findings(self) -> None:
+        report = report_json(self.ev.findings)
+        text = json.dumps(report, indent=2)
+        tracking.log_text(self.client, self.run_id, text, "checks/mismatches.json")
+        tracking.set_tags(
+            self.client,
+            self.run_id,
+            {
+                "evalharness.preprocessing_mismatch": str(report["preprocessing_mismatch"]).lower(),
+                "evalharness.mismatch_count": report["mismatch_count"],
+            },
+        )
+
+
+def _check_config(cfg: DictConfig, ev: Evaluation, sink: _MlflowSink) -> None:
+    """Show config-level mismatches; with checks.on_mismatch=error stop before inference."""
+    policy = cfg.checks.on_mismatch
+    if ev.findings and policy != "ignore":
+        table = format_table(ev.findings, color=sys.stderr.isatty())
+        print(f"Evaluation settings vs the training configuration:\n{table}", file=sys.stderr)
+    sink.log_findings()
+    errors = [m.key for m in ev.findings if m.severity == "error"]
+    if errors and policy == "error":
+        raise ConfigError(
+            f"preprocessing mismatch with the training configuration ({', '.join(errors)}); "
+            "see checks/mismatches.json (checks.on_mismatch=error)"
+        )
+
+
+def _resumable(
+    client: Any, earlier: list[Run], output_dir: Path
+) -> tuple[pd.DataFrame | None, list[Mismatch], str | None]:
+    """Finished cases (and their findings) of the latest interrupted run of this configuration.
+
+    A RUNNING run whose process is gone is marked KILLED first.
+    """
+    for run in earlier:
+        status = run.info.status
+        if status == "RUNNING":
+            if _process_alive(run):
+                continue
+            tracking.finish(client, run.info.run_id, "KILLED", "process ended without finishing")
+        elif status not in ("KILLED", "FAILED"):
+            continue
+        rows = tracking.download_csv(client, run.info.run_id, "per_case.csv", output_dir)
+        if rows is None:
+            continue
+        kept = rows[rows["status"].isin(KEPT_STATUSES)]
+        if kept.empty:
+            continue
+        findings = _previous_findings(client, run.info.run_id, set(kept["case"]), output_dir)
+        return kept, findings, run.info.run_id
+    return None, [], None
+
+
+def _process_alive(run: Run) -> bool:
+    tags = run.data.tags
+    if tags.get("evalharness.host") != socket.gethostname():
+        return True  # cannot tell from here: leave another machine's run alone
+    pid = int(tags.get("evalharness.pid", "0") or 0)
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _previous_findings(
+    client: Any, run_id: str, cases: set[str], output_dir: Path
+) -> list[Mismatch]:
+    report = tracking.download_json(client, run_id, "checks/mismatches.json", output_dir)
+    if not report:
+        return []
+    names = {f.name for f in fields(Mismatch)}
+    return [
+        Mismatch(**{k: v for k, v in entry.items() if k in names})
+        for entry in report.get("data", [])
+        if entry.get("case") in cases
+    ]

@@ -1,0 +1,180 @@
+"""Everything MLflow: the store, runs, params, metrics, tables, artifacts and final status.
+
+All calls go through an explicit `MlflowClient` and run id (no fluent active-run state), so an
+exported ``MLFLOW_RUN_ID`` or a run left active elsewhere cannot redirect what is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+from filelock import FileLock
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.tracking import MlflowClient
+
+MAX_PARAM_CHARS = 6000
+BATCH = 100
+
+
+def default_tracking_uri(cwd: Path) -> str:
+    """``sqlite:///<cwd>/outputs/mlflow.db`` as an absolute URI."""
+    return f"sqlite:///{(cwd / 'outputs' / 'mlflow.db').resolve()}"
+
+
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The database file or folder behind a local store URI; None for servers."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(unquote(tracking_uri[len("sqlite:///") :]))
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and tracking_uri:
+        return Path(tracking_uri)
+    return None
+
+
+@contextlib.contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Serialise first use of a local store across processes (SQLite migrations collide)."""
+    path = local_store_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=300):
+        yield
+
+
+def prepare_store(tracking_uri: str) -> MlflowClient:
+    """A client for `tracking_uri`, with the store created (under a lock) and bounded retries."""
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("file", ""):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if scheme in ("http", "https"):
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    with store_lock(tracking_uri):
+        client.search_experiments(max_results=1)
+    return client
+
+
+def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
+    """Id of experiment `name`, created if missing (race-safe across processes)."""
+    with store_lock(tracking_uri):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        return client.create_experiment(name)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys; lists and scalars stay values."""
+    if not isinstance(value, Mapping):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _param_text(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, params=items[start : start + BATCH])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
+    items = [RunTag(k, _param_text(v)) for k, v in tags.items()]
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, tags=items[start : start + BATCH])
+
+
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int = 0
+) -> None:
+    """Log the finite values (MLflow cannot compare NaN or inf across runs)."""
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and math.isfinite(float(v))
+    ]
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, metrics=items[start : start + BATCH])
+
+
+def log_file(
+    client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None
+) -> None:
+    client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_file: str) -> None:
+    """Log `table` through MLflow's table API (shown in the UI's artifact and evaluation views).
+
+    MLflow appends to an existing table file, so call this once per run and file.
+    """
+    client.log_table(run_id, data=table, artifact_file=artifact_file)
+
+
+def finish(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
+    """End the run with `status` (FINISHED, FAILED, KILLED), recording `error` as a tag."""
+    if error is not None:
+        client.set_tag(run_id, "evalharness.error", _param_text(error))
+    client.set_terminated(run_id, status=status)
+
+
+def runs_with_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> list[Run]:
+    """Runs of the experiment carrying tag `key` = `value`, newest first."""
+    return list(
+        client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{key}` = '{value}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1000,
+        )
+    )
+
+
+def download_csv(
+    client: MlflowClient, run_id: str, artifact: str, scratch: Path
+) -> pd.DataFrame | None:
+    """An artifact CSV of the run as a table, or None when the run has none."""
+    local = _download(client, run_id, artifact, scratch)
+    return None if local is None else pd.read_csv(local, keep_default_na=True)
+
+
+def download_json(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> Any:
+    """An artifact JSON of the run, or None when the run has none."""
+    local = _download(client, run_id, artifact, scratch)
+    return None if local is None else json.loads(Path(local).read_text())
+
+
+def _download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> str | None:
+    folder = str(Path(artifact).parent)
+    names = {a.path for a in client.list_artifacts(run_id, None if folder == "." else folder)}
+    if artifact not in names:
+        return None
+    target = scratch / "previous" / run_id
+    target.mkdir(parents=True, exist_ok=True)
+    return client.download_artifacts(run_id, artifact, str(target))

@@ -1,0 +1,121 @@
+"""End-to-end: the real CLI (`python -m evalharness`) in a subprocess against temporary stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FIXTURE, REPO
+
+FIXTURE_DATA = FIXTURE / "Task02_HeartSynth"
+FIXTURE_MODEL = FIXTURE / "training_run" / "model"
+
+
+def run_cli(*overrides: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONPATH": str(REPO / "src")}
+    return subprocess.run(
+        [sys.executable, "-m", "evalharness", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def only_evaluation_run(uri: str, experiment: str = "evalharness"):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.`evalharness.kind` = 'evaluation'")
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def test_fixture_safetensors_scores_like_fastmonai(tracking_uri: str, tmp_path: Path) -> None:
+    """The real fastMONAI export, evaluated from its safetensors file, reaches DSC ~0.98."""
+    result = run_cli(
+        f"mlflow.tracking_uri={tracking_uri}",
+        "model=file",
+        f"model.path={FIXTURE_MODEL / 'best_model.safetensors'}",
+        "data=decathlon",
+        f"data.root={FIXTURE_DATA}",
+        "data.split.method=file",
+        "data.split.file=../training_run/split.csv",
+        "output.save_predictions=true",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_evaluation_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["dsc_mean"] >= 0.97
+    for name in ("hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean"):
+        assert name in metrics
+    assert run.data.tags["evalharness.model_loader"] == "safetensors"
+    assert run.data.tags["evalharness.preprocessing_mismatch"] == "false"
+    table = pd.read_csv(client.download_artifacts(run.info.run_id, "per_case.csv", str(tmp_path)))
+    assert sorted(table["case"]) == ["la_001", "la_005"]
+    assert (table["dsc"] >= 0.97).all()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert artifacts == {"predictions/la_001_pred.nii.gz", "predictions/la_005_pred.nii.gz"}
+
+
+def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
+    """No model given: the demo builds data and a training run, then evaluates it."""
+    result = run_cli(
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "demo.size=tiny",
+        f"demo.cache_dir={tmp_path / 'demo'}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri" in result.stdout
+    client, run = only_evaluation_run(sqlite_uri)
+    assert run.info.status == "FINISHED"
+    for name in ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean"):
+        assert name in run.data.metrics
+    training_id = run.data.tags["evalharness.training_run_id"]
+    assert client.get_run(training_id).data.tags["evalharness.kind"] == "demo-training"
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_case.csv", "per_case.json", "config.yaml", "plots"} <= paths
+    assert run.data.params["effective.apply_reorder"] == "True"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("patch.overlap=1.5", "patch.overlap"),
+        ("patch.size=[0,48,32]", "patch.size"),
+        ("inference.aggregation=median", "inference.aggregation"),
+    ],
+)
+def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sqlite_uri) -> None:
+    result = run_cli(
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "model=file",
+        f"model.path={FIXTURE_MODEL / 'best_model.safetensors'}",
+        "data=decathlon",
+        f"data.root={FIXTURE_DATA}",
+        override,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and key in error_lines[0]
+    assert "Traceback" not in result.stderr
+    _, run = only_evaluation_run(sqlite_uri)
+    assert run.info.status == "FAILED"
+    assert key in run.data.tags["evalharness.error"]
+
+
+def test_help_and_cfg_job(tmp_path: Path) -> None:
+    help_text = run_cli("--help", cwd=tmp_path)
+    assert help_text.returncode == 0 and "inference" in help_text.stdout
+    job = run_cli("--cfg", "job", cwd=tmp_path)
+    assert job.returncode == 0 and "aggregation:" in job.stdout
