@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import FIXTURE, REPO
+from mlflow.tracking import MlflowClient
 
 FIXTURE_DATA = FIXTURE / "Task02_HeartSynth"
 FIXTURE_MODEL = FIXTURE / "training_run" / "model"

@@ -31,15 +31,41 @@ def default_tracking_uri(cwd: Path) -> str:
 
 
 def local_store_path(tracking_uri: str) -> Path | None:
-    """The database file or folder behind a local store URI; None for servers."""
+    """The SQLite file or file-store folder behind `tracking_uri`; None for other stores."""
     parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        return Path(unquote(tracking_uri[len("sqlite:///") :]))
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and tracking_uri:
-        return Path(tracking_uri)
-    return None
+    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
+        path = unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
+    elif parsed.scheme == "file":
+        path = unquote(parsed.path)
+    elif parsed.scheme == "" and tracking_uri:
+        path = tracking_uri
+    else:
+        return None
+    return Path(path) if path and path != ":memory:" else None
+
+
+def absolute_tracking_uri(tracking_uri: str) -> str:
+    """`tracking_uri` with a local store's relative path made absolute (others unchanged).
+
+    ``sqlite:///mlflow.db`` -> ``sqlite:////cwd/mlflow.db``; ``mlruns`` or ``file:mlruns``
+    -> ``file:///cwd/mlruns``.
+    """
+    path = local_store_path(tracking_uri)
+    if path is None or path.is_absolute():
+        return tracking_uri
+    if urlparse(tracking_uri).scheme == "sqlite":
+        query = tracking_uri.partition("?")[2]
+        return f"sqlite:///{path.absolute()}" + (f"?{query}" if query else "")
+    return path.absolute().as_uri()
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """``mlartifacts/`` next to a SQLite database (MLflow's default would be ./mlruns of
+    whatever folder the process runs in); None (MLflow's default) for other stores."""
+    path = local_store_path(tracking_uri)
+    if urlparse(tracking_uri).scheme != "sqlite" or path is None:
+        return None
+    return (path.absolute().parent / "mlartifacts").as_uri()
 
 
 @contextlib.contextmanager
@@ -50,7 +76,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=300):
+    with FileLock(str(path.with_name(path.name + ".lock")), timeout=300):
         yield
 
 
@@ -75,7 +101,7 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,568 @@
+"""The embedded demo: a synthetic dataset and a tiny 3D U-Net, logged as a training run.
+
+`ensure_demo` builds (once, cached) a small Decathlon-style dataset with
+`evalharness.synthetic`, trains a MONAI U-Net on it on the CPU and logs the result to an MLflow
+store laid out as a fastMONAI patch training run is:
+
+- artifact ``model/best_learner.pkl``: ``torch.save`` of the whole network (a
+  ``monai.networks.nets.UNet``; unpickling it needs nothing outside torch and MONAI),
+- artifacts ``patch_config.pkl`` (pickled dict) and ``patch_config.json`` with fastMONAI's
+  ``PatchConfig`` fields, and ``split.csv`` (``image,label,split``),
+- params ``patch_<field>`` for each field plus ``target_spacing`` and ``apply_reorder``,
+- metrics ``train_loss`` and ``train_dsc`` per epoch, tag ``evalharness.kind=demo-training``.
+
+Training deliberately uses none of the harness's own preprocessing code: TorchIO
+``ToCanonical`` + ``Resample(target_spacing)`` + ``ZNormalization`` and label-weighted random
+crops written here, so evaluating the demo run honestly tests the harness.
+
+Cache layout under ``cache_dir`` (one folder per spec, so DEMO and TINY can coexist)::
+
+    .demo.lock                      file lock: one process builds or logs at a time
+    demo-<spec hash>/
+        data/                       dataset.json, imagesTr/, labelsTr/, split.csv
+        model/best_learner.pkl
+        patch_config.json, patch_config.pkl, train_history.json
+        demo.json                   marker: spec, model sha256, run id per tracking URI
+
+A spec folder is built in a temporary sibling folder and renamed into place, so a folder with a
+marker is always complete. Calls with a store that already holds the demo run return that run;
+calls with another store (or one whose run was deleted) log the cached model as a new run
+without retraining.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from filelock import FileLock, Timeout
+
+from evalharness import tracking
+from evalharness.synthetic import write_decathlon_dataset
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+DEFAULT_CACHE_DIR = Path("outputs") / "demo"
+"""Where `python -m evalharness` caches the demo (relative to the working directory)."""
+
+DEFAULT_EXPERIMENT = "evalharness-demo-training"
+RUN_NAME = "demo-training"
+KIND_TAG = "evalharness.kind"
+KIND = "demo-training"
+MODEL_SHA_TAG = "evalharness.demo.model_sha256"
+MARKER_NAME = "demo.json"
+MARKER_VERSION = 1
+
+LABEL_PROBABILITIES = {0: 0.3, 1: 0.7}
+"""Share of patches centred on background (0) and foreground (1) voxels."""
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """Sizes of the demo: dataset, preprocessing grid, network and training length.
+
+    `patch_size` (voxels on the `target_spacing_mm` grid) must be divisible by
+    ``2 ** (len(channels) - 1)`` (the U-Net downsamples by 2 between levels).
+    """
+
+    n_cases: int
+    n_test: int
+    field_of_view_mm: tuple[float, float, float]
+    target_spacing_mm: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    channels: tuple[int, ...]
+    epochs: int
+    seed: int = 0
+    samples_per_volume: int = 8
+    batch_size: int = 4
+    learning_rate: float = 3e-3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.n_test < self.n_cases:
+            raise ValueError(f"need 1 <= n_test < n_cases, got {self.n_test}, {self.n_cases}")
+        if len(self.channels) < 2:
+            raise ValueError(f"need at least two U-Net levels, got channels={self.channels}")
+        factor = 2 ** (len(self.channels) - 1)
+        if any(p % factor for p in self.patch_size):
+            raise ValueError(f"patch_size {self.patch_size} must be divisible by {factor}")
+        if min(self.epochs, self.samples_per_volume, self.batch_size) < 1:
+            raise ValueError("epochs, samples_per_volume and batch_size must be positive")
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        return (2,) * (len(self.channels) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    def key(self) -> str:
+        """Short stable hash of the spec: names its cache folder."""
+        text = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEMO = DemoSpec(
+    n_cases=12,
+    n_test=3,
+    field_of_view_mm=(120.0, 120.0, 60.0),
+    target_spacing_mm=(1.5, 1.5, 1.5),
+    patch_size=(32, 32, 32),
+    channels=(8, 16, 32, 64),
+    epochs=25,
+)
+"""The real demo: about a minute on 2 CPU cores (450 Adam steps on 4 patches of 32^3)."""
+
+TINY = DemoSpec(
+    n_cases=4,
+    n_test=1,
+    field_of_view_mm=(48.0, 48.0, 24.0),
+    target_spacing_mm=(1.5, 1.5, 1.5),
+    patch_size=(16, 16, 16),
+    channels=(4, 8),
+    epochs=2,
+    samples_per_volume=2,
+)
+"""For tests: builds in seconds; model quality irrelevant."""
+
+
+@dataclass(frozen=True)
+class DemoTraining:
+    """The demo's training run and the data it was trained on."""
+
+    run_id: str
+    """The training run in the store."""
+    data_root: Path
+    """Decathlon folder (dataset.json, imagesTr/, labelsTr/) plus split.csv."""
+    split_file: Path
+    """CSV with columns image,label,split (split = train|test), like fastMONAI's split.csv."""
+
+
+def patch_config(spec: DemoSpec) -> dict[str, Any]:
+    """fastMONAI ``PatchConfig`` of the demo model, as a plain dict (what the run logs)."""
+    return {
+        "patch_size": list(spec.patch_size),
+        "patch_overlap": 0.5,
+        "aggregation_mode": "hann",
+        "apply_reorder": True,
+        "target_spacing": list(spec.target_spacing_mm),
+        "sampler_type": "label",
+        "label_probabilities": dict(LABEL_PROBABILITIES),
+        "samples_per_volume": spec.samples_per_volume,
+        "queue_length": spec.samples_per_volume * (spec.n_cases - spec.n_test),
+        "queue_num_workers": 0,
+        "padding_mode": 0,
+        "keep_largest_component": True,
+        "binary_threshold": 0.5,
+        "normalization": [{"name": "ZNormalization", "masking_method": None, "channel_wise": True}],
+    }
+
+
+def ensure_demo(
+    cache_dir: Path,
+    tracking_uri: str,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    spec: DemoSpec = DEMO,
+) -> DemoTraining:
+    """Build (once) the demo dataset and model, and make sure `tracking_uri` holds its run.
+
+    Args:
+        cache_dir: folder for the cached data and model (created if missing).
+        tracking_uri: MLflow tracking URI (``sqlite:////abs/mlflow.db``,
+            ``file:///abs/mlruns``; the file store needs ``MLFLOW_ALLOW_FILE_STORE=true``).
+            A local store's relative path is made absolute first. First use of a local store
+            is serialised by a file lock ``<database or store folder>.lock`` beside it.
+        experiment: experiment that holds the training run (created if missing; with a SQLite
+            store its artifacts go to ``mlartifacts/`` next to the database file).
+        spec: sizes of the demo (`DEMO`, or `TINY` for tests).
+
+    Returns:
+        The run id and where the data and split lie. Safe to call from several processes at
+        once: a file lock in `cache_dir` serialises building and logging.
+    """
+    cache_dir = Path(cache_dir).absolute()
+    tracking_uri = tracking.absolute_tracking_uri(tracking_uri)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / ".demo.lock", "another process is building the demo"):
+        build_dir = cache_dir / f"demo-{spec.key()}"
+        marker = _read_valid_marker(build_dir, spec)
+        if marker is None:
+            _discard_stale(cache_dir, build_dir)
+            _build(build_dir, spec)
+            marker = _read_valid_marker(build_dir, spec)
+            if marker is None:  # pragma: no cover - a bug, not a user error
+                raise RuntimeError(f"demo build in {build_dir} left no valid marker")
+        run_id = _ensure_run(build_dir, marker, tracking_uri, experiment, spec)
+    data_root = build_dir / "data"
+    return DemoTraining(run_id=run_id, data_root=data_root, split_file=data_root / "split.csv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+
+
+def _progress(message: str) -> None:
+    print(f"[evalharness demo] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path, waiting_message: str) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        _progress(f"{waiting_message}; waiting for {path}")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_valid_marker(build_dir: Path, spec: DemoSpec) -> dict[str, Any] | None:
+    """The marker of a complete build of `spec` in `build_dir`, or None."""
+    try:
+        marker = json.loads((build_dir / MARKER_NAME).read_text())
+        complete = (
+            marker.get("version") == MARKER_VERSION
+            and marker.get("spec") == spec.to_dict()
+            and _sha256(build_dir / "model" / "best_learner.pkl") == marker.get("model_sha256")
+            and (build_dir / "data" / "split.csv").is_file()
+        )
+    except (OSError, ValueError):
+        return None
+    return marker if complete else None
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _discard_stale(cache_dir: Path, build_dir: Path) -> None:
+    """Remove an incomplete `build_dir` and half-built folders of earlier, killed builds.
+
+    Only called with the cache lock held, so no other process is building right now.
+    """
+    for stale in [build_dir, *cache_dir.glob(".build-*")]:
+        if stale.exists():
+            shutil.rmtree(stale)
+
+
+def _build(build_dir: Path, spec: DemoSpec) -> None:
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(dir=build_dir.parent, prefix=".build-"))
+    try:
+        data_root = tmp / "data"
+        _progress(f"writing a synthetic dataset of {spec.n_cases} cases")
+        write_decathlon_dataset(
+            data_root, spec.n_cases, seed=spec.seed, field_of_view_mm=spec.field_of_view_mm
+        )
+        split = write_split(data_root, spec.n_test)
+        train_rows = split[split["split"] == "train"]
+        history, model = _train_model(
+            [data_root / p for p in train_rows["image"]],
+            [data_root / p for p in train_rows["label"]],
+            spec,
+        )
+        (tmp / "model").mkdir()
+        model_path = tmp / "model" / "best_learner.pkl"
+        torch.save(model, model_path)
+        config = patch_config(spec)
+        (tmp / "patch_config.json").write_text(json.dumps(config, indent=2))
+        with (tmp / "patch_config.pkl").open("wb") as f:
+            pickle.dump(config, f)
+        (tmp / "train_history.json").write_text(json.dumps(history, indent=2))
+        marker = {
+            "version": MARKER_VERSION,
+            "spec": spec.to_dict(),
+            "model_sha256": _sha256(model_path),
+            "build_seconds": round(time.perf_counter() - started, 1),
+            "runs": {},
+        }
+        _write_json_atomic(tmp / MARKER_NAME, marker)
+        os.rename(tmp, build_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _progress(f"demo built in {time.perf_counter() - started:.0f} s: {build_dir}")
+
+
+def write_split(data_root: Path, n_test: int) -> pd.DataFrame:
+    """Write ``split.csv`` (image,label,split) for the dataset in `data_root` and return it.
+
+    As fastMONAI's tutorials do: ``train_test_split`` over the ``dataset.json`` training list in
+    file order with ``random_state=42``; rows are the train cases, then the test cases.
+    """
+    from sklearn.model_selection import train_test_split
+
+    entries = pd.DataFrame(json.loads((data_root / "dataset.json").read_text())["training"])
+    train, test = train_test_split(entries, test_size=n_test, random_state=42)
+    split = pd.concat([train.assign(split="train"), test.assign(split="test")])
+    split = split[["image", "label", "split"]].reset_index(drop=True)
+    split.to_csv(data_root / "split.csv", index=False)
+    return split
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (independent of the harness's preprocessing)
+
+
+def preprocess_case(
+    image_path: Path, label_path: Path | None, target_spacing_mm: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Load one case as the demo model was trained: RAS+, `target_spacing_mm`, z-normalised.
+
+    Returns image [1, X, Y, Z] float32 and label [1, X, Y, Z] int64 (None without a label).
+    """
+    import torchio as tio
+
+    images: dict[str, Any] = {"image": tio.ScalarImage(image_path)}
+    if label_path is not None:
+        images["label"] = tio.LabelMap(label_path)
+    transform = tio.Compose(
+        [tio.ToCanonical(), tio.Resample(tuple(target_spacing_mm)), tio.ZNormalization()]
+    )
+    subject = transform(tio.Subject(**images))
+    image = subject["image"].data.float()
+    label = subject["label"].data.long() if label_path is not None else None
+    return image, label
+
+
+def _pad_to(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Pad [C, X, Y, Z] with zeros at the end of each axis up to `size` voxels."""
+    pad: list[int] = []
+    for axis in reversed(range(3)):
+        pad += [0, max(int(size[axis]) - tensor.shape[axis + 1], 0)]
+    return torch.nn.functional.pad(tensor, pad) if any(pad) else tensor
+
+
+class _PatchSampler:
+    """Random patches centred on a voxel of class c, c drawn with `LABEL_PROBABILITIES`.
+
+    Like TorchIO's LabelSampler: centres are restricted to where the whole patch fits.
+    """
+
+    def __init__(self, image: torch.Tensor, label: torch.Tensor, patch_size: Sequence[int]):
+        self.image = _pad_to(image, patch_size)
+        self.label = _pad_to(label, patch_size)
+        self.patch_size = np.asarray(patch_size)
+        shape = np.asarray(self.label.shape[1:])
+        # valid patch origins: 0 .. shape - patch_size; origin = centre - patch_size // 2
+        lo = self.patch_size // 2
+        hi = shape - self.patch_size + lo
+        region = self.label[0, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+        self.origins_by_class = {c: np.argwhere((region == c).numpy()) for c in LABEL_PROBABILITIES}
+        self.n_origins = hi - lo + 1
+
+    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        classes = list(LABEL_PROBABILITIES)
+        c = classes[rng.choice(len(classes), p=list(LABEL_PROBABILITIES.values()))]
+        candidates = self.origins_by_class[c]
+        if len(candidates):
+            origin = candidates[rng.integers(len(candidates))]
+        else:
+            origin = rng.integers(0, self.n_origins)
+        window = tuple(
+            slice(int(o), int(o) + int(p)) for o, p in zip(origin, self.patch_size, strict=True)
+        )
+        return self.image[(slice(None), *window)], self.label[(slice(None), *window)]
+
+
+def build_model(spec: DemoSpec) -> torch.nn.Module:
+    """The demo network: a MONAI 3D U-Net, one input channel, two output classes."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=spec.channels,
+        strides=spec.strides,
+        num_res_units=1,
+    )
+
+
+def _train_model(
+    image_paths: Sequence[Path], label_paths: Sequence[Path], spec: DemoSpec
+) -> tuple[dict[str, list[float]], torch.nn.Module]:
+    """Train the demo U-Net; returns per-epoch history and the model (CPU, eval mode)."""
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(spec.seed)
+    rng = np.random.default_rng(spec.seed)
+    _progress(f"preprocessing {len(image_paths)} training cases")
+    samplers = []
+    for image_path, label_path in zip(image_paths, label_paths, strict=True):
+        image, label = preprocess_case(image_path, label_path, spec.target_spacing_mm)
+        assert label is not None
+        samplers.append(_PatchSampler(image, label, spec.patch_size))
+
+    model = build_model(spec)
+    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    history: dict[str, list[float]] = {"train_loss": [], "train_dsc": []}
+    model.train()
+    bar = tqdm(range(spec.epochs), desc="demo training", unit="epoch", file=sys.stderr)
+    for _epoch in bar:
+        order = rng.permutation(np.repeat(np.arange(len(samplers)), spec.samples_per_volume))
+        losses, intersection, total = [], 0.0, 0.0
+        for start in range(0, len(order), spec.batch_size):
+            pairs = [samplers[i].sample(rng) for i in order[start : start + spec.batch_size]]
+            images = torch.stack([p[0] for p in pairs])
+            labels = torch.stack([p[1] for p in pairs])
+            optimizer.zero_grad()
+            logits = model(images)
+            loss = loss_fn(logits, labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            with torch.no_grad():
+                pred = logits.argmax(1) == 1
+                truth = labels[:, 0] == 1
+                intersection += float((pred & truth).sum())
+                total += float(pred.sum() + truth.sum())
+        scheduler.step()
+        history["train_loss"].append(float(np.mean(losses)))
+        history["train_dsc"].append(2 * intersection / total if total else 1.0)
+        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}")
+    bar.close()
+    return history, model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _run_is_usable(client: MlflowClient, run_id: str | None, experiment: str, sha256: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        run = client.get_run(run_id)
+        experiment_name = client.get_experiment(run.info.experiment_id).name
+    except MlflowException:
+        return False
+    return (
+        run.info.lifecycle_stage == "active"
+        and run.info.status == "FINISHED"
+        and experiment_name == experiment
+        and run.data.tags.get(MODEL_SHA_TAG) == sha256
+    )
+
+
+def _ensure_run(
+    build_dir: Path, marker: dict[str, Any], tracking_uri: str, experiment: str, spec: DemoSpec
+) -> str:
+    """Run id of the demo training run in `tracking_uri`, logging it if the store lacks it."""
+
+    client = tracking.prepare_store(tracking_uri)
+    known = marker.get("runs", {}).get(tracking_uri, {}).get(experiment)
+    if _run_is_usable(client, known, experiment, marker["model_sha256"]):
+        _progress(f"reusing training run {known} in {tracking_uri}")
+        return known
+    run_id = _log_training_run(client, tracking_uri, build_dir, marker, experiment, spec)
+    marker.setdefault("runs", {}).setdefault(tracking_uri, {})[experiment] = run_id
+    _write_json_atomic(build_dir / MARKER_NAME, marker)
+    return run_id
+
+
+def _log_training_run(
+    client: MlflowClient,
+    tracking_uri: str,
+    build_dir: Path,
+    marker: dict[str, Any],
+    experiment: str,
+    spec: DemoSpec,
+) -> str:
+    from mlflow.entities import Metric, Param, RunTag
+
+    experiment_id = tracking.experiment_id(client, tracking_uri, experiment)
+    data_root = build_dir / "data"
+    tags = {
+        KIND_TAG: KIND,
+        MODEL_SHA_TAG: marker["model_sha256"],
+        "evalharness.demo.data_root": str(data_root),
+        "evalharness.demo.split_file": str(data_root / "split.csv"),
+        "evalharness.demo.spec": json.dumps(spec.to_dict()),
+    }
+    run = client.create_run(experiment_id, run_name=RUN_NAME, tags=tags)
+    run_id = run.info.run_id
+    try:
+        config = json.loads((build_dir / "patch_config.json").read_text())
+        params = {f"patch_{k}": v for k, v in config.items()}
+        params |= {
+            "target_spacing": config["target_spacing"],
+            "apply_reorder": config["apply_reorder"],
+            "model_arch": "monai.networks.nets.UNet",
+            "model_channels": list(spec.channels),
+            "model_strides": list(spec.strides),
+            "model_num_res_units": 1,
+            "loss": "DiceCELoss(softmax=True, to_onehot_y=True)",
+            "optimizer": "Adam",
+            "learning_rate": spec.learning_rate,
+            "epochs": spec.epochs,
+            "batch_size": spec.batch_size,
+            "n_cases": spec.n_cases,
+            "n_test": spec.n_test,
+        }
+        history = json.loads((build_dir / "train_history.json").read_text())
+        now_ms = int(time.time() * 1000)
+        metrics = [
+            Metric(name, float(value), now_ms, step)
+            for name, values in history.items()
+            for step, value in enumerate(values)
+        ]
+        client.log_batch(
+            run_id,
+            params=[Param(k, str(v)) for k, v in params.items()],
+            tags=[RunTag("mlflow.source.name", "evalharness.demo")],
+        )
+        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        client.log_artifact(run_id, str(build_dir / "model" / "best_learner.pkl"), "model")
+        for name in ("patch_config.pkl", "patch_config.json"):
+            client.log_artifact(run_id, str(build_dir / name))
+        client.log_artifact(run_id, str(data_root / "split.csv"))
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    _progress(f"logged training run {run_id} in {tracking_uri} (experiment {experiment!r})")
+    return run_id

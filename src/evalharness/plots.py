@@ -1,0 +1,495 @@
+"""Figures of evaluation results: seaborn/matplotlib on the Agg canvas, written as PNG files.
+
+Every function draws on its own `matplotlib.figure.Figure` attached to a `FigureCanvasAgg`
+(no pyplot, no global figure registry, no backend switch), so it is safe from threads and
+from processes without a display. Each writes one PNG to `path` (parent folders created) and
+returns `path`; the figure is released when the function returns.
+
+Tables are long pandas frames as the harness writes them: one row per case and label (and per
+inference setting for the comparison plots), one column per metric. Rows whose metric is not
+finite (NaN for a failed case or an undefined metric, inf for a distance to an empty mask) are
+left out of a panel, and the panel's title says how many were left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+DPI = 100
+"""Pixels per inch of the written PNGs (sizes below are in inches)."""
+
+GT_COLOURS = ("#00c853", "#00b0ff", "#aeea00", "#1de9b6")  # green, light blue, lime, teal
+PRED_COLOURS = ("#ff1744", "#ff9100", "#d500f9", "#ffea00")  # red, orange, purple, yellow
+"""Contour colours of label 1, 2, ... (cycled) of the ground truth and the prediction."""
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """How to show one metric: axis label with its unit, value range and colour direction."""
+
+    label: str
+    bounds: tuple[float, float] | None = None
+    higher_is_better: bool | None = True
+    """None: neither (a signed error, best at 0)."""
+
+
+METRICS: dict[str, MetricInfo] = {
+    "dsc": MetricInfo("DSC (Dice, 0–1)", (0.0, 1.0)),
+    "hd95_mm": MetricInfo("HD95 (mm)", higher_is_better=False),
+    "sens": MetricInfo("Sensitivity (0–1)", (0.0, 1.0)),
+    "ldr": MetricInfo("Lesion detection rate (0–1)", (0.0, 1.0)),
+    "rve": MetricInfo("Relative volume error ((pred − gt) / gt)", higher_is_better=None),
+    "precision": MetricInfo("Precision (0–1)", (0.0, 1.0)),
+    "assd_mm": MetricInfo("ASSD (mm)", higher_is_better=False),
+    "nsd": MetricInfo("NSD (0–1)", (0.0, 1.0)),
+}
+
+
+def metric_info(metric: str) -> MetricInfo:
+    """Display info of `metric`; unknown names ending in ``_mm`` are distances in mm."""
+    if metric in METRICS:
+        return METRICS[metric]
+    if metric.endswith("_mm"):
+        return MetricInfo(f"{metric.removesuffix('_mm')} (mm)", higher_is_better=False)
+    return MetricInfo(metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-case results of one evaluation
+
+
+def plot_metric_distribution(
+    per_case: pd.DataFrame,
+    path: Path,
+    metrics: Sequence[str] = ("dsc", "hd95_mm", "sens", "ldr", "rve"),
+) -> Path:
+    """One panel per metric: box plot plus one point per case, one box per label.
+
+    Args:
+        per_case: columns ``case``, ``label``, the metrics, ``status`` (one row per case and
+            label). Metrics missing from the table are skipped.
+        path: PNG to write.
+        metrics: metric columns to show, in this order.
+
+    Returns:
+        `path`. Size: 3.4 in wide per panel (at least two panels wide), 4.2 in high, `DPI`.
+    """
+    shown = [m for m in metrics if m in per_case.columns]
+    if not shown:
+        raise ValueError(f"none of the metrics {list(metrics)} is a column of the table")
+    table = per_case.assign(label=per_case["label"].astype(str))
+    order = list(pd.unique(table["label"]))
+    n_cases = table["case"].nunique()
+    fig = _figure(3.4 * max(len(shown), 2), 4.2)
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, metric in zip(axes, shown, strict=True):
+        values, n_dropped = _finite(table, metric)
+        info = metric_info(metric)
+        title = f"{metric} ({len(values)} value{'s' if len(values) != 1 else ''}"
+        title += f", {n_dropped} not finite)" if n_dropped else ")"
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("label")
+        ax.set_ylabel(info.label)
+        if values.empty:
+            _no_values(ax)
+            continue
+        _box_and_strip(ax, values, x="label", y=metric, order=order)
+        _apply_bounds(ax, values[metric], info)
+        if info.higher_is_better is None:
+            ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
+    fig.suptitle(f"Per-case metrics ({n_cases} case{'s' if n_cases != 1 else ''})")
+    return _save(fig, path)
+
+
+def plot_case_overlay(
+    image: np.ndarray,
+    gt: np.ndarray,
+    pred: np.ndarray,
+    spacing_mm: Sequence[float],
+    path: Path,
+    title: str,
+) -> Path:
+    """Axial, coronal and sagittal slices through the ground truth, with both contours.
+
+    Args:
+        image: intensities [X, Y, Z].
+        gt: ground-truth label map [X, Y, Z] (0 = background; several labels allowed).
+        pred: predicted label map [X, Y, Z] on the same grid.
+        spacing_mm: voxel size along X, Y, Z (mm); sets the aspect of each panel.
+        path: PNG to write.
+        title: figure title (e.g. the case id and its DSC).
+
+    The slices pass through the ground truth's centre of mass (the volume centre if it is
+    empty). Panels show the voxel axes as stored, in mm: axial = X-Y plane, coronal = X-Z,
+    sagittal = Y-Z, with the second axis pointing up (RAS+ arrays show anatomy upright).
+    Ground truth is outlined in green, the prediction in red (further labels in the other
+    colours of `GT_COLOURS` and `PRED_COLOURS`). Size: 13 x 5 in at `DPI`.
+    """
+    image, gt, pred = (np.asarray(a) for a in (image, gt, pred))
+    if image.ndim != 3 or gt.shape != image.shape or pred.shape != image.shape:
+        raise ValueError(
+            f"image, gt and pred must be 3D on one grid, got {image.shape}, {gt.shape}, "
+            f"{pred.shape}"
+        )
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing_mm must be three positive sizes, got {spacing_mm}")
+    centre = _centre_voxel(gt)
+    labels = sorted(set(np.unique(gt[gt > 0]).tolist()) | set(np.unique(pred[pred > 0]).tolist()))
+    low, high = _intensity_window(image)
+
+    fig = _figure(13.0, 5.0)
+    axes = fig.subplots(1, 3)
+    planes = (
+        ("Axial", 2, (0, 1)),  # fixed axis, (horizontal, vertical) axes
+        ("Coronal", 1, (0, 2)),
+        ("Sagittal", 0, (1, 2)),
+    )
+    axis_names = "xyz"
+    for ax, (name, fixed, (h, v)) in zip(axes, planes, strict=True):
+        index = [slice(None)] * 3
+        index[fixed] = centre[fixed]
+        plane_image, plane_gt, plane_pred = (a[tuple(index)] for a in (image, gt, pred))
+        # arrays are [h, v]; imshow wants rows = vertical, so transpose; origin lower = up
+        extent = (0.0, plane_image.shape[0] * spacing[h], 0.0, plane_image.shape[1] * spacing[v])
+        ax.imshow(
+            plane_image.T,
+            cmap="gray",
+            vmin=low,
+            vmax=high,
+            origin="lower",
+            extent=extent,
+            interpolation="nearest",
+        )
+        h_mm = (np.arange(plane_image.shape[0]) + 0.5) * spacing[h]
+        v_mm = (np.arange(plane_image.shape[1]) + 0.5) * spacing[v]
+        for mask, colours in ((plane_gt, GT_COLOURS), (plane_pred, PRED_COLOURS)):
+            for rank, lab in enumerate(labels):  # higher labels on top of shared boundaries
+                region = (mask == lab).T.astype(np.float32)
+                if region.any():
+                    ax.contour(
+                        h_mm,
+                        v_mm,
+                        region,
+                        levels=[0.5],
+                        colors=[colours[rank % len(colours)]],
+                        linewidths=1.4,
+                        zorder=3.0 + 0.1 * rank,
+                    )
+        ax.set_aspect("equal")
+        ax.set_title(f"{name} ({axis_names[fixed]} = {centre[fixed]})")
+        ax.set_xlabel(f"{axis_names[h]} (mm)")
+        ax.set_ylabel(f"{axis_names[v]} (mm)")
+    handles = [
+        Line2D([], [], color=colours[rank % len(colours)], linewidth=2, label=name)
+        for source, colours in (("ground truth", GT_COLOURS), ("prediction", PRED_COLOURS))
+        for rank, lab in enumerate(labels or [1])
+        for name in [source if len(labels) <= 1 else f"{source}, label {lab}"]
+    ]
+    if not gt.any():
+        title = f"{title} (empty ground truth: slices through the volume centre)"
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison across inference settings
+
+
+def plot_setting_comparison(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Box plot plus one point per case for each inference setting (one box per label).
+
+    Args:
+        per_case_long: columns ``setting``, ``case``, ``label``, `metric`.
+        metric: the metric column to compare.
+        path: PNG to write.
+
+    Returns:
+        `path`. Size: (2 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    values, n_dropped = _finite(table, metric)
+    info = metric_info(metric)
+    labels = list(pd.unique(table["label"]))
+    several_labels = len(labels) > 1
+    fig = _figure(max(6.0, 2.0 + 0.9 * len(settings)), 5.0)
+    ax = fig.subplots()
+    if values.empty:
+        _no_values(ax)
+    else:
+        _box_and_strip(
+            ax,
+            values,
+            x="setting",
+            y=metric,
+            order=settings,
+            hue="label" if several_labels else None,
+            hue_order=labels,
+        )
+        _apply_bounds(ax, values[metric], info)
+    _rotate_ticks(ax)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel(info.label)
+    ax.set_title(_comparison_title(metric, table, n_dropped))
+    return _save(fig, path)
+
+
+def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Heatmap of `metric` (mean over labels) with one row per case, one column per setting.
+
+    Cells are annotated with their value (unless there are more than 600 cells); a cell whose
+    labels are all non-finite stays blank. Higher-is-better metrics use viridis, distances the
+    reversed map, signed errors a diverging map centred at 0.
+
+    Returns:
+        `path`. Size: (3.5 + 1.1 per setting, at least 6) x (2 + 0.35 per case, at least 4,
+        at most 60) in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    finite = table.assign(**{metric: table[metric].where(np.isfinite(table[metric]))})
+    grid = finite.pivot_table(
+        index="case",
+        columns="setting",
+        values=metric,
+        aggfunc="mean",
+        dropna=False,
+        sort=True,
+    )
+    grid = grid.reindex(columns=settings)
+    info = metric_info(metric)
+    fig = _figure(max(6.0, 3.5 + 1.1 * len(settings)), min(max(4.0, 2.0 + 0.35 * len(grid)), 60.0))
+    ax = fig.subplots()
+    if not np.isfinite(grid.to_numpy(dtype=float)).any():
+        _no_values(ax)
+    else:
+        kwargs: dict = {"cmap": "viridis" if info.higher_is_better is not False else "viridis_r"}
+        if info.higher_is_better is None:
+            kwargs = {"cmap": "RdBu_r", "center": 0.0}
+        elif info.bounds is not None:
+            kwargs |= {"vmin": info.bounds[0], "vmax": info.bounds[1]}
+        sns.heatmap(
+            grid.astype(float),
+            ax=ax,
+            annot=grid.size <= 600,
+            fmt=_value_format(grid),
+            linewidths=0.5,
+            linecolor="white",
+            cbar_kws={"label": info.label},
+            **kwargs,
+        )
+    _rotate_ticks(ax)
+    ax.tick_params(axis="y", labelrotation=0)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel("case")
+    ax.set_title(f"{metric} per case and setting (mean over labels; blank = not finite)")
+    return _save(fig, path)
+
+
+def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Paired plot: one line per case across the settings (mean over labels), median in black.
+
+    A non-finite value breaks its case's line. Cases get their own colour and a legend when
+    there are at most 12; otherwise thin grey lines.
+
+    Returns:
+        `path`. Size: (3 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    finite = table.assign(**{metric: table[metric].where(np.isfinite(table[metric]))})
+    grid = finite.pivot_table(
+        index="case",
+        columns="setting",
+        values=metric,
+        aggfunc="mean",
+        dropna=False,
+        sort=True,
+    )
+    grid = grid.reindex(columns=settings).astype(float)
+    info = metric_info(metric)
+    fig = _figure(max(6.0, 3.0 + 0.9 * len(settings)), 5.0)
+    ax = fig.subplots()
+    x = np.arange(len(settings))
+    coloured = len(grid) <= 12
+    palette = sns.color_palette("tab20" if len(grid) > 10 else "tab10", max(len(grid), 1))
+    for (case, row), colour in zip(grid.iterrows(), palette, strict=True):
+        ax.plot(
+            x,
+            row.to_numpy(),
+            marker="o",
+            markersize=4,
+            linewidth=1.2 if coloured else 0.7,
+            color=colour if coloured else "0.6",
+            alpha=0.9 if coloured else 0.6,
+            label=str(case),
+        )
+    has_values = bool(np.isfinite(grid.to_numpy()).any())
+    if has_values:
+        median = grid.median(axis=0, skipna=True).to_numpy()
+        (median_line,) = ax.plot(
+            x, median, color="black", linewidth=2.5, marker="D", label="median", zorder=5
+        )
+        _apply_bounds(ax, pd.Series(grid.to_numpy().ravel()).dropna(), info)
+    else:
+        _no_values(ax)
+    ax.set_xticks(x, [str(s) for s in settings])
+    ax.set_xlim(-0.5, len(settings) - 0.5)
+    _rotate_ticks(ax)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel(f"{info.label}, mean over labels")
+    ax.set_title(_comparison_title(metric, table, None) + ": paired by case")
+    ax.grid(axis="y", alpha=0.3)
+    if coloured:
+        ax.legend(title="case", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    elif has_values:
+        ax.legend(handles=[median_line], loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _figure(width_in: float, height_in: float) -> Figure:
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    fig.clear()
+    return path
+
+
+def _finite(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, int]:
+    """Rows of `table` whose `metric` is finite, and how many were dropped."""
+    values = pd.to_numeric(table[metric], errors="coerce").astype(float)
+    keep = np.isfinite(values.to_numpy())
+    kept = table.loc[keep].assign(**{metric: values[keep]})
+    return kept, int((~keep).sum())
+
+
+def _long_table(per_case_long: pd.DataFrame, metric: str) -> pd.DataFrame:
+    missing = {"setting", "case", "label", metric} - set(per_case_long.columns)
+    if missing:
+        raise ValueError(f"per-case table lacks columns {sorted(missing)}")
+    values = pd.to_numeric(per_case_long[metric], errors="coerce").astype(float)
+    return per_case_long.assign(
+        setting=per_case_long["setting"].astype(str),
+        label=per_case_long["label"].astype(str),
+        **{metric: values},
+    )
+
+
+def _box_and_strip(
+    ax: Axes,
+    values: pd.DataFrame,
+    *,
+    x: str,
+    y: str,
+    order: list,
+    hue: str | None = None,
+    hue_order: list | None = None,
+) -> None:
+    """Box plot (no fliers) with every value as a jittered point on top."""
+    if hue:
+        hue_kwargs = {"hue": hue, "hue_order": hue_order, "dodge": True}
+    else:
+        hue_kwargs = {"hue": x, "hue_order": order, "legend": False}
+    sns.boxplot(
+        data=values,
+        x=x,
+        y=y,
+        order=order,
+        ax=ax,
+        showfliers=False,
+        width=0.6,
+        boxprops={"alpha": 0.45},
+        **hue_kwargs,
+    )
+    sns.stripplot(
+        data=values,
+        x=x,
+        y=y,
+        order=order,
+        ax=ax,
+        size=4,
+        jitter=0.18,
+        alpha=0.85,
+        edgecolor="0.2",
+        linewidth=0.5,
+        **({**hue_kwargs, "legend": False} if hue else hue_kwargs),
+    )
+    if hue:
+        ax.legend(title=hue, fontsize=8)
+
+
+def _apply_bounds(ax: Axes, values: pd.Series, info: MetricInfo) -> None:
+    """Show the whole range of bounded metrics (when the values lie inside it)."""
+    if info.bounds is None or values.empty:
+        return
+    low, high = info.bounds
+    if values.min() >= low and values.max() <= high:
+        margin = 0.03 * (high - low)
+        ax.set_ylim(low - margin, high + margin)
+
+
+def _rotate_ticks(ax: Axes) -> None:
+    for tick in ax.get_xticklabels():
+        tick.set_rotation(35)
+        tick.set_horizontalalignment("right")
+        tick.set_rotation_mode("anchor")
+
+
+def _no_values(ax: Axes) -> None:
+    ax.text(0.5, 0.5, "no finite values", ha="center", va="center", transform=ax.transAxes)
+
+
+def _comparison_title(metric: str, table: pd.DataFrame, n_dropped: int | None) -> str:
+    n_cases, n_labels = table["case"].nunique(), table["label"].nunique()
+    title = f"{metric} across settings ({n_cases} case{'s' if n_cases != 1 else ''}"
+    if n_labels > 1:
+        title += f", {n_labels} labels"
+    if n_dropped:
+        title += f", {n_dropped} value{'s' if n_dropped != 1 else ''} not finite"
+    return title + ")"
+
+
+def _value_format(grid: pd.DataFrame) -> str:
+    values = grid.to_numpy(dtype=float)
+    largest = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
+    return ".3f" if largest < 10 else ".1f"
+
+
+def _centre_voxel(mask: np.ndarray) -> tuple[int, int, int]:
+    """Voxel nearest the centre of mass of ``mask > 0``; the volume centre if it is empty."""
+    coords = np.argwhere(mask > 0)
+    if len(coords) == 0:
+        return tuple(int(n // 2) for n in mask.shape)  # type: ignore[return-value]
+    centre = np.rint(coords.mean(axis=0)).astype(int)
+    return tuple(int(c) for c in np.clip(centre, 0, np.asarray(mask.shape) - 1))  # type: ignore[return-value]
+
+
+def _intensity_window(image: np.ndarray) -> tuple[float, float]:
+    """1st and 99th percentiles of the finite intensities (a unit window if constant)."""
+    finite = image[np.isfinite(image)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(v) for v in np.percentile(finite, [1.0, 99.0]))
+    return (low, high) if high > low else (low, low + 1.0)

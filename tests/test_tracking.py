@@ -1,0 +1,56 @@
+"""tracking: local store URIs, artifact locations and table/param logging on real stores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from evalharness import tracking
+
+
+def test_local_store_uris_are_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cwd = Path.cwd()
+    assert tracking.absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{cwd}/mlflow.db"
+    assert tracking.absolute_tracking_uri("sqlite:////x/m.db") == "sqlite:////x/m.db"
+    assert tracking.absolute_tracking_uri("mlruns") == (cwd / "mlruns").as_uri()
+    assert tracking.absolute_tracking_uri("file:///x/mlruns") == "file:///x/mlruns"
+    assert tracking.absolute_tracking_uri("http://host:5000") == "http://host:5000"
+    assert tracking.local_store_path("sqlite:////x/m.db?timeout=5") == Path("/x/m.db")
+    assert tracking.local_store_path("sqlite://") is None
+    assert tracking.local_store_path("http://host:5000") is None
+
+
+def test_sqlite_artifacts_live_next_to_the_database(tmp_path: Path, monkeypatch) -> None:
+    """MLflow's default would drop artifacts into ./mlruns of whatever folder we run in."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    client = tracking.prepare_store(uri)
+    experiment = tracking.experiment_id(client, uri, "exp")
+    assert tracking.experiment_id(client, uri, "exp") == experiment
+    run_id = client.create_run(experiment).info.run_id
+    tracking.log_text(client, run_id, "hello", "notes/hello.txt")
+    assert (tmp_path / "store" / "mlartifacts").is_dir()
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_params_metrics_and_tables_round_trip(tracking_uri: str, tmp_path: Path) -> None:
+    client = tracking.prepare_store(tracking_uri)
+    run_id = client.create_run(tracking.experiment_id(client, tracking_uri, "e")).info.run_id
+    params = tracking.flatten({"a": {"b": 1, "c": [1, 2]}, "long": "x" * 7000, "none": None})
+    tracking.log_params(client, run_id, params)
+    tracking.log_metrics(client, run_id, {"ok": 0.5, "nan": math.nan, "inf": math.inf})
+    table = pd.DataFrame({"case": ["a", "b"], "dsc": [0.9, 0.8]})
+    tracking.log_table(client, run_id, table, "per_case.json")
+    tracking.finish(client, run_id, "FAILED", "bad  input\nsecond line")
+    run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    assert run.data.params["a.b"] == "1" and run.data.params["a.c"] == "[1, 2]"
+    assert run.data.params["none"] == "null" and len(run.data.params["long"]) == 6000
+    assert run.data.metrics == {"ok": 0.5}
+    assert run.info.status == "FAILED" and "bad" in run.data.tags["evalharness.error"]
+    local = client.download_artifacts(run_id, "per_case.json", str(tmp_path))
+    assert "0.9" in Path(local).read_text()
+    assert tracking.download_csv(client, run_id, "missing.csv", tmp_path) is None
