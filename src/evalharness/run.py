@@ -42,7 +42,9 @@ class Outcome:
 
 
 def tracking_uri_of(cfg: DictConfig) -> str:
-    return cfg.mlflow.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+    """The evaluation store's URI, local paths made absolute."""
+    uri = cfg.mlflow.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+    return tracking.absolute_tracking_uri(uri)
 
 
 class _LazyRun:
