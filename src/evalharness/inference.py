@@ -1,0 +1,254 @@
+"""Sliding-window prediction of one preprocessed volume, as fastMONAI's patch inference does it.
+
+Patch locations and the 'crop', 'average' and 'hann' blending reproduce TorchIO's GridSampler +
+GridAggregator (what fastMONAI uses); 'gaussian' uses MONAI's importance map. Unlike TorchIO,
+everything stays on the model's device: patches are sliced from the device copy of the volume,
+probabilities are accumulated there with in-place slice adds, the window is built once.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from evalharness.errors import ConfigError
+
+OVERLAP_KEY = "patch.overlap"
+# The 8 mirror flips of [X, Y, Z] as sets of spatial axes, identity first.
+ALL_FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n))
+
+
+def overlap_to_voxels(
+    overlap: float | int | Sequence[int], patch_size_vox: Sequence[int]
+) -> tuple[int, int, int]:
+    """Per-axis even overlap in voxels, as fastMONAI's `_normalize_patch_overlap`.
+
+    A scalar 0 < x < 1 is a share of the patch: int(size * x); any other scalar is a voxel
+    count for every axis; a sequence gives one voxel count per axis. Odd counts lose one voxel
+    (TorchIO's GridSampler needs even overlaps).
+    """
+    if isinstance(overlap, (int, float, np.number)):
+        if 0 < float(overlap) < 1:
+            voxels = [int(int(size) * float(overlap)) for size in patch_size_vox]
+        else:
+            voxels = [int(overlap)] * len(patch_size_vox)
+    else:
+        voxels = [int(value) for value in overlap]
+    if len(voxels) != 3 or len(patch_size_vox) != 3:
+        raise ConfigError(f"{OVERLAP_KEY}={overlap!r}: expected a scalar or 3 values")
+    even = tuple(v - 1 if v % 2 and v > 0 else v for v in voxels)
+    if any(v < 0 or v >= int(p) for v, p in zip(even, patch_size_vox, strict=True)):
+        raise ConfigError(
+            f"{OVERLAP_KEY}={overlap!r}: overlap {even} voxels must be >= 0 and smaller than "
+            f"the patch {tuple(patch_size_vox)}"
+        )
+    return even
+
+
+def patch_starts(
+    shape_vox: Sequence[int], patch_size_vox: Sequence[int], overlap_vox: Sequence[int]
+) -> np.ndarray:
+    """[N, 3] first voxel of every patch, in the order of TorchIO's GridSampler locations.
+
+    Per axis: 0, step, 2 step, ... (step = patch - overlap) plus a last patch flush with the end.
+    """
+    per_axis = []
+    for size, patch, overlap in zip(shape_vox, patch_size_vox, overlap_vox, strict=True):
+        if patch > size:
+            raise ValueError(f"patch {tuple(patch_size_vox)} larger than volume {tuple(shape_vox)}")
+        starts = list(range(0, size - patch + 1, patch - overlap))
+        if starts[-1] != size - patch:
+            starts.append(size - patch)
+        per_axis.append(starts)
+    grid = np.meshgrid(*per_axis, indexing="ij")
+    return np.stack([g.ravel() for g in grid], axis=1).astype(np.int64)
+
+
+def _window_factors(
+    patch_size_vox: tuple[int, int, int], aggregation: str
+) -> list[torch.Tensor] | None:
+    """The three 1-D windows whose outer product is the blending window; None for MONAI's
+    gaussian, whose clamped tails make it not separable."""
+    if aggregation == "hann":  # TorchIO GridAggregator._get_hann_window
+        return [torch.hann_window(size + 2, periodic=False)[1:-1] for size in patch_size_vox]
+    if aggregation == "average":
+        return [torch.ones(size) for size in patch_size_vox]
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _window(patch_size_vox: tuple[int, int, int], aggregation: str, device: torch.device):
+    factors = _window_factors(patch_size_vox, aggregation)
+    if factors is not None:  # built on the CPU, multiplied in TorchIO's order
+        window = torch.ones(patch_size_vox)
+        for axis, factor in enumerate(factors):
+            shape = [1, 1, 1]
+            shape[axis] = -1
+            window = window * factor.view(shape)
+    elif aggregation == "gaussian":
+        from monai.data.utils import compute_importance_map
+
+        window = compute_importance_map(patch_size_vox, mode="gaussian", sigma_scale=0.125)
+    else:
+        raise ValueError(f"no blending window for aggregation {aggregation!r}")
+    return window.to(device=device, dtype=torch.float32)[None]
+
+
+def blending_window(
+    patch_size_vox: Sequence[int], aggregation: str, device: torch.device | str
+) -> torch.Tensor:
+    """[1, X, Y, Z] float32 patch weights, cached per (size, mode, device); do not modify it.
+
+    'hann' and 'average' as TorchIO's GridAggregator, 'gaussian' as MONAI's
+    `compute_importance_map(sigma_scale=0.125)`. 'crop' has no window (it crops instead).
+    """
+    size = tuple(int(s) for s in patch_size_vox)
+    return _window(size, aggregation, torch.device(device))
+
+
+def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Spatial-axis sets to average over; the identity always comes first."""
+    if tta is True:
+        return list(ALL_FLIPS)
+    if tta is False:
+        return [()]
+    sets = [tuple(sorted({int(a) for a in axes})) for axes in tta]
+    if any(a not in (0, 1, 2) for axes in sets for a in axes):
+        raise ConfigError(f"inference.tta={tta!r}: axes must be drawn from 0, 1, 2")
+    return [()] + [axes for axes in dict.fromkeys(sets) if axes]
+
+
+def _patch_probs(
+    model: torch.nn.Module, batch: torch.Tensor, flips: list[tuple[int, ...]], autocast
+) -> torch.Tensor:
+    """[B, K, x, y, z] float32 probabilities (softmax, or sigmoid for 1 channel), flip-averaged."""
+    total = None
+    for axes in flips:
+        dims = [a + 2 for a in axes]
+        with autocast:
+            logits = model(batch.flip(dims) if dims else batch)
+        logits = logits.float()
+        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        probs = probs.flip(dims) if dims else probs
+        total = probs if total is None else total.add_(probs)
+    return total if len(flips) == 1 else total.div_(len(flips))
+
+
+def _region(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
+    """Index of [C, lo:hi] in a [C, X, Y, Z] tensor."""
+    return (slice(None), *(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
+
+
+def _window_sum(
+    starts: np.ndarray, shape: np.ndarray, patch: np.ndarray, aggregation: str, window: torch.Tensor
+) -> torch.Tensor:
+    """[1, X, Y, Z] sum of the blending windows of all patches. A separable window over a grid
+    of starts sums axis by axis (an outer product of three 1-D sums); others patch by patch."""
+    factors = _window_factors(tuple(int(p) for p in patch), aggregation)
+    if factors is None:
+        weights = torch.zeros((1, *shape), dtype=torch.float32, device=window.device)
+        for start in starts:
+            weights[_region(start, start + patch)].add_(window)
+        return weights
+    sums = []
+    for axis, factor in enumerate(factors):
+        total = torch.zeros(int(shape[axis]))
+        for start in np.unique(starts[:, axis]):
+            total[start : start + len(factor)] += factor
+        sums.append(total.to(window.device))
+    return (sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :])[None]
+
+
+def _crop_regions(
+    start: np.ndarray, patch: np.ndarray, shape: np.ndarray, half_overlap: np.ndarray
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """('crop' mode) where in the volume and which part of the patch: half the overlap is cut
+    off every side that is not at the volume border (TorchIO GridAggregator._crop_patch)."""
+    lo = np.where(start > 0, half_overlap, 0)
+    hi = patch - np.where(start + patch != shape, half_overlap, 0)
+    return _region(start + lo, start + hi), _region(lo, hi)
+
+
+@torch.inference_mode()
+def sliding_window_probs(
+    model: torch.nn.Module,
+    image: torch.Tensor,
+    *,
+    patch_size_vox: Sequence[int],
+    overlap: float | int | Sequence[int],
+    aggregation: str,
+    batch_size: int,
+    device: torch.device,
+    amp: bool = False,
+    tta: bool | Sequence[Sequence[int]] = False,
+) -> torch.Tensor:
+    """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `device`.
+
+    The model must be in eval mode and on `device`; the volume must be at least one patch in
+    every axis (`PreprocessSettings.min_shape_vox` pads it). Patches are batched, activated per
+    patch (softmax, or sigmoid for one channel) and blended on the device: 'hann', 'average' and
+    'gaussian' weight every patch by `blending_window` and divide by the summed weights; 'crop'
+    writes each patch less half the overlap on interior sides, later patches winning, as
+    TorchIO does. bf16 autocast only when `amp` on CUDA. `tta`: True = the 8 mirror flips, or a
+    list of spatial-axis sets (0, 1, 2 of [X, Y, Z]); the identity is always included.
+    """
+    if model.training:
+        raise ValueError("sliding_window_probs: call model.eval() first")
+    device = torch.device(device)
+    patch = np.asarray([int(s) for s in patch_size_vox])
+    overlap_vox = np.asarray(overlap_to_voxels(overlap, patch))
+    shape = np.asarray(image.shape[1:])
+    starts = patch_starts(shape, patch, overlap_vox)
+    flips = _flip_sets(tta)
+    use_amp = amp and device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+    volume = image.to(device=device, dtype=torch.float32)
+    window = None if aggregation == "crop" else blending_window(patch, aggregation, device)
+    out = None
+    for first in range(0, len(starts), batch_size):
+        regions = [_region(start, start + patch) for start in starts[first : first + batch_size]]
+        probs = _patch_probs(model, torch.stack([volume[r] for r in regions]), flips, autocast)
+        if out is None:
+            out = torch.zeros((probs.shape[1], *shape), dtype=torch.float32, device=device)
+        for index, (region, patch_probs) in enumerate(zip(regions, probs, strict=True)):
+            if window is None:
+                start = starts[first + index]
+                volume_region, patch_region = _crop_regions(start, patch, shape, overlap_vox // 2)
+                out[volume_region] = patch_probs[patch_region]
+            else:
+                out[region].addcmul_(patch_probs, window)
+    if window is None:
+        return out
+    return out.div_(_window_sum(starts, shape, patch, aggregation, window))
+
+
+def decode(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """[K, ...] probabilities → labels [...] (uint8 up to 256 classes): argmax for K > 1 (the
+    first class wins ties), p >= threshold for K == 1."""
+    dtype = torch.uint8 if probs.shape[0] <= 256 else torch.int32
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).to(dtype)
+    labels = (probs[1] > probs[0]).to(dtype)  # class by class: argmax(dim=0) is slow on CPU
+    best = probs[0]
+    for k in range(2, probs.shape[0]):
+        best = torch.maximum(best, probs[k - 1])
+        better = probs[k] > best
+        labels.mul_(~better).add_(better.to(dtype), alpha=k)
+    return labels
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA if available, else CPU; 'cuda' without CUDA is a `ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"inference.device={name!r}: CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"inference.device={name!r}: {error}") from error
