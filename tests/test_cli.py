@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import FIXTURE, REPO
@@ -118,3 +121,54 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
     assert help_text.returncode == 0 and "inference" in help_text.stdout
     job = run_cli("--cfg", "job", cwd=tmp_path)
     assert job.returncode == 0 and "aggregation:" in job.stdout
+
+
+def log_fixture_training_run(uri: str) -> str:
+    """The real fastMONAI files, logged as a training run the way fastMONAI lays them out."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("training")
+    run_id = client.create_run(experiment, run_name="fastmonai-heart").info.run_id
+    client.log_artifact(run_id, str(FIXTURE_MODEL / "best_learner.pkl"), "model")
+    client.log_artifact(run_id, str(FIXTURE / "training_run" / "patch_config.pkl"))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_fastai_learner_by_run_id_without_fastai(sqlite_uri: str, tmp_path: Path) -> None:
+    """best_learner.pkl from a training run, read without fastai, predicts exactly like the
+    safetensors export of the same weights."""
+    assert (
+        importlib.util.find_spec("fastai") is None and importlib.util.find_spec("fastMONAI") is None
+    )
+    run_id = log_fixture_training_run(sqlite_uri)
+    common = (
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "data=decathlon",
+        f"data.root={FIXTURE_DATA}",
+        "data.split.method=file",
+        "data.split.file=../training_run/split.csv",
+        "output.save_predictions=true",
+    )
+    by_run = run_cli(*common, f"model.run_id={run_id}", "hydra.run.dir=learner", cwd=tmp_path)
+    assert by_run.returncode == 0, by_run.stderr[-3000:]
+    safetensors = run_cli(
+        *common,
+        "model=file",
+        f"model.path={FIXTURE_MODEL / 'best_model.safetensors'}",
+        "hydra.run.dir=safetensors",
+        cwd=tmp_path,
+    )
+    assert safetensors.returncode == 0, safetensors.stderr[-3000:]
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    exp = client.get_experiment_by_name("evalharness")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    learner_run = runs[0]
+    assert learner_run.data.tags["evalharness.model_loader"] == "fastai_learner"
+    assert learner_run.data.tags["evalharness.training_run_id"] == run_id
+    assert learner_run.data.tags["evalharness.training_config_source"] == "patch_config.pkl"
+    assert learner_run.data.metrics["dsc_mean"] >= 0.97
+    for case in ("la_001", "la_005"):
+        a = nib.load(tmp_path / "learner" / "predictions" / f"{case}_pred.nii.gz")
+        b = nib.load(tmp_path / "safetensors" / "predictions" / f"{case}_pred.nii.gz")
+        assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
+        assert np.allclose(a.affine, b.affine)
