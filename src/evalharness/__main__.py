@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -16,14 +17,16 @@ register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> int:
-    """Evaluate one configuration; in a sweep, report the exit code instead of exiting."""
+def main(cfg: DictConfig) -> Any:
+    """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
     from evalharness.run import evaluate
 
     hydra_cfg = HydraConfig.get()
-    code = evaluate(cfg, Path(hydra_cfg.runtime.output_dir)).code
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        return code
+        from evalharness.sweep import evaluate_job
+
+        return evaluate_job(cfg, hydra_cfg)
+    code = evaluate(cfg, Path(hydra_cfg.runtime.output_dir)).code
     if code:
         sys.exit(code)
     return code

@@ -23,6 +23,7 @@ from evalharness.errors import CaseError
 from evalharness.evaluation import Evaluation, foreground_labels
 from evalharness.pipeline import (
     CaseInputs,
+    check_inputs,
     load_case_inputs,
     metric_rows,
     predict,
@@ -70,6 +71,7 @@ class LoopOptions:
     warn: bool = True
     predictions_dir: Path | None = None
     skip_cases: set[str] = field(default_factory=set)
+    max_device_memory_mb: float | None = None
 
 
 def run_cases(
@@ -84,6 +86,7 @@ def run_cases(
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     labels = sorted(k for k in ev.dataset.label_names if k != 0)
     labels = labels or foreground_labels(ev.dataset, ev.n_output_channels)
+    allowed = {0, *labels}  # label values a ground truth may hold
     extremes = Extremes()
 
     def submit(pool: ThreadPoolExecutor, index: int) -> Future[CaseInputs] | None:
@@ -98,18 +101,28 @@ def run_cases(
             pending, upcoming = upcoming, submit(loader, index + 1)
             try:
                 inputs = pending.result() if pending else load_inputs(case, pre)
-                prediction = predict(ev.model, inputs.prepared, ev.settings, ev.device)
+                check_inputs(inputs, ev.n_input_channels, allowed)
+                prediction = predict(
+                    ev.model,
+                    inputs.prepared,
+                    ev.settings,
+                    ev.device,
+                    ev.n_output_channels,
+                    options.max_device_memory_mb,
+                )
                 rows = _score(inputs, prediction.labels, labels)
                 case_findings = _probe(ev, inputs, prediction.labels)
                 extremes.offer(case, prediction.labels, rows)
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
-                rows = failure_rows(case.case_id, labels, _one_line(error), 0.0)
+                message = _one_line(error)
+                rows = failure_rows(case.case_id, labels, message, 0.0)
                 case_findings = list(error.findings)
                 if options.on_case_error == "stop":
                     table.add(rows)
                     sink.case_done(table)
-                    raise
+                    stop = f"case {case.case_id}: {message} (run.on_case_error=stop)"
+                    raise CaseError(stop) from error
             seconds = time.perf_counter() - started
             flags = ",".join(m.key for m in case_findings)
             table.add([{**row, "seconds": seconds, "flags": flags} for row in rows])

@@ -95,6 +95,7 @@ class InferenceConfig:
     tta: Any = False
     keep_largest_component: bool | None = None
     threshold: float | None = None
+    max_device_memory_mb: float | None = None
 
 
 @dataclass
@@ -119,6 +120,7 @@ class ChecksConfig:
 class SweepConfig:
     resume: bool = True
     primary_metric: str = "dsc_mean"
+    cache_mb: float = 2048.0  # in-process cache of the model and preprocessed cases; 0: off
 
 
 @dataclass
@@ -232,6 +234,9 @@ def validate(cfg: Any) -> None:
     if inference["batch_size"] < 1:
         raise ConfigError(f"inference.batch_size={inference['batch_size']}: expected >= 1")
     check_tta("inference.tta", inference["tta"])
+    memory_mb = inference["max_device_memory_mb"]
+    if memory_mb is not None and not memory_mb > 0:
+        raise ConfigError(f"inference.max_device_memory_mb={memory_mb}: expected > 0 (MB) or null")
     threshold = inference["threshold"]
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"inference.threshold={threshold}: expected a probability in [0, 1]")

@@ -6,6 +6,7 @@ nothing to MLflow, so the shell can decide (resume, skip, fail) before a run exi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,32 +36,46 @@ class Evaluation:
     n_output_channels: int
     findings: list[Mismatch]
     config_hash: str
+    n_input_channels: int = 1
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.network
 
 
-def prepare(cfg: DictConfig, tracking_uri: str) -> Evaluation:
-    """Validate `cfg`, fetch and load the model, merge settings, list cases, run config checks."""
+ModelLoader = Callable[[ResolvedModel, dict], LoadedModel]
+
+
+def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel:
+    """Load the resolved model file with the `model.*` loading options."""
+    return load_model_file(
+        resolved.local_path,
+        arch=model_cfg["arch"],
+        allow_globals=list(model_cfg["allow_globals"]),
+        trust_pickle=bool(model_cfg["trust_pickle"]),
+    )
+
+
+def prepare(
+    cfg: DictConfig, tracking_uri: str, load_model: ModelLoader = load_resolved_model
+) -> Evaluation:
+    """Validate `cfg`, fetch and load the model, merge settings, list cases, run config checks.
+
+    `load_model` is the injection point for a model cache shared by a sweep's jobs.
+    """
     validate(cfg)
     if cfg.data.name == "demo":
         attach_demo(cfg, tracking_uri)
     cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
-    loaded = load_model_file(
-        resolved.local_path,
-        arch=model_cfg["arch"],
-        allow_globals=list(model_cfg["allow_globals"]),
-        trust_pickle=bool(model_cfg["trust_pickle"]),
-    )
+    loaded = load_model(resolved, model_cfg)
     training = resolved.training_config
     settings, assumed, _ = resolve_settings(cfg, training.values)
     dataset = load_dataset(cfg.data)
     device = resolve_device(settings.device)
     loaded.network.to(device).eval()
-    _, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
+    n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
     findings = config_mismatches(
         settings,
         training.values,
@@ -78,7 +93,7 @@ def prepare(cfg: DictConfig, tracking_uri: str) -> Evaluation:
         }
     )
     return Evaluation(
-        resolved, loaded, settings, assumed, dataset, device, n_out, findings, config_hash
+        resolved, loaded, settings, assumed, dataset, device, n_out, findings, config_hash, n_in
     )
 
 

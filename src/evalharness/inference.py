@@ -3,7 +3,8 @@
 Patch locations and the 'crop', 'average' and 'hann' blending reproduce TorchIO's GridSampler +
 GridAggregator (what fastMONAI uses); 'gaussian' uses MONAI's importance map. Unlike TorchIO,
 everything stays on the model's device: patches are sliced from the device copy of the volume,
-probabilities are accumulated there with in-place slice adds, the window is built once.
+probabilities are accumulated there with in-place slice adds, the window is built once (a
+volume over the device's memory budget keeps its buffers on the CPU instead: `memory.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from evalharness.errors import ConfigError
 
 OVERLAP_KEY = "patch.overlap"
+NORMALIZE_SLAB_VOXELS = 1 << 20  # voxels of the summed blending weights built at a time
 # The 8 mirror flips of [X, Y, Z] as sets of spatial axes, identity first.
 ALL_FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n))
 
@@ -125,18 +127,24 @@ def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
 
 def _patch_probs(
     model: torch.nn.Module, batch: torch.Tensor, flips: list[tuple[int, ...]], autocast
-) -> torch.Tensor:
-    """[B, K, x, y, z] float32 probabilities (softmax, or sigmoid for 1 channel), flip-averaged."""
+) -> tuple[torch.Tensor, int]:
+    """(float32 probabilities [B, K, x, y, z] (softmax, or sigmoid for 1 channel), flip-averaged;
+    K). Of K = 2 classes only class 1's comes back, [B, 1, x, y, z]: sigmoid(l1 - l0), which is
+    its softmax; class 0's is 1 minus it, so blending one channel instead of two suffices."""
     total = None
     for axes in flips:
         dims = [a + 2 for a in axes]
         with autocast:
             logits = model(batch.flip(dims) if dims else batch)
         logits = logits.float()
-        probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+        n_classes = logits.shape[1]
+        if n_classes == 2:
+            probs = torch.sigmoid(logits[:, 1:] - logits[:, :1])
+        else:
+            probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
         probs = probs.flip(dims) if dims else probs
         total = probs if total is None else total.add_(probs)
-    return total if len(flips) == 1 else total.div_(len(flips))
+    return (total if len(flips) == 1 else total.div_(len(flips))), n_classes
 
 
 def _region(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
@@ -144,24 +152,36 @@ def _region(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
     return (slice(None), *(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True)))
 
 
-def _window_sum(
-    starts: np.ndarray, shape: np.ndarray, patch: np.ndarray, aggregation: str, window: torch.Tensor
-) -> torch.Tensor:
-    """[1, X, Y, Z] sum of the blending windows of all patches. A separable window over a grid
-    of starts sums axis by axis (an outer product of three 1-D sums); others patch by patch."""
+def _divide_by_window_sum(
+    out: torch.Tensor,
+    starts: np.ndarray,
+    shape: np.ndarray,
+    patch: np.ndarray,
+    aggregation: str,
+    window: torch.Tensor,
+) -> None:
+    """Divide `out` [K, X, Y, Z] in place by the sum of the blending windows of all patches.
+
+    A separable window over a grid of starts sums axis by axis: the sum is the outer product of
+    three 1-D sums, built slab by slab along X (no weight volume); others sum patch by patch.
+    """
     factors = _window_factors(tuple(int(p) for p in patch), aggregation)
     if factors is None:
         weights = torch.zeros((1, *shape), dtype=torch.float32, device=window.device)
         for start in starts:
             weights[_region(start, start + patch)].add_(window)
-        return weights
+        out.div_(weights)
+        return
     sums = []
     for axis, factor in enumerate(factors):
         total = torch.zeros(int(shape[axis]))
         for start in np.unique(starts[:, axis]):
             total[start : start + len(factor)] += factor
         sums.append(total.to(window.device))
-    return (sums[0][:, None, None] * sums[1][None, :, None] * sums[2][None, None, :])[None]
+    slab = max(1, NORMALIZE_SLAB_VOXELS // int(shape[1] * shape[2]))
+    for x0 in range(0, int(shape[0]), slab):
+        x = slice(x0, x0 + slab)
+        out[:, x].div_(sums[0][x, None, None] * sums[1][None, :, None] * sums[2][None, None, :])
 
 
 def _crop_regions(
@@ -186,8 +206,9 @@ def sliding_window_probs(
     device: torch.device,
     amp: bool = False,
     tta: bool | Sequence[Sequence[int]] = False,
+    buffer_device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `device`.
+    """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `buffer_device`.
 
     The model must be in eval mode and on `device`; the volume must be at least one patch in
     every axis (`PreprocessSettings.min_shape_vox` pads it). Patches are batched, activated per
@@ -196,6 +217,8 @@ def sliding_window_probs(
     writes each patch less half the overlap on interior sides, later patches winning, as
     TorchIO does. bf16 autocast only when `amp` on CUDA. `tta`: True = the 8 mirror flips, or a
     list of spatial-axis sets (0, 1, 2 of [X, Y, Z]); the identity is always included.
+    `buffer_device` (default `device`) holds the volume and the aggregation buffers; a volume
+    too large for the GPU keeps them on the CPU and sends each batch of patches to `device`.
     """
     if model.training:
         raise ValueError("sliding_window_probs: call model.eval() first")
@@ -207,24 +230,30 @@ def sliding_window_probs(
     flips = _flip_sets(tta)
     use_amp = amp and device.type == "cuda"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-    volume = image.to(device=device, dtype=torch.float32)
-    window = None if aggregation == "crop" else blending_window(patch, aggregation, device)
-    out = None
+    buffers = device if buffer_device is None else torch.device(buffer_device)
+    volume = image.to(device=buffers, dtype=torch.float32)
+    window = None if aggregation == "crop" else blending_window(patch, aggregation, buffers)
+    out = blended = None
     for first in range(0, len(starts), batch_size):
         regions = [_region(start, start + patch) for start in starts[first : first + batch_size]]
-        probs = _patch_probs(model, torch.stack([volume[r] for r in regions]), flips, autocast)
+        batch = torch.stack([volume[r] for r in regions]).to(device)
+        probs, n_classes = _patch_probs(model, batch, flips, autocast)
+        probs = probs.to(buffers)
         if out is None:
-            out = torch.zeros((probs.shape[1], *shape), dtype=torch.float32, device=device)
+            out = torch.zeros((n_classes, *shape), dtype=torch.float32, device=buffers)
+            blended = out[1:] if n_classes == 2 else out  # class 0 of 2: filled in at the end
         for index, (region, patch_probs) in enumerate(zip(regions, probs, strict=True)):
             if window is None:
                 start = starts[first + index]
                 volume_region, patch_region = _crop_regions(start, patch, shape, overlap_vox // 2)
-                out[volume_region] = patch_probs[patch_region]
+                blended[volume_region] = patch_probs[patch_region]
             else:
-                out[region].addcmul_(patch_probs, window)
-    if window is None:
-        return out
-    return out.div_(_window_sum(starts, shape, patch, aggregation, window))
+                blended[region].addcmul_(patch_probs, window)
+    if window is not None:
+        _divide_by_window_sum(blended, starts, shape, patch, aggregation, window)
+    if out.shape[0] == 2:
+        out[0].fill_(1.0).sub_(out[1])
+    return out
 
 
 def decode(probs: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -6,8 +6,10 @@ shell (`run.py`) decides what is logged and where.
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +19,7 @@ from evalharness.checks import header_check
 from evalharness.data import Case
 from evalharness.errors import CaseError, ConfigError
 from evalharness.inference import decode, sliding_window_probs
+from evalharness.memory import plan_for
 from evalharness.metrics import case_metrics, keep_largest_component
 from evalharness.preprocess import (
     PreparedImage,
@@ -26,6 +29,8 @@ from evalharness.preprocess import (
     restore_to_native,
 )
 from evalharness.settings import EffectiveSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,15 +88,78 @@ def check_same_grid(
         raise CaseError(f"{case.label}: {mismatch.message}", findings=(mismatch,))
 
 
+def check_inputs(inputs: CaseInputs, n_input_channels: int, label_values: Set[int]) -> None:
+    """The image has the model's input channels; the label map holds only `label_values`."""
+    channels = int(inputs.prepared.tensor.shape[0])
+    if channels != n_input_channels:
+        raise CaseError(
+            f"{inputs.case.image}: the image has {channels} channel(s); the model expects "
+            f"{n_input_channels} (its in_channels)"
+        )
+    if inputs.gt_labels is None or not label_values:
+        return
+    unexpected = unexpected_labels(inputs.gt_labels, label_values)
+    if unexpected:
+        raise CaseError(
+            f"{inputs.case.label}: label values {unexpected} are not among the dataset's labels "
+            f"{sorted(label_values)}"
+        )
+
+
+def unexpected_labels(labels: np.ndarray, allowed: Set[int]) -> list[int]:
+    """Values of the label map [X, Y, Z] outside `allowed` (a range check first: no sort)."""
+    low, high = int(labels.min()), int(labels.max())
+    if high - low < len(allowed) and set(range(low, high + 1)) <= allowed:
+        return []
+    return [int(v) for v in np.unique(labels) if int(v) not in allowed]
+
+
 def predict(
     model: torch.nn.Module,
     prepared: PreparedImage,
     settings: EffectiveSettings,
     device: torch.device,
+    n_output_channels: int = 1,
+    max_device_memory_mb: float | None = None,
 ) -> CasePrediction:
-    """Sliding-window probabilities, restored to the native grid, decoded and post-processed."""
+    """Sliding-window probabilities, restored to the native grid, decoded and post-processed.
+
+    The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
+    go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
+    """
     t0 = time.perf_counter()
-    probs = sliding_window_probs(
+    shape = prepared.tensor.shape
+    plan = plan_for(
+        device, shape[1:], shape[0], n_output_channels, settings.aggregation, max_device_memory_mb
+    )
+    if plan.warning:
+        log.warning(plan.warning)
+    probs = _sliding_window(model, prepared, settings, device, plan.device)
+    t1 = time.perf_counter()
+    n_channels = int(probs.shape[0])
+    native_probs = restore_to_native(probs, prepared)
+    del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
+    labels = decode(native_probs, settings.threshold).to(torch.uint8).cpu().numpy()
+    del native_probs
+    if settings.keep_largest_component and n_channels <= 2:
+        labels = keep_largest_component(labels > 0).astype(np.uint8)
+    t2 = time.perf_counter()
+    return CasePrediction(
+        labels=labels,
+        n_channels=n_channels,
+        timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
+    )
+
+
+def _sliding_window(
+    model: torch.nn.Module,
+    prepared: PreparedImage,
+    settings: EffectiveSettings,
+    device: torch.device,
+    buffers: torch.device,
+) -> torch.Tensor:
+    run = functools.partial(
+        sliding_window_probs,
         model,
         prepared.tensor,
         patch_size_vox=settings.patch_size_vox,
@@ -102,18 +170,21 @@ def predict(
         amp=settings.amp,
         tta=settings.tta,
     )
-    t1 = time.perf_counter()
-    native_probs = restore_to_native(probs, prepared)
-    labels = decode(native_probs, settings.threshold).to(torch.uint8).cpu().numpy()
-    n_channels = int(probs.shape[0])
-    if settings.keep_largest_component and n_channels <= 2:
-        labels = keep_largest_component(labels > 0).astype(np.uint8)
-    t2 = time.perf_counter()
-    return CasePrediction(
-        labels=labels,
-        n_channels=n_channels,
-        timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
-    )
+    try:
+        return run(buffer_device=buffers)
+    except torch.cuda.OutOfMemoryError as error:
+        if buffers.type == "cpu":
+            raise CaseError(
+                f"out of GPU memory with the aggregation on the CPU ({_first_line(error)}); "
+                "expected a smaller inference.batch_size or patch.size"
+            ) from error
+        log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
+        torch.cuda.empty_cache()
+        return run(buffer_device=torch.device("cpu"))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def probe_channels(

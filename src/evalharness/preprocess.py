@@ -15,6 +15,10 @@ to the caller, which scores higher than resampling decoded labels (see DESIGN.md
 
 from __future__ import annotations
 
+import gzip
+import math
+import os
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,7 @@ from evalharness.errors import CaseError, ConfigError
 NORMALIZATION_KEY = "preprocessing.normalization"
 SLAB_VOXELS = 1 << 22  # native voxels restored per step (bounds restore memory)
 WHOLE_VOXEL_TOLERANCE = 1e-3  # model coordinates this close to whole voxels need no interpolation
+NIFTI1_HEADER_BYTES = 348  # the least a NIfTI file holds
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,9 @@ def _read_image(path: Path) -> tio.ScalarImage:
     """[C, X, Y, Z] voxels in the file's dtype and RAS+ affine, as `tio.ScalarImage(path)` reads.
 
     3-D files give C=1; 4-D files are channels-last and come back channels-first. Anything else,
-    an unreadable file or non-finite voxels raise `CaseError` naming the file.
+    an unreadable or truncated file or non-finite voxels raise `CaseError` naming the file.
     """
+    _check_complete(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:  # SimpleITK's message ends with the reason
@@ -82,6 +88,56 @@ def _read_image(path: Path) -> tio.ScalarImage:
     if _has_non_finite(path, data):
         raise CaseError(f"{path}: image holds NaN or infinite voxels")
     return tio.ScalarImage(tensor=torch.as_tensor(data), affine=affine)
+
+
+def _check_complete(path: Path) -> None:
+    """`CaseError` when a NIfTI file ends early: SimpleITK reads such a file without complaint,
+    missing voxels (even part of the header) as 0. A .nii.gz whose gzip trailer records the
+    length its header promises is complete; any other is decompressed to measure it."""
+    name = path.name.lower()
+    if not name.endswith((".nii", ".nii.gz")):
+        return
+    expected = _promised_bytes(path)
+    if name.endswith(".nii"):
+        length: int | None = path.stat().st_size
+    elif expected is not None and _gzip_trailer(path) == expected % (1 << 32):
+        return
+    else:
+        length = _gunzip_length(path)
+    if length is not None and length < (expected or NIFTI1_HEADER_BYTES):
+        what = f"{expected} bytes of NIfTI header and voxels" if expected else "a NIfTI header"
+        raise CaseError(f"{path}: file is truncated (expected {what}; the file ends before)")
+
+
+def _promised_bytes(path: Path) -> int | None:
+    """Header plus voxel bytes the NIfTI header promises; None when nibabel cannot read it."""
+    try:
+        voxels = nib.load(str(path)).dataobj
+    except (ImageFileError, OSError, ValueError, EOFError):
+        return None
+    return int(voxels.offset) + np.dtype(voxels.dtype).itemsize * math.prod(voxels.shape)
+
+
+def _gzip_trailer(path: Path) -> int:
+    """The gzip trailer's ISIZE: the decompressed length mod 2**32 (of the last member)."""
+    with path.open("rb") as stream:
+        stream.seek(-4, os.SEEK_END)
+        return int.from_bytes(stream.read(4), "little")
+
+
+def _gunzip_length(path: Path) -> int | None:
+    """Decompressed length of a gzip file (of what there is when it ends early); None when it
+    is no gzip data (SimpleITK's reader then says what is wrong)."""
+    length = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                length += len(chunk)
+    except EOFError:
+        return length
+    except (OSError, zlib.error):
+        return None
+    return length
 
 
 def _has_non_finite(path: Path, data: np.ndarray) -> bool:

@@ -9,7 +9,9 @@ reason as the tag `evalharness.error`, and keeps every case already written.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass, fields
@@ -19,16 +21,21 @@ from typing import Any
 import pandas as pd
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
+from requests import RequestException
 
 from evalharness import tracking
+from evalharness.cache import SweepCache
 from evalharness.cases import LoopOptions, run_cases
 from evalharness.checks import Mismatch, format_table, report_json
 from evalharness.errors import ConfigError, HarnessError
 from evalharness.evaluation import Evaluation, prepare, run_params, run_tags
+from evalharness.outputs import check_outputs_folder
+from evalharness.pipeline import load_case_inputs
 from evalharness.report import log_results, print_summary
 from evalharness.results import CaseTable
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
+log = logging.getLogger(__name__)
 KEPT_STATUSES = ("ok", "no_label")
 
 
@@ -64,28 +71,35 @@ class _LazyRun:
 
     def ensure(self) -> str:
         if self.run_id is None:
-            run = self.client.create_run(self.experiment_id, run_name=self.name, tags=self.tags)
-            self.run_id = run.info.run_id
+            self.run_id = tracking.create_run(self.client, self.experiment_id, self.name, self.tags)
         return self.run_id
 
 
 def evaluate(
-    cfg: DictConfig, output_dir: Path, parent_run_id: str | None = None, skip_finished: bool = False
+    cfg: DictConfig,
+    output_dir: Path,
+    parent_run_id: str | None = None,
+    skip_finished: bool = False,
+    cache: SweepCache | None = None,
 ) -> Outcome:
-    """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed."""
+    """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
+
+    `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep.
+    """
     uri = tracking_uri_of(cfg)
     try:
         client = tracking.prepare_store(uri)
         experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: mlflow.tracking_uri={uri}: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {_store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
     run = _LazyRun(client, experiment, cfg, parent_run_id)
     try:
-        return _evaluate(cfg, uri, output_dir, run, skip_finished)
+        return _evaluate(cfg, uri, output_dir, run, skip_finished, cache)
     except HarnessError as error:
         message = _one_line(error)
         print(f"error: {message}", file=sys.stderr)
+        log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
         tracking.finish(client, run.ensure(), "FAILED", message)
         return Outcome(EXIT_ERROR, run.run_id)
     except KeyboardInterrupt:
@@ -96,14 +110,49 @@ def evaluate(
         raise
 
 
+def record_failure(cfg: DictConfig, error: HarnessError) -> Outcome:
+    """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
+    message = _one_line(error)
+    print(f"error: {message}", file=sys.stderr)
+    uri = tracking_uri_of(cfg)
+    try:
+        client = tracking.prepare_store(uri)
+        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
+        run = _LazyRun(client, experiment, cfg, None)
+        tracking.finish(client, run.ensure(), "FAILED", message)
+    except Exception as store_error:  # the store is unusable too: say so, on one more line
+        print(f"error: {_store_error(uri, store_error)}", file=sys.stderr)
+        return Outcome(EXIT_ERROR, None)
+    return Outcome(EXIT_ERROR, run.run_id)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _store_error(uri: str, error: Exception) -> str:
+    """One line for an unusable tracking store; a server that does not answer said plainly."""
+    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
+    if not isinstance(cause, RequestException):
+        return f"mlflow.tracking_uri={uri}: {_one_line(error)}"
+    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
+    return (
+        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
+        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
+        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
+    )
+
+
 def _evaluate(
-    cfg: DictConfig, uri: str, output_dir: Path, run: _LazyRun, skip_finished: bool
+    cfg: DictConfig,
+    uri: str,
+    output_dir: Path,
+    run: _LazyRun,
+    skip_finished: bool,
+    cache: SweepCache | None,
 ) -> Outcome:
-    ev = prepare(cfg, uri)
+    check_outputs_folder(output_dir, "hydra.runtime.output_dir")
+    ev = prepare(cfg, uri, cache.load_model) if cache else prepare(cfg, uri)
     client = run.client
     earlier = tracking.runs_with_tag(
         client, run.experiment_id, "evalharness.config_hash", ev.config_hash
@@ -134,10 +183,11 @@ def _evaluate(
         warn=cfg.checks.on_mismatch != "ignore",
         predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
         skip_cases=table.case_ids(),
+        max_device_memory_mb=cfg.inference.max_device_memory_mb,
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
-    extremes = run_cases(ev, table, sink, options)
+    extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
     frame = table.frame()
     plot_dir = output_dir / "plots" if cfg.output.plots else None
     summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
@@ -196,15 +246,20 @@ def _resumable(
 ) -> tuple[pd.DataFrame | None, list[Mismatch], str | None]:
     """Finished cases (and their findings) of the latest interrupted run of this configuration.
 
-    A RUNNING run whose process is gone is marked KILLED first.
+    Every RUNNING run whose process is gone is marked KILLED first. Only runs newer than the
+    latest FINISHED one count: a finished evaluation supersedes older interrupted ones.
     """
-    for run in earlier:
+    statuses = []
+    for run in earlier:  # newest first
         status = run.info.status
-        if status == "RUNNING":
-            if _process_alive(run):
-                continue
+        if status == "RUNNING" and not _process_alive(run):
             tracking.finish(client, run.info.run_id, "KILLED", "process ended without finishing")
-        elif status not in ("KILLED", "FAILED"):
+            status = "KILLED"
+        statuses.append((run, status))
+    for run, status in statuses:
+        if status == "FINISHED":
+            break
+        if status not in ("KILLED", "FAILED"):
             continue
         rows = tracking.download_csv(client, run.info.run_id, "per_case.csv", output_dir)
         if rows is None:

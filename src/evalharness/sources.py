@@ -18,6 +18,7 @@ import posixpath
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -260,8 +261,10 @@ def load_model_file(
 
 def _unpickle(path: Path, allow_globals: Sequence[str], trust_pickle: bool) -> Any:
     if not trust_pickle:
-        # torch's own weights-only unpickler is the tighter one when it suffices (state dicts).
-        with contextlib.suppress(Exception):
+        # torch's own weights-only unpickler is the tighter one when it suffices (state dicts);
+        # its warnings about pickles it then refuses are noise.
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     try:
         return load_model_pickle(path, allow_globals=allow_globals, trust_pickle=trust_pickle)

@@ -11,9 +11,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import pandas as pd
@@ -23,6 +23,9 @@ from mlflow.tracking import MlflowClient
 
 MAX_PARAM_CHARS = 6000
 BATCH = 100
+LOCKED_RETRIES = 8  # SQLite "database is locked" under concurrent writers: retry with backoff
+LOCKED_BACKOFF_S = 0.2  # first wait; doubles each attempt (25 s in all at most)
+T = TypeVar("T")
 
 
 def default_tracking_uri(cwd: Path) -> str:
@@ -119,16 +122,46 @@ def _param_text(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."
 
 
+def retry_locked(write: Callable[[], T]) -> T:
+    """Run `write`, retrying with exponential backoff while SQLite reports a locked database.
+
+    MLflow waits 20 s for a lock itself, but SQLite answers a writer that started as a reader
+    with an immediate "database is locked"; parallel sweep jobs then collide. A failed write is
+    rolled back, so repeating it is safe.
+    """
+    attempt = 0
+    while True:
+        try:
+            return write()
+        except Exception as error:
+            attempt += 1
+            if "database is locked" not in str(error) or attempt >= LOCKED_RETRIES:
+                raise
+            time.sleep(LOCKED_BACKOFF_S * 2 ** (attempt - 1))
+
+
+def create_run(
+    client: MlflowClient, experiment_id: str, name: str | None, tags: Mapping[str, str]
+) -> str:
+    """A new RUNNING run; returns its id."""
+    run = retry_locked(lambda: client.create_run(experiment_id, run_name=name, tags=dict(tags)))
+    return run.info.run_id
+
+
+def _log_batch(client: MlflowClient, run_id: str, **items: list) -> None:
+    retry_locked(lambda: client.log_batch(run_id, **items))
+
+
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     items = [Param(k, _param_text(v)) for k, v in sorted(params.items())]
     for start in range(0, len(items), BATCH):
-        client.log_batch(run_id, params=items[start : start + BATCH])
+        _log_batch(client, run_id, params=items[start : start + BATCH])
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     items = [RunTag(k, _param_text(v)) for k, v in tags.items()]
     for start in range(0, len(items), BATCH):
-        client.log_batch(run_id, tags=items[start : start + BATCH])
+        _log_batch(client, run_id, tags=items[start : start + BATCH])
 
 
 def log_metrics(
@@ -142,7 +175,7 @@ def log_metrics(
         if v is not None and math.isfinite(float(v))
     ]
     for start in range(0, len(items), BATCH):
-        client.log_batch(run_id, metrics=items[start : start + BATCH])
+        _log_batch(client, run_id, metrics=items[start : start + BATCH])
 
 
 def log_file(
@@ -166,8 +199,8 @@ def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_f
 def finish(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """End the run with `status` (FINISHED, FAILED, KILLED), recording `error` as a tag."""
     if error is not None:
-        client.set_tag(run_id, "evalharness.error", _param_text(error))
-    client.set_terminated(run_id, status=status)
+        set_tags(client, run_id, {"evalharness.error": error})
+    retry_locked(lambda: client.set_terminated(run_id, status=status))
 
 
 def runs_with_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> list[Run]:

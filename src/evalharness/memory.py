@@ -1,0 +1,95 @@
+"""Memory budget of the sliding-window aggregation: on the model's device, or on the CPU.
+
+The aggregation buffers of one volume (the input, the class probabilities and the blending
+weights, float32 over the padded volume) are the largest allocations of a case. Before a case
+runs, their size is compared with the device's free memory (`torch.cuda.mem_get_info` on CUDA,
+the host's available memory on the CPU), capped by ``inference.max_device_memory_mb``: a volume
+too large for a GPU is aggregated on the CPU instead (patches still run on the GPU), with a
+warning; one too large for the CPU fails the case, not the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from evalharness.errors import CaseError
+
+LIMIT_KEY = "inference.max_device_memory_mb"
+MB = 1 << 20
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class BufferPlan:
+    """Where the aggregation buffers go, and the warning to show when that is a fallback."""
+
+    device: torch.device
+    warning: str | None = None
+
+
+def aggregation_bytes(
+    shape_vox: Sequence[int], n_input_channels: int, n_output_channels: int, aggregation: str
+) -> int:
+    """Bytes of one volume's buffers: input [C], probabilities [K] and, unless `aggregation` is
+    'crop', the summed weights [1], all float32 over the (padded) volume `shape_vox`."""
+    planes = n_input_channels + n_output_channels + (0 if aggregation == "crop" else 1)
+    return 4 * planes * math.prod(int(s) for s in shape_vox)
+
+
+def host_available_bytes() -> int:
+    """Memory the host can still give (MemAvailable of /proc/meminfo; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_buffers(
+    device: torch.device,
+    needed_bytes: int,
+    device_free_bytes: int,
+    cpu_free_bytes: int,
+    limit_mb: float | None = None,
+) -> BufferPlan:
+    """Keep the buffers on `device` when they fit its budget (free memory, capped by `limit_mb`);
+    else fall back to the CPU when they fit there; else `CaseError`. Pure: memory is given."""
+    budget = device_free_bytes if limit_mb is None else min(device_free_bytes, limit_mb * MB)
+    if needed_bytes <= budget:
+        return BufferPlan(device)
+    limit = f" ({LIMIT_KEY}={limit_mb:g})" if limit_mb is not None else ""
+    need = f"the aggregation buffers need {needed_bytes / MB:.1f} MB"
+    if device.type != "cpu" and needed_bytes <= cpu_free_bytes:
+        return BufferPlan(
+            CPU,
+            f"{need}, more than the {budget / MB:.1f} MB available on {device}{limit}: "
+            "aggregating this volume on the CPU (slower)",
+        )
+    raise CaseError(
+        f"{need}, more than the {budget / MB:.1f} MB available on {device}{limit}"
+        + ("" if device.type == "cpu" else f" and the {cpu_free_bytes / MB:.1f} MB on the CPU")
+        + "; expected a smaller volume, a coarser preprocessing.target_spacing or more memory"
+    )
+
+
+def plan_for(
+    device: torch.device,
+    shape_vox: Sequence[int],
+    n_input_channels: int,
+    n_output_channels: int,
+    aggregation: str,
+    limit_mb: float | None,
+) -> BufferPlan:
+    """`plan_buffers` for one volume, with the free memory measured now."""
+    needed = aggregation_bytes(shape_vox, n_input_channels, n_output_channels, aggregation)
+    cpu_free = host_available_bytes()
+    device_free = cpu_free if device.type == "cpu" else int(torch.cuda.mem_get_info(device)[0])
+    return plan_buffers(device, needed, device_free, cpu_free, limit_mb)

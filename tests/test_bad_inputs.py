@@ -1,0 +1,398 @@
+"""Bad input, one test each: a one-line error naming the file, case or key and what was
+expected; a non-zero exit; the run FAILED with the reason as a tag (or, for one case, a
+failure row while the other cases go on); never a traceback.
+
+Most run in-process (`run.evaluate` on the composed config); a few go through the real CLI to
+show what the user's terminal shows.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from mlflow.tracking import MlflowClient
+from tiny import (
+    AFFINE,
+    Result,
+    ball,
+    base_overrides,
+    good_case,
+    run_in_process,
+    threshold_model,
+    write_dataset,
+)
+
+from evalharness.synthetic import write_nifti
+
+IMAGE, LABEL = Path("imagesTr/bad.nii.gz"), Path("labelsTr/bad.nii.gz")
+
+
+@dataclass(frozen=True)
+class World:
+    """Shared by every test: a model file, a store, and a training run logged in it."""
+
+    folder: Path
+    model: Path
+    uri: str
+    training_run: str
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    folder = tmp_path_factory.mktemp("world")
+    model = folder / "model.pt"
+    torch.save(threshold_model(), model)
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    training = client.create_run(client.create_experiment("training")).info.run_id
+    (folder / "notes.txt").write_text("not a model")
+    for path in (model, folder / "notes.txt"):
+        client.log_artifact(training, str(path), "model")
+    client.set_terminated(training)
+    return World(folder, model, uri, training)
+
+
+def evaluate(
+    world: World, tmp_path: Path, capsys, *overrides: str, root: Path | None = None
+) -> Result:
+    """Evaluate in its own experiment (named after the test's folder), `root` as the data."""
+    root = root or write_dataset(tmp_path / "data", {"ok": good_case()})
+    model = None if any(o.startswith("model=") for o in overrides) else world.model
+    base = base_overrides(world.uri, model, root, tmp_path.name)
+    return run_in_process(world.uri, tmp_path / "out", [*base, *overrides], capsys)
+
+
+def assert_run_failed(result: Result, *expected: str) -> None:
+    """Exit 1, one `error:` line holding every `expected` text, FAILED with it as the tag."""
+    assert result.outcome.code == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.error_lines) == 1, result.stderr
+    for text in expected:
+        assert text in result.error_lines[0]
+    assert result.run is not None and result.run.info.status == "FAILED"
+    assert result.run.data.tags["evalharness.error"] == result.error_lines[0][len("error: ") :]
+
+
+# ----------------------------------------------------------------------------- one bad case
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _noisy_then_truncated(root: Path) -> None:
+    """Noise does not compress: half the file still holds the header, not all the voxels."""
+    noise = np.random.default_rng(0).normal(size=ball().shape).astype(np.float32)
+    write_nifti(root / IMAGE, ball() + noise, AFFINE)
+    _truncate(root / IMAGE)
+
+
+def _write(relative: Path, data: np.ndarray) -> Callable[[Path], None]:
+    return lambda root: write_nifti(root / relative, data, AFFINE)
+
+
+def _with_voxel(value: float) -> np.ndarray:
+    image = ball().astype(np.float32)
+    image[0, 0, 0] = value
+    return image
+
+
+BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it says was expected)
+    "truncated image": (_noisy_then_truncated, IMAGE, "file is truncated (expected 4192 bytes"),
+    "truncated label header": (
+        lambda root: _truncate(root / LABEL),
+        LABEL,
+        "file is truncated (expected a NIfTI header",
+    ),
+    "not a NIfTI image": (
+        lambda root: (root / IMAGE).write_text("patient name, not voxels"),
+        IMAGE,
+        "cannot read image",
+    ),
+    "missing image": (lambda root: (root / IMAGE).unlink(), IMAGE, "image file not found"),
+    "missing label": (lambda root: (root / LABEL).unlink(), LABEL, "label file not found"),
+    "non-integer label": (
+        _write(LABEL, ball().astype(np.float32) * 0.5),
+        LABEL,
+        "non-integer values",
+    ),
+    "label outside the label set": (
+        _write(LABEL, ball() * 3),
+        LABEL,
+        "label values [3] are not among the dataset's labels [0, 1]",
+    ),
+    "image/label grid mismatch": (
+        _write(LABEL, ball()[:-1]),
+        LABEL,
+        "grids differ in shape",
+    ),
+    "2-D image": (_write(IMAGE, ball()[:, :, 0]), IMAGE, "expected a 3-D or 4-D image, got 2-D"),
+    "4-D image, 2 channels for a 1-channel model": (
+        _write(IMAGE, np.stack([ball(), ball()], axis=-1).astype(np.float32)),
+        IMAGE,
+        "the image has 2 channel(s); the model expects 1",
+    ),
+    "NaN voxel": (_write(IMAGE, _with_voxel(np.nan)), IMAGE, "NaN or infinite voxels"),
+    "Inf voxel": (_write(IMAGE, _with_voxel(np.inf)), IMAGE, "NaN or infinite voxels"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CASES))
+def test_a_bad_case_fails_alone(name: str, world: World, tmp_path: Path, capsys) -> None:
+    mutate, bad_file, expected = BAD_CASES[name]
+    root = write_dataset(tmp_path / "data", {"ok": good_case(), "bad": good_case()})
+    mutate(root)
+    result = evaluate(world, tmp_path, capsys, root=root)
+    assert result.outcome.code == 2  # some case failed
+    assert "Traceback" not in result.stderr
+    assert result.run.info.status == "FINISHED"
+    assert result.run.data.tags["evalharness.failed_cases"] == "1"
+    assert result.row("ok")["status"] == "ok" and result.row("ok")["dsc"] == 1.0
+    bad = result.row("bad")
+    assert bad["status"] == "failed"
+    assert str(root / bad_file) in bad["error"] and expected in bad["error"]
+    assert "\n" not in bad["error"]
+
+
+# ------------------------------------------------------------------- not errors: conventions
+
+
+def test_empty_masks_small_images_follow_the_documented_conventions(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    """Empty ground truth or prediction are scored (metrics.py conventions); an image smaller
+    than the patch on every axis is padded, evaluated and restored to its native grid."""
+    label, zeros = ball(), np.zeros(ball().shape, np.uint8)
+    small = ball((5, 4, 3), radius=1.0)
+    cases = {
+        "empty_gt": (label.astype(np.float32), zeros),
+        "both_empty": (zeros.astype(np.float32), zeros),
+        "empty_pred": (zeros.astype(np.float32), label),
+        "small": (small.astype(np.float32), small),
+    }
+    root = write_dataset(tmp_path / "data", cases)
+    result = evaluate(world, tmp_path, capsys, "output.save_predictions=true", root=root)
+    assert result.outcome.code == 0 and result.run.info.status == "FINISHED"
+    assert (result.table["status"] == "ok").all()
+    nan = float("nan")
+    expected = {  # case -> metric -> value (NaN: undefined, skipped by the means)
+        "empty_gt": dict(dsc=0, precision=0, nsd_1mm=0, sens=nan, ldr=nan, rve=nan, hd95_mm=nan),
+        "both_empty": dict(dsc=1, precision=1, nsd_1mm=1, sens=1, ldr=1, rve=0, hd95_mm=0),
+        "empty_pred": dict(dsc=0, precision=nan, nsd_1mm=0, sens=0, ldr=0, rve=-1, hd95_mm=nan),
+        "small": dict(dsc=1, precision=1, nsd_1mm=1, sens=1, ldr=1, rve=0, hd95_mm=0),
+    }
+    for case, metrics in expected.items():
+        row = result.row(case)
+        for metric, value in metrics.items():
+            assert row[metric] == pytest.approx(value, nan_ok=True), (case, metric)
+    saved = nib.load(tmp_path / "out" / "predictions" / "small_pred.nii.gz")
+    assert saved.shape == small.shape and np.allclose(saved.affine, AFFINE)
+    assert np.array_equal(np.asarray(saved.dataobj), small)
+
+
+# ------------------------------------------------------------------------- run-level errors
+
+
+def test_unknown_run_id(world: World, tmp_path: Path, capsys) -> None:
+    run_id = "0123456789abcdef0123456789abcdef"
+    result = evaluate(world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={run_id}")
+    assert_run_failed(result, f"training run '{run_id}' not found", world.uri)
+
+
+def test_run_without_the_artifact_lists_what_it_has(world: World, tmp_path: Path, capsys):
+    result = evaluate(
+        world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={world.training_run}"
+    )
+    assert_run_failed(
+        result,
+        "no artifact file 'model/best_learner.pkl'",
+        "(it has: model/model.pt, model/notes.txt)",
+    )
+
+
+def test_artifact_that_is_not_a_model(world: World, tmp_path: Path, capsys) -> None:
+    overrides = (
+        "model=mlflow_run",
+        f"model.run_id={world.training_run}",
+        "model.artifact=model/notes.txt",
+    )
+    result = evaluate(world, tmp_path, capsys, *overrides)
+    assert_run_failed(result, "notes.txt is not a model (expected a fastai Learner export")
+
+
+def test_artifact_path_leaving_its_run(world: World, tmp_path: Path, capsys) -> None:
+    overrides = ("model=mlflow_run", f"model.run_id={world.training_run}", "model.artifact=../x")
+    result = evaluate(world, tmp_path, capsys, *overrides)
+    assert_run_failed(result, "artifact path '../x' escapes the run's artifacts")
+
+
+def test_output_channels_contradicting_the_labels_stop_before_inference(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    labels = {"0": "background", "1": "wall", "2": "cavity"}
+    root = write_dataset(tmp_path / "data", {"ok": good_case()}, labels=labels)
+    result = evaluate(world, tmp_path, capsys, "checks.on_mismatch=error", root=root)
+    assert_run_failed(result, "model.out_channels", "checks.on_mismatch=error")
+    assert result.table is None  # no case was evaluated
+    assert result.run.data.tags["evalharness.preprocessing_mismatch"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("patch.overlap=1.0", "patch.overlap=1.0: a fraction of the patch must lie in [0, 1)"),
+        ("patch.size=[0,8,8]", "patch.size=[0, 8, 8]: expected three positive integers"),
+        ("inference.aggregation=median", "inference.aggregation='median': expected one of crop"),
+        ("inference.max_device_memory_mb=0", "inference.max_device_memory_mb=0.0: expected > 0"),
+    ],
+)
+def test_bad_config_value(override: str, expected: str, world: World, tmp_path, capsys) -> None:
+    assert_run_failed(evaluate(world, tmp_path, capsys, override), expected)
+
+
+def test_data_root_without_cases(world: World, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = evaluate(world, tmp_path, capsys, root=empty)
+    assert_run_failed(result, f"data.root={empty}: no dataset.json", "(expected a Medical")
+    (empty / "dataset.json").write_text('{"labels": {"0": "background"}, "training": []}')
+    result = evaluate(world, tmp_path, capsys, "mlflow.experiment=again", root=empty)
+    assert_run_failed(result, str(empty / "dataset.json"), 'expected a non-empty "training" list')
+
+
+def test_outputs_folder_that_cannot_be_written(world: World, tmp_path: Path, capsys) -> None:
+    """A regular file where a folder should be stops root too (chmod would not)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    root = write_dataset(tmp_path / "data", {"ok": good_case()})
+    base = base_overrides(world.uri, world.model, root, tmp_path.name)
+    result = run_in_process(world.uri, blocker / "out", base, capsys)
+    assert_run_failed(
+        result, f"hydra.runtime.output_dir={blocker / 'out'}", f"{blocker} is not a folder"
+    )
+
+
+def test_unreachable_tracking_server_stops_within_bounded_time(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    result = evaluate(world, tmp_path, capsys, f"mlflow.tracking_uri={uri}")
+    waited = time.monotonic() - started
+    assert result.outcome.code == 1 and result.run is None  # no store: no run to mark
+    assert len(result.error_lines) == 1 and f"mlflow.tracking_uri={uri}" in result.error_lines[0]
+    assert "cannot reach the tracking server" in result.error_lines[0]
+    assert "Traceback" not in result.stderr
+    assert waited < 20, waited
+    # the training store unreachable, the evaluation store fine: the run is marked FAILED
+    started = time.monotonic()
+    training = ("model=mlflow_run", "model.run_id=abc", f"model.tracking_uri={uri}")
+    result = evaluate(world, tmp_path, capsys, *training)
+    assert time.monotonic() - started < 20
+    assert_run_failed(result, f"cannot read run 'abc' from {uri}")
+
+
+def test_trusting_a_pickle_is_tagged_on_the_run(world: World, tmp_path: Path, capsys) -> None:
+    result = evaluate(world, tmp_path, capsys, "model.trust_pickle=true")
+    assert result.outcome.code == 0
+    assert result.run.data.tags["evalharness.trust_pickle"] == "true"
+    assert result.run.data.tags["evalharness.model_loader"] == "trusted_pickle"
+    default = evaluate(world, tmp_path, capsys, "mlflow.experiment=untrusted")
+    assert default.run.data.tags["evalharness.trust_pickle"] == "false"
+    assert default.run.data.tags["evalharness.model_loader"] == "pickled_module"
+
+
+# ------------------------------------------------------------------------ through the real CLI
+
+
+def run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "evalharness", *overrides]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def cli_overrides(world: World, tmp_path: Path, experiment: str) -> list[str]:
+    root = write_dataset(tmp_path / "data", {"ok": good_case()})
+    return [
+        *base_overrides(world.uri, world.model, root, experiment),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+
+
+def only_run(world: World, experiment: str):
+    client = MlflowClient(tracking_uri=world.uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def assert_cli_failed(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for text in expected:
+        assert text in errors[0]
+
+
+def test_cli_typo_in_a_config_key(world: World, tmp_path: Path) -> None:
+    result = run_cli(tmp_path, *cli_overrides(world, tmp_path, "typo"), "patch.sise=[8,8,8]")
+    assert result.returncode != 0
+    assert "Key 'sise' not in 'PatchConfig'" in result.stderr  # Hydra's own message
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_outputs_folder_under_a_file(world: World, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    overrides = cli_overrides(world, tmp_path, "outputs")
+    result = run_cli(tmp_path, *overrides, f"hydra.run.dir={blocker / 'run'}")
+    assert_cli_failed(result, f"hydra.run.dir={blocker / 'run'}", f"{blocker} is not a folder")
+    run = only_run(world, "outputs")
+    assert run.info.status == "FAILED" and "is not a folder" in run.data.tags["evalharness.error"]
+
+
+class Payload:
+    """Pickles as a call of `function(*args)`: what a malicious file does."""
+
+    def __init__(self, function: Callable, *args: str) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
+
+
+def test_cli_pickle_payload_is_refused_and_never_runs(world: World, tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "best_learner.pkl"
+    evil.write_bytes(pickle.dumps(Payload(os.system, f"touch {marker}")))
+    overrides = cli_overrides(world, tmp_path, "payload")
+    result = run_cli(tmp_path, *overrides, f"model.path={evil}")
+    assert_cli_failed(result, str(evil), "refused to unpickle global", "system")
+    assert not marker.exists()
+    run = only_run(world, "payload")
+    assert run.info.status == "FAILED" and "system" in run.data.tags["evalharness.error"]
+
+
+def test_cli_artifact_path_leaving_its_run(world: World, tmp_path: Path) -> None:
+    overrides = cli_overrides(world, tmp_path, "escape")
+    model = ["model=mlflow_run", f"model.run_id={world.training_run}", "model.artifact=../../x"]
+    result = run_cli(tmp_path, *[o for o in overrides if not o.startswith("model")], *model)
+    assert_cli_failed(result, "artifact path '../../x' escapes the run's artifacts")
+    assert only_run(world, "escape").info.status == "FAILED"

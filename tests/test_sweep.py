@@ -1,0 +1,423 @@
+"""Sweeps through the real CLI on the tiny demo: parent and children in MLflow, the comparison,
+resume, failing jobs, parallel launchers (joblib, submitit), signals, and what a real
+`mlflow server` shows of it all. One SQLite store for the module, one experiment per test."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import REPO
+from hydra.core.utils import JobReturn, JobStatus
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from evalharness import tracking
+from evalharness.comparison import JobRecord, RunData, compare, direction
+from evalharness.sweep import SweepCallback, SweepState, close_orphaned_parents, setting_of
+
+GRID = ("patch.overlap=0.25,0.5", "inference.aggregation=hann,average")
+GRID_NAMES = {
+    "aggregation=hann,overlap=0.25",
+    "aggregation=average,overlap=0.25",
+    "aggregation=hann,overlap=0.5",
+    "aggregation=average,overlap=0.5",
+}
+N_CASES = 4  # the tiny demo's cases with data.split.method=all
+
+
+@dataclass(frozen=True)
+class Store:
+    workdir: Path
+    uri: str
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    """One SQLite store and demo cache shared by the module (the demo is built once)."""
+    workdir = tmp_path_factory.mktemp("sweeps")
+    return Store(workdir, f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _command(store: Store, experiment: str, name: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "evalharness",
+        "-m",
+        f"mlflow.tracking_uri={store.uri}",
+        f"mlflow.experiment={experiment}",
+        "demo.size=tiny",
+        f"demo.cache_dir={store.workdir / 'demo'}",
+        f"hydra.sweep.dir={store.workdir / 'sweeps' / name}",
+        *overrides,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONPATH": str(REPO / "src")}
+
+
+def sweep(store: Store, experiment: str, name: str, *overrides: str):
+    """Run ``python -m evalharness -m ...`` to the end."""
+    return subprocess.run(
+        _command(store, experiment, name, *overrides),
+        cwd=store.workdir,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def runs(store: Store, experiment: str) -> tuple[MlflowClient, list[Run], list[Run]]:
+    """(client, sweep parents oldest first, evaluation children oldest first)."""
+    client = MlflowClient(tracking_uri=store.uri)
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in found if r.data.tags.get("evalharness.kind") == "sweep"]
+    children = [r for r in found if r.data.tags.get("evalharness.kind") == "evaluation"]
+    return client, parents, children
+
+
+def artifact_table(client: MlflowClient, run_id: str, path: str, scratch: Path) -> pd.DataFrame:
+    return pd.read_csv(client.download_artifacts(run_id, path, str(scratch)))
+
+
+@pytest.fixture(scope="module")
+def grid(store: Store, server):
+    """The 2×2 sweep on the default (in-process) launcher, over the demo's 4 cases (the
+    server starts meanwhile)."""
+    result = sweep(store, "grid", "grid1", "data.split.method=all", *GRID)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_grid_sweep_has_parent_children_and_comparison(store: Store, grid, tmp_path) -> None:
+    client, parents, children = runs(store, "grid")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == "grid1"
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {c.info.run_name for c in children} == GRID_NAMES
+    table = artifact_table(client, parent.info.run_id, "comparison.csv", tmp_path)
+    assert set(table["setting"]) == GRID_NAMES
+    assert set(table["status"]) == {"finished"}
+    assert set(table["run_id"]) == {c.info.run_id for c in children}
+    assert {"patch.overlap", "inference.aggregation", "dsc_mean", "dsc_std", "dsc_median"} <= set(
+        table.columns
+    )
+    assert (table["n_failed_cases"] == 0).all()
+    assert set(table["preprocessing_mismatch"].astype(str).str.lower()) == {"false"}
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/compare_dsc.png", "plots/heatmap_dsc.png", "plots/paired_dsc.png"} <= plots
+    stats = json.loads(
+        Path(
+            client.download_artifacts(parent.info.run_id, "comparison_stats.json", str(tmp_path))
+        ).read_text()
+    )
+    best = table.loc[table["dsc_mean"].idxmax()]
+    assert stats["best"]["setting"] == best["setting"]
+    assert parent.data.tags["evalharness.best_setting"] == best["setting"]
+    assert math.isclose(parent.data.metrics["best_dsc_mean"], best["dsc_mean"])
+    assert [t["n_cases"] for t in stats["tests"]] == [N_CASES] * 3
+    assert all(0 < t["p_value"] <= 1 for t in stats["tests"])
+    assert "Best by dsc_mean" in grid.stdout and "Wilcoxon" in grid.stdout
+
+
+def test_grid_sweep_loads_each_case_once(store: Store, grid) -> None:
+    """The default launcher shares the model and preprocessed cases across the four jobs."""
+    _, _, children = runs(store, "grid")
+    totals = {
+        name: sum(c.data.metrics[f"cache.{name}"] for c in children)
+        for name in ("model_loads", "model_hits", "case_loads", "case_hits")
+    }
+    assert totals == {
+        "model_loads": 1,
+        "model_hits": 3,
+        "case_loads": N_CASES,
+        "case_hits": 3 * N_CASES,
+    }
+    assert grid.stdout.count("cache: ") == 4
+
+
+class Server:
+    """A real `mlflow server` on loopback against the store, in a process group of its own."""
+
+    def __init__(self, store: Store) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = store.workdir / "server.log"
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                command, cwd=store.workdir, stdout=log, stderr=log, start_new_session=True
+            )
+
+    def ready(self, timeout_s: float = 90) -> str:
+        """The URL once ``/health`` answers (bounded wait)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log_path.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"mlflow server not ready after {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(store: Store):
+    """Started before the grid sweep (its start-up overlaps the sweep), stopped after use.
+
+    The store is created first (here, under its lock) so the server finds it migrated.
+    """
+    tracking.prepare_store(store.uri)
+    server = Server(store)
+    yield server
+    server.stop()
+
+
+def test_same_sweep_again_evaluates_nothing_new(store: Store, grid, tmp_path) -> None:
+    """Every setting already FINISHED: all skipped, and the comparison still covers them."""
+    result = sweep(store, "grid", "grid2", "data.split.method=all", "output.plots=false", *GRID)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("skipped: this setting already finished") == 4
+    client, parents, children = runs(store, "grid")
+    assert len(parents) == 2 and len(children) == 4  # no new evaluation run
+    second = parents[1]
+    assert second.info.status == "FINISHED"
+    table = artifact_table(client, second.info.run_id, "comparison.csv", tmp_path)
+    assert set(table["status"]) == {"skipped"}
+    assert set(table["run_id"]) == {c.info.run_id for c in children}
+    assert second.data.metrics["n_skipped_settings"] == 4
+    assert second.data.tags["evalharness.best_setting"] in GRID_NAMES
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_shows_children_under_the_parent(store: Store, grid, server) -> None:
+    url = server.ready()
+    _, parents, _ = runs(store, "grid")
+    parent = parents[0]
+    found = _post(
+        f"{url}/api/2.0/mlflow/runs/search",
+        {
+            "experiment_ids": [parent.info.experiment_id],
+            "filter": f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+        },
+    )["runs"]
+    assert len(found) == 4
+    for run in found:
+        params = {p["key"]: p["value"] for p in run["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert run["info"]["status"] == "FINISHED"
+        assert params["patch.overlap"] in {"0.25", "0.5"}
+        assert params["effective.aggregation"] in {"hann", "average"}
+        assert {"dsc_mean", "hd95_mm_mean", "seconds_per_case", "cache.case_loads"} <= set(metrics)
+    server.stop()  # not needed by the later tests
+
+
+def test_failed_job_fails_the_parent_and_the_others_finish(store: Store, tmp_path) -> None:
+    """A patch size the model cannot run fails one job; the other still runs and is compared.
+
+    On the joblib launcher: two worker processes log to one SQLite store at once (no run
+    lost, no "database is locked"), and the failure is recorded where the job ran.
+    """
+    result = sweep(
+        store,
+        "failing",
+        "failing",
+        "output.plots=false",
+        "patch.size=[7,7,7],[16,16,16]",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "database is locked" not in result.stderr
+    assert "sweep failed: 1 of 2 job(s) failed" in result.stderr
+    client, parents, children = runs(store, "failing")
+    parent = parents[0]
+    assert parent.info.status == "FAILED"
+    assert parent.data.params["sweep.launcher"].endswith("JoblibLauncher")
+    assert parent.data.tags["evalharness.error"].startswith("1 of 2 job(s) failed: size=[7,7,7]: ")
+    assert "patch.size=[7, 7, 7]" in parent.data.tags["evalharness.error"]
+    statuses = {c.info.run_name: c.info.status for c in children}
+    assert statuses == {"size=[7,7,7]": "FAILED", "size=[16,16,16]": "FINISHED"}
+    worker_pids = {c.data.tags["evalharness.pid"] for c in children}
+    assert parent.data.tags["evalharness.pid"] not in worker_pids
+    table = artifact_table(client, parent.info.run_id, "comparison.csv", tmp_path)
+    rows = table.set_index("setting")
+    assert rows.loc["size=[7,7,7]", "status"] == "failed"
+    assert rows.loc["size=[16,16,16]", "status"] == "finished"
+    assert rows.loc["size=[16,16,16]", "dsc_mean"] >= 0
+    assert parent.data.tags["evalharness.best_setting"] == "size=[16,16,16]"
+    assert parent.data.metrics["n_settings"] == 2 and parent.data.metrics["n_failed_settings"] == 1
+
+
+def test_submitit_local_runs_jobs_in_other_processes(store: Store) -> None:
+    result = sweep(
+        store,
+        "submitit",
+        "submitit",
+        "inference.aggregation=average",
+        "output.plots=false",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=5",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, parents, children = runs(store, "submitit")
+    assert parents[0].info.status == "FINISHED"
+    assert [c.info.status for c in children] == ["FINISHED"]
+    assert children[0].info.run_name == "job0"  # nothing swept: named after the job number
+    assert children[0].data.tags["evalharness.pid"] != parents[0].data.tags["evalharness.pid"]
+    assert children[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+def test_sigterm_mid_sweep_leaves_no_run_running(store: Store) -> None:
+    """Stopped by a scheduler in the first job: parent and child are closed, not orphaned."""
+    sweep_dir = store.workdir / "sweeps" / "stopped"
+    process = subprocess.Popen(
+        _command(
+            store, "stopped", "stopped", "output.plots=false", "inference.aggregation=hann,crop"
+        ),
+        cwd=store.workdir,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (sweep_dir / "0").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, "the first job never started"
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGTERM)
+    assert process.wait(timeout=120) != 0
+    _, parents, children = runs(store, "stopped")
+    assert parents[0].info.status in ("KILLED", "FAILED")
+    assert "RUNNING" not in {r.info.status for r in [*parents, *children]}
+
+
+def test_job_that_raised_fails_the_parent_when_the_process_exits(store: Store, tmp_path) -> None:
+    """Hydra skips `on_multirun_end` when a job raised: the exit guard closes the parent."""
+    client = tracking.prepare_store(store.uri)
+    experiment = tracking.experiment_id(client, store.uri, "raised")
+    parent = tracking.create_run(client, experiment, "raised", {"evalharness.kind": "sweep"})
+    callback = SweepCallback()
+    callback.sweep_dir = tmp_path
+    callback.state = SweepState(parent, store.uri, ("inference.aggregation",), "dsc_mean")
+    config = OmegaConf.create(
+        {"hydra": {"overrides": {"task": ["inference.aggregation=hann"]}, "job": {"num": 0}}}
+    )
+    job = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("boom"))
+    callback.on_job_end(config, job)
+    callback._close_at_exit()  # what atexit runs
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED"
+    assert "aggregation=hann: raised: boom" in run.data.tags["evalharness.error"]
+    table = pd.read_csv(tmp_path / "comparison.csv")
+    assert list(table["status"]) == ["failed"]
+    callback._close_at_exit()  # idempotent: a second exit hook changes nothing
+    assert client.get_run(parent).info.end_time == run.info.end_time
+
+
+def test_parent_of_a_killed_sweep_process_is_closed_by_the_next_sweep(store: Store) -> None:
+    client = tracking.prepare_store(store.uri)
+    experiment = tracking.experiment_id(client, store.uri, "orphans")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tags = {"evalharness.kind": "sweep", "evalharness.host": socket.gethostname()}
+    orphan = tracking.create_run(
+        client, experiment, "killed", {**tags, "evalharness.pid": str(gone.pid)}
+    )
+    alive = tracking.create_run(client, experiment, "alive", {**tags, "evalharness.pid": "1"})
+    close_orphaned_parents(client, experiment)
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(alive).info.status == "RUNNING"  # another live process: left alone
+    tracking.finish(client, alive, "FINISHED")
+
+
+def test_setting_names_use_short_keys_unless_ambiguous() -> None:
+    overrides = ["demo.size=tiny", "patch.overlap=0.5", "inference.aggregation=hann"]
+    keys = ("patch.overlap", "inference.aggregation")
+    assert setting_of(overrides, keys, 3) == (
+        "aggregation=hann,overlap=0.5",
+        {"patch.overlap": "0.5", "inference.aggregation": "hann"},
+    )
+    clash = ["patch.size=[8,8,8]", "data.size=2"]
+    assert setting_of(clash, ("patch.size", "data.size"), 0)[0] == "data.size=2,patch.size=[8,8,8]"
+    assert setting_of(overrides, (), 3)[0] == "job3"
+
+
+def _long(dsc: list[float], rve: list[float]) -> pd.DataFrame:
+    cases = [f"c{i}" for i in range(len(dsc))]
+    return pd.DataFrame(
+        {"case": cases, "label": 1, "status": "ok", "dsc": dsc, "rve": rve, "hd95_mm": dsc}
+    )
+
+
+def test_best_setting_follows_the_metric_direction() -> None:
+    assert (direction("dsc_mean"), direction("hd95_mm_median"), direction("rve_mean")) == (
+        "max",
+        "min",
+        "min_abs",
+    )
+    records = [
+        JobRecord(0, "a", {}, "finished", 0, "ra"),
+        JobRecord(1, "b", {}, "skipped", 0, "rb"),
+        JobRecord(2, "c", {}, "failed", 1, "rc", "patch too small"),
+    ]
+    runs_data = {
+        "ra": RunData(
+            {"dsc_mean": 0.8, "rve_mean": -0.05}, {}, _long([0.7, 0.8, 0.9], [-0.1, 0, 0])
+        ),
+        "rb": RunData(
+            {"dsc_mean": 0.7, "rve_mean": 0.2}, {}, _long([0.6, 0.7, 0.8], [0.2, 0.2, 0.2])
+        ),
+        "rc": RunData({}, {"evalharness.error": "patch too small"}),
+    }
+    by_dsc = compare(records, runs_data, "dsc_mean")
+    assert by_dsc.stats["best"]["setting"] == "a"
+    assert by_dsc.stats["n_failed"] == 1
+    [test] = by_dsc.stats["tests"]
+    assert test["setting"] == "b" and test["n_cases"] == 3
+    assert math.isclose(test["median_difference"], 0.1)
+    assert list(by_dsc.table["error"]) == ["", "", "patch too small"]
+    by_rve = compare(records, runs_data, "rve_mean")
+    assert by_rve.stats["best"]["setting"] == "a"  # |-0.05| < |0.2|
+    assert by_rve.stats["test_metric"] == "|rve|"
