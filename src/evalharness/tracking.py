@@ -86,6 +86,7 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
 def prepare_store(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, with the store created (under a lock) and bounded retries."""
     scheme = urlparse(tracking_uri).scheme
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is per case
     if scheme in ("file", ""):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if scheme in ("http", "https"):
