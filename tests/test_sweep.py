@@ -140,7 +140,8 @@ def test_grid_sweep_has_parent_children_and_comparison(store: Store, grid, tmp_p
 
 
 def test_grid_sweep_loads_each_case_once(store: Store, grid) -> None:
-    """The default launcher shares the model and preprocessed cases across the four jobs."""
+    """The default launcher shares the model and preprocessed cases across the four jobs, and
+    the model artifact is downloaded from the training run once."""
     _, _, children = runs(store, "grid")
     totals = {
         name: sum(c.data.metrics[f"cache.{name}"] for c in children)
@@ -153,6 +154,8 @@ def test_grid_sweep_loads_each_case_once(store: Store, grid) -> None:
         "case_hits": 3 * N_CASES,
     }
     assert grid.stdout.count("cache: ") == 4
+    downloads = [c.data.tags["evalharness.model_downloaded"] for c in children]
+    assert sorted(downloads) == ["false", "false", "false", "true"]  # one download per sweep
 
 
 class Server:

@@ -128,6 +128,7 @@ def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.training_experiment": resolved.training_experiment or "",
         "evalharness.model_uri": resolved.artifact_uri or str(resolved.local_path),
         "evalharness.model_sha256": resolved.sha256,
+        "evalharness.model_downloaded": str(resolved.downloaded).lower(),
         "evalharness.model_loader": ev.loaded.loader,
         "evalharness.trust_pickle": str(bool(cfg.model.trust_pickle)).lower(),
         "evalharness.training_config_source": resolved.training_config.source,
