@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ import pandas as pd
 
 from evalharness import tracking
 from evalharness.cases import Extremes
+from evalharness.checks import Mismatch
 from evalharness.preprocess import load_label, load_volume
 from evalharness.results import case_scores, console_table, summarize
 
@@ -64,7 +67,14 @@ def _plots(table: pd.DataFrame, plot_dir: Path, extremes: Extremes) -> list[Path
     return paths
 
 
-def print_summary(table: pd.DataFrame, summary: dict[str, float], run_id: str, uri: str) -> None:
+def print_summary(
+    table: pd.DataFrame,
+    summary: dict[str, float],
+    run_id: str,
+    uri: str,
+    findings: Sequence[Mismatch] | None = None,
+) -> None:
+    """Per-case table, means, worst case, the checks (None: not shown) and the UI command."""
     print("\nPer-case results:\n" + console_table(table))
     headline = ", ".join(
         f"{k} {summary[k]:.3f}" for k in HEADLINE_METRICS if np.isfinite(summary.get(k, np.nan))
@@ -76,5 +86,25 @@ def print_summary(table: pd.DataFrame, summary: dict[str, float], run_id: str, u
     failed = int(summary["n_failed_cases"])
     if failed:
         print(f"{failed} case(s) failed: see the status and error columns of per_case.csv")
+    if findings is not None:
+        print(_checks_line(findings))
     print(f"MLflow run {run_id} in {uri}")
     print(f"Open the MLflow UI: mlflow ui --backend-store-uri '{uri}'")
+
+
+def _checks_line(findings: Sequence[Mismatch]) -> str:
+    """One line on the preprocessing checks, red/yellow on a colour terminal."""
+    if not findings:
+        return "Preprocessing checks: no mismatch with the training configuration"
+    errors = sum(m.severity == "error" for m in findings)
+    warnings = sum(m.severity == "warning" for m in findings)
+    flagged = sorted({m.case for m in findings if m.case and m.severity == "error"})
+    text = (
+        f"Preprocessing checks: {errors} error(s), {warnings} warning(s), "
+        f"{len(findings) - errors - warnings} info"
+        + (f"; flagged cases: {', '.join(flagged)}" if flagged else "")
+        + " (checks/mismatches.json)"
+    )
+    if sys.stdout.isatty() and (errors or warnings):
+        text = f"\033[{31 if errors else 33}m{text}\033[0m"
+    return text

@@ -192,7 +192,8 @@ def _evaluate(
     plot_dir = output_dir / "plots" if cfg.output.plots else None
     summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
     tracking.finish(client, run_id, "FINISHED")
-    print_summary(frame, summary, run_id, uri)
+    shown = None if cfg.checks.on_mismatch == "ignore" else ev.findings
+    print_summary(frame, summary, run_id, uri, shown)
     return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
 
 
