@@ -23,21 +23,10 @@ from sklearn.model_selection import train_test_split
 from evalharness import demo
 from evalharness.demo import DEMO, TINY, DemoSpec, DemoTraining, ensure_demo
 from evalharness.synthetic import DEMO_SPACINGS_MM
+from evalharness.training_config import PATCH_CONFIG_FIELDS
 
 SRC = Path(demo.__file__).resolve().parents[1]
-PATCH_FIELDS = (
-    "patch_size",
-    "patch_overlap",
-    "aggregation_mode",
-    "apply_reorder",
-    "target_spacing",
-    "padding_mode",
-    "keep_largest_component",
-    "binary_threshold",
-    "normalization",
-    "sampler_type",
-    "samples_per_volume",
-)
+PATCH_FIELDS = (*PATCH_CONFIG_FIELDS, "sampler_type", "samples_per_volume")
 
 
 def sqlite_uri_of(path: Path) -> str:
@@ -67,7 +56,7 @@ def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the demo model was trained again")
 
-    monkeypatch.setattr(demo, "_train_model", fail)
+    monkeypatch.setattr(demo, "train_model", fail)
 
 
 def build_dir(result: DemoTraining) -> Path:
@@ -254,7 +243,7 @@ def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("training exploded")
 
-    monkeypatch.setattr(demo, "_train_model", broken)
+    monkeypatch.setattr(demo, "train_model", broken)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="exploded"):
         ensure_demo(cache, sqlite_uri_of(tmp_path / "mlflow.db"), spec=TINY)

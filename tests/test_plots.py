@@ -1,4 +1,5 @@
-"""Figures: each writes a valid PNG of the documented size, for awkward tables too."""
+"""Figures of one evaluation and of a sweep's comparison: each writes a valid PNG of the
+documented size, for awkward tables too."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from evalharness import plots
+from evalharness import comparison_plots, plots
 from evalharness.synthetic import make_case
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -160,7 +161,7 @@ def test_case_overlay_rejects_mismatched_inputs(tmp_path):
 def test_setting_comparison(table, metric, tmp_path):
     data = LONG_TABLES[table]()
     n_settings = data["setting"].nunique()
-    path = plots.plot_setting_comparison(data, metric, tmp_path / "c.png")
+    path = comparison_plots.plot_setting_comparison(data, metric, tmp_path / "c.png")
     check_png(path, max(6.0, 2.0 + 0.9 * n_settings), 5.0)
 
 
@@ -168,7 +169,7 @@ def test_setting_comparison(table, metric, tmp_path):
 def test_case_setting_heatmap(table, metric, tmp_path):
     data = LONG_TABLES[table]()
     n_settings, n_cases = data["setting"].nunique(), data["case"].nunique()
-    path = plots.plot_case_setting_heatmap(data, metric, tmp_path / "h.png")
+    path = comparison_plots.plot_case_setting_heatmap(data, metric, tmp_path / "h.png")
     check_png(path, max(6.0, 3.5 + 1.1 * n_settings), min(max(4.0, 2.0 + 0.35 * n_cases), 60))
 
 
@@ -176,13 +177,17 @@ def test_case_setting_heatmap(table, metric, tmp_path):
 def test_paired_cases(table, metric, tmp_path):
     data = LONG_TABLES[table]()
     n_settings = data["setting"].nunique()
-    path = plots.plot_paired_cases(data, metric, tmp_path / "p.png")
+    path = comparison_plots.plot_paired_cases(data, metric, tmp_path / "p.png")
     check_png(path, max(6.0, 3.0 + 0.9 * n_settings), 5.0)
 
 
 @pytest.mark.parametrize(
     "plot",
-    [plots.plot_setting_comparison, plots.plot_case_setting_heatmap, plots.plot_paired_cases],
+    [
+        comparison_plots.plot_setting_comparison,
+        comparison_plots.plot_case_setting_heatmap,
+        comparison_plots.plot_paired_cases,
+    ],
 )
 def test_comparison_plots_with_no_finite_value(plot, tmp_path):
     data = long_table(3, ("1",), SETTINGS).assign(dsc=np.nan)
@@ -193,7 +198,7 @@ def test_comparison_plots_with_no_finite_value(plot, tmp_path):
 def test_comparison_plots_reject_missing_columns(tmp_path):
     data = long_table(3, ("1",), SETTINGS).drop(columns="setting")
     with pytest.raises(ValueError, match="setting"):
-        plots.plot_paired_cases(data, "dsc", tmp_path / "x.png")
+        comparison_plots.plot_paired_cases(data, "dsc", tmp_path / "x.png")
 
 
 def test_plots_can_be_drawn_from_threads(tmp_path):
@@ -202,9 +207,9 @@ def test_plots_can_be_drawn_from_threads(tmp_path):
     jobs = [
         lambda: plots.plot_metric_distribution(per_case_table(5, ("1",)), tmp_path / "a.png"),
         lambda: plots.plot_case_overlay(image, gt, pred, spacing, tmp_path / "b.png", "b"),
-        lambda: plots.plot_setting_comparison(data, "dsc", tmp_path / "c.png"),
-        lambda: plots.plot_case_setting_heatmap(data, "dsc", tmp_path / "d.png"),
-        lambda: plots.plot_paired_cases(data, "dsc", tmp_path / "e.png"),
+        lambda: comparison_plots.plot_setting_comparison(data, "dsc", tmp_path / "c.png"),
+        lambda: comparison_plots.plot_case_setting_heatmap(data, "dsc", tmp_path / "d.png"),
+        lambda: comparison_plots.plot_paired_cases(data, "dsc", tmp_path / "e.png"),
     ]
     with ThreadPoolExecutor(max_workers=4) as pool:
         paths = list(pool.map(lambda job: job(), jobs))

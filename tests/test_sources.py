@@ -1,4 +1,4 @@
-"""Model loading and MLflow resolution against real stores holding the real fastMONAI files."""
+"""MLflow resolution against real stores holding the real fastMONAI files."""
 
 from __future__ import annotations
 
@@ -6,33 +6,20 @@ import hashlib
 import multiprocessing
 import os
 import socket
-import sys
 import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
-from safetensors.torch import save_file
 
 from evalharness.errors import SourceError
-from evalharness.sources import load_model_file, normalise_artifact_path, resolve_model
+from evalharness.loaders import load_model_file
+from evalharness.sources import normalise_artifact_path, resolve_model
 
 RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
 LEARNER = RUN / "model" / "best_learner.pkl"
 SAFETENSORS = RUN / "model" / "best_model.safetensors"
-STATE_DICT = RUN / "model" / "best_weights_state_dict.pth"
-UNET = {
-    "_target_": "monai.networks.nets.UNet",
-    "spatial_dims": 3,
-    "in_channels": 1,
-    "out_channels": 2,
-    "channels": [8, 16, 32, 64],
-    "strides": [2, 2, 2],
-    "num_res_units": 1,
-}
 PARAMS = {"patch_patch_size": "[64, 64, 64]", "patch_target_spacing": "[1.0, 1.0, 1.0]"}
 
 
@@ -91,79 +78,6 @@ def store(request, tmp_path_factory) -> Store:
         artifact_root = client.get_run(full).info.artifact_uri
         client.create_model_version("heart", f"{artifact_root}/model/best_model.safetensors", full)
         yield Store(uri, full, json_only, weights, bare)
-
-
-def _forward(network: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return network(x)
-
-
-def test_learner_safetensors_and_state_dict_give_identical_networks():
-    learner = load_model_file(LEARNER)
-    safe = load_model_file(SAFETENSORS)
-    state = load_model_file(STATE_DICT, arch=UNET)
-    loaders = (learner.loader, safe.loader, state.loader)
-    assert loaders == ("fastai_learner", "safetensors", "state_dict")
-    assert learner.arch == {"class": "monai.networks.nets.unet.UNet"}
-    assert safe.arch["arch_id"] == "monai.unet"
-    assert safe.arch["arch_kwargs"]["channels"] == [8, 16, 32, 64]
-    assert safe.inference_config["output"]["activation"] == "softmax"
-    assert learner.inference_config is None and state.arch == UNET
-    x = torch.randn(1, 1, 48, 48, 32, generator=torch.Generator().manual_seed(0))
-    reference = _forward(learner.network, x)
-    assert reference.shape == (1, 2, 48, 48, 32)
-    for other in (safe, state):
-        assert not other.network.training
-        assert torch.equal(_forward(other.network, x), reference)
-    # a model.arch overrides the safetensors arch_id and gives the same network
-    assert torch.equal(_forward(load_model_file(SAFETENSORS, arch=UNET).network, x), reference)
-
-
-def test_file_errors_name_the_file_and_the_fix(tmp_path: Path):
-    with pytest.raises(SourceError, match=r"state dict: model\.arch is required"):
-        load_model_file(STATE_DICT)
-    with pytest.raises(SourceError, match="is not a model .*TorchScript"):
-        load_model_file(RUN / "patch_config.json")
-    with pytest.raises(SourceError, match="is not a model .*holds a list"):
-        torch.save([1, 2], tmp_path / "list.pt")
-        load_model_file(tmp_path / "list.pt")
-    evil = tmp_path / "evil.pkl"
-    torch.save({"net": torch.nn.Identity(), "x": len}, evil)
-    with pytest.raises(SourceError, match=rf"{evil}: refused to unpickle global 'builtins\.len'"):
-        load_model_file(evil)
-    odd = tmp_path / "odd.safetensors"
-    save_file({"w": torch.zeros(1)}, str(odd), metadata={"arch_id": "monai.nope"})
-    with pytest.raises(SourceError, match="unknown arch_id 'monai.nope' .*monai.unet"):
-        load_model_file(odd)
-    with pytest.raises(SourceError, match="weights do not fit"):
-        load_model_file(STATE_DICT, arch={**UNET, "channels": [4, 8, 16, 32]})
-
-
-def test_a_training_library_layer_inside_the_network_is_refused(tmp_path: Path, monkeypatch):
-    fake = types.ModuleType("fastai.layers")  # stands in for fastai, which is not installed
-
-    class ConvLayer(torch.nn.Sequential):
-        pass
-
-    ConvLayer.__module__, ConvLayer.__qualname__ = "fastai.layers", "ConvLayer"
-    fake.ConvLayer = ConvLayer
-    monkeypatch.setitem(sys.modules, "fastai", types.ModuleType("fastai"))
-    monkeypatch.setitem(sys.modules, "fastai.layers", fake)
-    torch.save(torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), ConvLayer()), tmp_path / "net.pt")
-    monkeypatch.delitem(sys.modules, "fastai.layers")
-    with pytest.raises(SourceError, match="layer '1' .*placeholder for fastai.layers.ConvLayer"):
-        load_model_file(tmp_path / "net.pt")
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
-def test_torchscript_is_loaded_by_content_not_name(tmp_path: Path):
-    scripted = torch.jit.script(torch.nn.Conv3d(1, 2, 1))
-    path = tmp_path / "model.pkl"  # misleading name on purpose
-    scripted.save(str(path))
-    loaded = load_model_file(path)
-    assert loaded.loader == "torchscript"
-    x = torch.randn(1, 1, 4, 4, 4)
-    assert torch.equal(_forward(loaded.network, x), _forward(scripted, x))
 
 
 def test_resolve_by_run_id_downloads_once_and_reads_the_pickled_config(store, tmp_path: Path):

@@ -10,10 +10,10 @@ import pytest
 
 from evalharness.errors import SourceError
 from evalharness.safe_pickle import load_data_pickle
-from evalharness.sources import read_safetensors_metadata
 from evalharness.training_config import (
     PATCH_CONFIG_FIELDS,
     parse_patch_config,
+    read_safetensors_metadata,
     training_config_from_inference_config,
     training_config_from_params,
 )

@@ -31,10 +31,11 @@ import torch
 
 from evalharness.data import Case
 from evalharness.evaluation import load_resolved_model
+from evalharness.loaders import LoadedModel
 from evalharness.pipeline import CaseInputs, load_case_inputs
 from evalharness.preprocess import PreprocessSettings
 from evalharness.settings import stable_hash
-from evalharness.sources import LoadedModel, ResolvedModel
+from evalharness.sources import ResolvedModel
 
 DEFAULT_CACHE_MB = 2048
 """Default budget of the in-process cache: 2 GiB (models plus preprocessed cases)."""

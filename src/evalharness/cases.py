@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from evalharness.checks import Mismatch, mirror_probe, spacing_check
+from evalharness.checks import Mismatch
 from evalharness.data import Case
 from evalharness.errors import CaseError
 from evalharness.evaluation import Evaluation, foreground_labels
@@ -30,6 +30,7 @@ from evalharness.pipeline import (
     preprocess_settings,
 )
 from evalharness.preprocess import PreprocessSettings
+from evalharness.probes import mirror_probe, spacing_check
 from evalharness.results import CaseTable, failure_rows
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]

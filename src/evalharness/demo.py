@@ -11,9 +11,8 @@ store laid out as a fastMONAI patch training run is:
 - params ``patch_<field>`` for each field plus ``target_spacing`` and ``apply_reorder``,
 - metrics ``train_loss`` and ``train_dsc`` per epoch, tag ``evalharness.kind=demo-training``.
 
-Training deliberately uses none of the harness's own preprocessing code: TorchIO
-``ToCanonical`` + ``Resample(target_spacing)`` + ``ZNormalization`` and label-weighted random
-crops written here, so evaluating the demo run honestly tests the harness.
+Training (`evalharness.demo_training`) deliberately uses none of the harness's own
+preprocessing code, so evaluating the demo run honestly tests the harness.
 
 Cache layout under ``cache_dir`` (one folder per spec, so DEMO and TINY can coexist)::
 
@@ -42,17 +41,17 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
 from evalharness import tracking
+from evalharness.demo_training import LABEL_PROBABILITIES, train_model
 from evalharness.synthetic import write_decathlon_dataset
 
 if TYPE_CHECKING:
@@ -68,9 +67,6 @@ KIND = "demo-training"
 MODEL_SHA_TAG = "evalharness.demo.model_sha256"
 MARKER_NAME = "demo.json"
 MARKER_VERSION = 1
-
-LABEL_PROBABILITIES = {0: 0.3, 1: 0.7}
-"""Share of patches centred on background (0) and foreground (1) voxels."""
 
 
 @dataclass(frozen=True)
@@ -293,7 +289,8 @@ def _build(build_dir: Path, spec: DemoSpec) -> None:
         )
         split = write_split(data_root, spec.n_test)
         train_rows = split[split["split"] == "train"]
-        history, model = _train_model(
+        _progress(f"preprocessing {len(train_rows)} training cases")
+        history, model = train_model(
             [data_root / p for p in train_rows["image"]],
             [data_root / p for p in train_rows["label"]],
             spec,
@@ -335,134 +332,6 @@ def write_split(data_root: Path, n_test: int) -> pd.DataFrame:
     split = split[["image", "label", "split"]].reset_index(drop=True)
     split.to_csv(data_root / "split.csv", index=False)
     return split
-
-
-# ---------------------------------------------------------------------------------------------
-# Training (independent of the harness's preprocessing)
-
-
-def preprocess_case(
-    image_path: Path, label_path: Path | None, target_spacing_mm: Sequence[float]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Load one case as the demo model was trained: RAS+, `target_spacing_mm`, z-normalised.
-
-    Returns image [1, X, Y, Z] float32 and label [1, X, Y, Z] int64 (None without a label).
-    """
-    import torchio as tio
-
-    images: dict[str, Any] = {"image": tio.ScalarImage(image_path)}
-    if label_path is not None:
-        images["label"] = tio.LabelMap(label_path)
-    transform = tio.Compose(
-        [tio.ToCanonical(), tio.Resample(tuple(target_spacing_mm)), tio.ZNormalization()]
-    )
-    subject = transform(tio.Subject(**images))
-    image = subject["image"].data.float()
-    label = subject["label"].data.long() if label_path is not None else None
-    return image, label
-
-
-def _pad_to(tensor: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Pad [C, X, Y, Z] with zeros at the end of each axis up to `size` voxels."""
-    pad: list[int] = []
-    for axis in reversed(range(3)):
-        pad += [0, max(int(size[axis]) - tensor.shape[axis + 1], 0)]
-    return torch.nn.functional.pad(tensor, pad) if any(pad) else tensor
-
-
-class _PatchSampler:
-    """Random patches centred on a voxel of class c, c drawn with `LABEL_PROBABILITIES`.
-
-    Like TorchIO's LabelSampler: centres are restricted to where the whole patch fits.
-    """
-
-    def __init__(self, image: torch.Tensor, label: torch.Tensor, patch_size: Sequence[int]):
-        self.image = _pad_to(image, patch_size)
-        self.label = _pad_to(label, patch_size)
-        self.patch_size = np.asarray(patch_size)
-        shape = np.asarray(self.label.shape[1:])
-        # valid patch origins: 0 .. shape - patch_size; origin = centre - patch_size // 2
-        lo = self.patch_size // 2
-        hi = shape - self.patch_size + lo
-        region = self.label[0, lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
-        self.origins_by_class = {c: np.argwhere((region == c).numpy()) for c in LABEL_PROBABILITIES}
-        self.n_origins = hi - lo + 1
-
-    def sample(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        classes = list(LABEL_PROBABILITIES)
-        c = classes[rng.choice(len(classes), p=list(LABEL_PROBABILITIES.values()))]
-        candidates = self.origins_by_class[c]
-        if len(candidates):
-            origin = candidates[rng.integers(len(candidates))]
-        else:
-            origin = rng.integers(0, self.n_origins)
-        window = tuple(
-            slice(int(o), int(o) + int(p)) for o, p in zip(origin, self.patch_size, strict=True)
-        )
-        return self.image[(slice(None), *window)], self.label[(slice(None), *window)]
-
-
-def build_model(spec: DemoSpec) -> torch.nn.Module:
-    """The demo network: a MONAI 3D U-Net, one input channel, two output classes."""
-    from monai.networks.nets import UNet
-
-    return UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        channels=spec.channels,
-        strides=spec.strides,
-        num_res_units=1,
-    )
-
-
-def _train_model(
-    image_paths: Sequence[Path], label_paths: Sequence[Path], spec: DemoSpec
-) -> tuple[dict[str, list[float]], torch.nn.Module]:
-    """Train the demo U-Net; returns per-epoch history and the model (CPU, eval mode)."""
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(spec.seed)
-    rng = np.random.default_rng(spec.seed)
-    _progress(f"preprocessing {len(image_paths)} training cases")
-    samplers = []
-    for image_path, label_path in zip(image_paths, label_paths, strict=True):
-        image, label = preprocess_case(image_path, label_path, spec.target_spacing_mm)
-        assert label is not None
-        samplers.append(_PatchSampler(image, label, spec.patch_size))
-
-    model = build_model(spec)
-    loss_fn = DiceCELoss(softmax=True, to_onehot_y=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
-    history: dict[str, list[float]] = {"train_loss": [], "train_dsc": []}
-    model.train()
-    bar = tqdm(range(spec.epochs), desc="demo training", unit="epoch", file=sys.stderr)
-    for _epoch in bar:
-        order = rng.permutation(np.repeat(np.arange(len(samplers)), spec.samples_per_volume))
-        losses, intersection, total = [], 0.0, 0.0
-        for start in range(0, len(order), spec.batch_size):
-            pairs = [samplers[i].sample(rng) for i in order[start : start + spec.batch_size]]
-            images = torch.stack([p[0] for p in pairs])
-            labels = torch.stack([p[1] for p in pairs])
-            optimizer.zero_grad()
-            logits = model(images)
-            loss = loss_fn(logits, labels)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            with torch.no_grad():
-                pred = logits.argmax(1) == 1
-                truth = labels[:, 0] == 1
-                intersection += float((pred & truth).sum())
-                total += float(pred.sum() + truth.sum())
-        scheduler.step()
-        history["train_loss"].append(float(np.mean(losses)))
-        history["train_dsc"].append(2 * intersection / total if total else 1.0)
-        bar.set_postfix(loss=f"{history['train_loss'][-1]:.3f}")
-    bar.close()
-    return history, model.eval()
 
 
 # ---------------------------------------------------------------------------------------------

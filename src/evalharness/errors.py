@@ -31,3 +31,10 @@ class CaseError(HarnessError):
     def __init__(self, message: str, findings: tuple = ()) -> None:
         super().__init__(message)
         self.findings = findings
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (its type name if it has none), at most 300
+    characters: for one-line messages that quote an error from a library."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]

@@ -18,9 +18,10 @@ from evalharness.checks import Mismatch, config_mismatches
 from evalharness.config import validate
 from evalharness.data import Dataset, load_dataset
 from evalharness.inference import resolve_device
+from evalharness.loaders import LoadedModel, load_model_file
 from evalharness.pipeline import probe_channels
 from evalharness.settings import EffectiveSettings, resolve_settings, stable_hash
-from evalharness.sources import LoadedModel, ResolvedModel, load_model_file, resolve_model
+from evalharness.sources import ResolvedModel, resolve_model
 
 
 @dataclass

@@ -1,44 +1,35 @@
-"""Find the training run, fetch its model file (cached) and load the network safely.
+"""Find the training run through MLflow, fetch its model file (cached) and its training config.
 
-Two halves: :func:`load_model_file` turns one local file into an ``nn.Module`` (the loader is
-chosen by content, never by name), and :func:`resolve_model` finds the file and the training
-config through MLflow (run id, ``runs:/`` or ``models:/`` URI, experiment + run name) or takes
-a local ``model.path``. Every failure is a one-line :class:`SourceError`.
+:func:`resolve_model` finds the file and the training config through MLflow (run id,
+``runs:/`` or ``models:/`` URI, experiment + run name) or takes a local ``model.path``; turning
+the file into a network is :mod:`evalharness.loaders`' job. Every failure is a one-line
+:class:`SourceError`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
-import json
 import logging
 import os
 import posixpath
 import re
 import shutil
 import tempfile
-import warnings
-import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo, Run
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file as load_safetensors
 
-from evalharness.errors import SourceError
-from evalharness.safe_pickle import is_placeholder, load_model_pickle
+from evalharness.errors import SourceError, first_line
 from evalharness.training_config import (
     TrainingConfig,
-    read_safetensors_metadata,
     training_config_from_file,
     training_config_from_params,
     training_config_from_safetensors,
@@ -48,15 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ARTIFACT = "model/best_learner.pkl"
 CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
-NOT_A_MODEL = (
-    "is not a model (expected a fastai Learner export, a pickled nn.Module, "
-    "a fastMONAI .safetensors, a state dict + model.arch, or TorchScript)"
-)
-# fastMONAI safetensors `arch_id` ("monai.unet") -> class of monai.networks.nets; ids are
-# compared without case, '_' and '-' ("monai.swin_unetr" is SwinUNETR).
-_MONAI_NETS = "UNet BasicUNet BasicUNetPlusPlus AttentionUnet SegResNet SegResNetDS UNETR"
-_MONAI_NETS += " SwinUNETR DynUNet VNet HighResNet"
-ARCHITECTURES = {f"monai.{name.lower()}": name for name in _MONAI_NETS.split()}
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
 _HTTP_DEFAULTS = {  # bounded wait on an unreachable tracking server (user's env wins)
@@ -64,16 +46,6 @@ _HTTP_DEFAULTS = {  # bounded wait on an unreachable tracking server (user's env
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
 }
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A network ready for inference and how it was obtained."""
-
-    network: torch.nn.Module  # in eval() mode, on CPU
-    loader: str  # fastai_learner|pickled_module|safetensors|state_dict|torchscript|trusted_pickle
-    inference_config: dict | None  # fastMONAI safetensors `inference_config`, parsed
-    arch: dict | None  # {"arch_id", "arch_kwargs"}, the model.arch mapping, or {"class": ...}
 
 
 @dataclass(frozen=True)
@@ -89,194 +61,6 @@ class ResolvedModel:
     training_config: TrainingConfig
     downloaded: bool  # False when served from the cache (or a local model.path)
     notes: tuple[str, ...] = ()  # e.g. ambiguous run names, the registry version used
-
-
-# ---------------------------------------------------------------------------- loading a file
-
-
-def _zip_kind(path: Path) -> str | None:
-    """'torchscript', 'torch_zip' (``torch.save``), 'zip' (anything else) or None."""
-    if not zipfile.is_zipfile(path):
-        return None
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
-        return "torchscript"
-    return "torch_zip" if any(n.endswith("/data.pkl") for n in names) else "zip"
-
-
-def _plain_mapping(arch: Mapping[str, Any]) -> dict:
-    if isinstance(arch, DictConfig):
-        return OmegaConf.to_container(arch, resolve=True)  # type: ignore[return-value]
-    return dict(arch)
-
-
-def _instantiate(arch: Mapping[str, Any], path: Path) -> torch.nn.Module:
-    """Build ``model.arch`` (Hydra ``_target_`` mapping)."""
-    from hydra.utils import instantiate
-
-    if "_target_" not in arch:
-        raise SourceError(f"{path}: model.arch needs a '_target_' (e.g. monai.networks.nets.UNet)")
-    try:
-        network = instantiate(_plain_mapping(arch), _convert_="all")
-    except Exception as error:  # Hydra wraps any constructor error
-        raise SourceError(f"{path}: cannot build model.arch: {_first_line(error)}") from None
-    if not isinstance(network, torch.nn.Module):
-        raise SourceError(f"{path}: model.arch built a {type(network).__name__}, not an nn.Module")
-    return network
-
-
-def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path) -> None:
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(
-        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
-    )
-    if missing or unexpected or reshaped:
-        raise SourceError(
-            f"{path}: weights do not fit the {type(network).__name__} architecture "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {reshaped[:3]})"
-        )
-    network.load_state_dict(state, strict=True)
-
-
-def _from_safetensors(
-    path: Path, metadata: Mapping[str, str], arch: Mapping[str, Any] | None
-) -> LoadedModel:
-    try:
-        inference_config = json.loads(metadata.get("inference_config") or "null")
-        arch_kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
-        wrappers = json.loads(metadata.get("wrapper_spec") or "[]")
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{path}: unreadable safetensors metadata ({error})") from None
-    if arch is not None:
-        network, arch_info = _instantiate(arch, path), _plain_mapping(arch)
-    else:
-        arch_id = str(metadata.get("arch_id", ""))
-        class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", arch_id.lower()))
-        if class_name is None:
-            known = ", ".join(ARCHITECTURES)
-            raise SourceError(
-                f"{path}: unknown arch_id '{arch_id}' (known: {known}); set model.arch instead"
-            )
-        if wrappers:
-            raise SourceError(
-                f"{path}: wrapper_spec {wrappers} is not supported; set model.arch to rebuild it"
-            )
-        network_class = getattr(importlib.import_module("monai.networks.nets"), class_name)
-        try:
-            network = network_class(**arch_kwargs)
-        except (TypeError, ValueError) as error:
-            raise SourceError(f"{path}: cannot build {arch_id} from arch_kwargs: {error}") from None
-        arch_info = {"arch_id": arch_id, "arch_kwargs": arch_kwargs}
-    _load_weights(network, load_safetensors(str(path), device="cpu"), path)
-    return LoadedModel(network.eval(), "safetensors", inference_config, arch_info)
-
-
-def _is_state_dict(obj: Any) -> bool:
-    return (
-        isinstance(obj, Mapping)
-        and bool(obj)
-        and all(isinstance(v, torch.Tensor) for v in obj.values())
-    )
-
-
-def _from_unpickled(
-    obj: Any, path: Path, arch: Mapping[str, Any] | None, trusted: bool
-) -> LoadedModel:
-    if _is_state_dict(obj):
-        if arch is None:
-            raise SourceError(
-                f"{path} is a state dict: model.arch is required "
-                "(e.g. {_target_: monai.networks.nets.UNet, spatial_dims: 3, ...})"
-            )
-        network = _instantiate(arch, path)
-        _load_weights(network, obj, path)
-        return LoadedModel(network.eval(), "state_dict", None, _plain_mapping(arch))
-    if isinstance(obj, torch.nn.Module):
-        network, loader = obj, "pickled_module"
-    elif isinstance(getattr(obj, "model", None), torch.nn.Module) and (
-        trusted or is_placeholder(obj)
-    ):
-        network, loader = obj.model, "fastai_learner"
-    else:
-        raise SourceError(f"{path} {NOT_A_MODEL}; it holds a {type(obj).__name__}")
-    _refuse_placeholder_layers(network, path)
-    kind = type(network)
-    arch_info = {"class": f"{kind.__module__}.{kind.__qualname__}"}
-    return LoadedModel(
-        network.cpu().eval(), "trusted_pickle" if trusted else loader, None, arch_info
-    )
-
-
-def _refuse_placeholder_layers(network: torch.nn.Module, path: Path) -> None:
-    """A layer from fastai/fastMONAI inside the network would be an inert placeholder."""
-    stack = [network]
-    while stack:
-        for name, child in stack.pop()._modules.items():
-            if is_placeholder(child):
-                raise SourceError(
-                    f"{path}: layer '{name}' of the network is a {child!r}; install that library "
-                    "and list the class in model.allow_globals, or export safetensors"
-                )
-            if isinstance(child, torch.nn.Module):
-                stack.append(child)
-
-
-def load_model_file(
-    path: Path,
-    *,
-    arch: Mapping[str, Any] | None = None,
-    allow_globals: Sequence[str] = (),
-    trust_pickle: bool = False,
-) -> LoadedModel:
-    """Load a network from ``path``, choosing the loader by the file's content.
-
-    safetensors (fastMONAI safe artifact, or weights for ``arch``) -> rebuild and load;
-    TorchScript zip -> ``torch.jit.load``; torch zip or plain pickle -> ``torch.load`` with
-    ``weights_only=True`` first (plain state dicts), else the restricted unpickler of
-    :mod:`evalharness.safe_pickle` (``trust_pickle=True``: unrestricted, runs the file's code).
-    ``arch`` (Hydra ``_target_`` mapping) is needed for state dicts and overrides a
-    safetensors ``arch_id``; a pickled network carries its own architecture.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SourceError(f"model file not found: {path}")
-    metadata = read_safetensors_metadata(path)
-    if metadata is not None:
-        return _from_safetensors(path, metadata, arch)
-    kind = _zip_kind(path)
-    if kind == "torchscript":
-        try:
-            network = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as error:
-            raise SourceError(f"{path}: cannot load TorchScript: {_first_line(error)}") from None
-        return LoadedModel(network.eval(), "torchscript", None, None)
-    if kind == "zip":
-        raise SourceError(f"{path} {NOT_A_MODEL}; it is a zip archive")
-    obj = _unpickle(path, allow_globals, trust_pickle)
-    return _from_unpickled(obj, path, arch, trusted=trust_pickle)
-
-
-def _unpickle(path: Path, allow_globals: Sequence[str], trust_pickle: bool) -> Any:
-    if not trust_pickle:
-        # torch's own weights-only unpickler is the tighter one when it suffices (state dicts);
-        # its warnings about pickles it then refuses are noise.
-        with contextlib.suppress(Exception), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        return load_model_pickle(path, allow_globals=allow_globals, trust_pickle=trust_pickle)
-    except SourceError:
-        raise
-    except Exception as error:  # any unpickling failure means "not a loadable model"
-        raise SourceError(
-            f"{path} {NOT_A_MODEL}; unpickling failed: {_first_line(error)}"
-        ) from None
-
-
-# ------------------------------------------------------------------------ resolving via MLflow
 
 
 def normalise_artifact_path(path: str) -> str:
@@ -310,18 +94,13 @@ def _bounded_http() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
-
 def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
     try:
         return client.get_run(run_id)
     except (MlflowException, OSError) as error:
         if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
             raise SourceError(f"training run '{run_id}' not found at tracking URI {uri}") from None
-        raise SourceError(f"cannot read run '{run_id}' from {uri}: {_first_line(error)}") from None
+        raise SourceError(f"cannot read run '{run_id}' from {uri}: {first_line(error)}") from None
 
 
 def _walk(client: MlflowClient, run_id: str, depth: int, limit: int) -> list[FileInfo]:
@@ -411,7 +190,7 @@ def _registered_version(client: MlflowClient, uri: str, tracking_uri: str) -> tu
         else:
             found = client.get_model_version(name, version)
     except MlflowException as error:
-        message = f"model.uri '{uri}' not found at {tracking_uri}: {_first_line(error)}"
+        message = f"model.uri '{uri}' not found at {tracking_uri}: {first_line(error)}"
         raise SourceError(message) from None
     source, run_id = str(found.source), found.run_id or ""
     if source.startswith("runs:/"):
@@ -551,7 +330,7 @@ def resolve_model(
             config = _training_config(client, run, config_artifact, model_path, cache_dir, uri)
         except (MlflowException, OSError) as error:  # what the specific checks did not foresee
             raise SourceError(
-                f"cannot resolve the model (tracking URI {uri}): {_first_line(error)}"
+                f"cannot resolve the model (tracking URI {uri}): {first_line(error)}"
             ) from None
     return ResolvedModel(
         local_path=model_path,

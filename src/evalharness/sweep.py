@@ -337,7 +337,7 @@ def _log_comparison(
 
 
 def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> list[Path]:
-    from evalharness import plots
+    from evalharness import comparison_plots
 
     long = comparison.per_case_long
     main = base_metric(primary) or "dsc"
@@ -346,9 +346,12 @@ def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> l
     if long.empty or (recent and not final):
         return []
     metrics = [main, *[m for m in HEADLINE if m != main]] if final else [main]
-    paths = [plots.plot_setting_comparison(long, m, folder / f"compare_{m}.png") for m in metrics]
-    paths.append(plots.plot_case_setting_heatmap(long, main, heatmap))
-    paths.append(plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
+    paths = [
+        comparison_plots.plot_setting_comparison(long, m, folder / f"compare_{m}.png")
+        for m in metrics
+    ]
+    paths.append(comparison_plots.plot_case_setting_heatmap(long, main, heatmap))
+    paths.append(comparison_plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
     return paths
 
 
