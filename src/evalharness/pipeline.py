@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from evalharness.checks import header_check
 from evalharness.data import Case
 from evalharness.errors import CaseError, ConfigError
 from evalharness.inference import decode, sliding_window_probs
@@ -28,6 +27,7 @@ from evalharness.preprocess import (
     prepare_image,
     restore_to_native,
 )
+from evalharness.probes import header_check
 from evalharness.settings import EffectiveSettings
 
 log = logging.getLogger(__name__)
