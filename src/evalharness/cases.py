@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from evalharness.checks import Mismatch
 from evalharness.data import Case
-from evalharness.errors import CaseError
+from evalharness.errors import CaseError, one_line
 from evalharness.evaluation import Evaluation, foreground_labels
 from evalharness.pipeline import (
     CaseInputs,
@@ -116,7 +116,7 @@ def run_cases(
                 extremes.offer(case, prediction.labels, rows)
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
-                message = _one_line(error)
+                message = one_line(error)
                 rows = failure_rows(case.case_id, labels, message, 0.0)
                 case_findings = list(error.findings)
                 if options.on_case_error == "stop":
@@ -133,10 +133,6 @@ def run_cases(
                     _warn(case_findings)
                 sink.findings(case_findings)
     return extremes
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _score(inputs: CaseInputs, prediction: np.ndarray, labels: list[int]) -> list[dict]:

@@ -33,6 +33,12 @@ class CaseError(HarnessError):
         self.findings = findings
 
 
+def one_line(error: BaseException) -> str:
+    """`error`'s whole message on one line (its type name if it has none): what the CLI prints
+    and what the run's `evalharness.error` tag holds."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def first_line(error: BaseException) -> str:
     """The first line of `error`'s message (its type name if it has none), at most 300
     characters: for one-line messages that quote an error from a library."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from evalharness.data import Case
-from evalharness.errors import CaseError, ConfigError
+from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.inference import decode, sliding_window_probs
 from evalharness.memory import plan_for
 from evalharness.metrics import case_metrics, keep_largest_component
@@ -175,16 +175,12 @@ def _sliding_window(
     except torch.cuda.OutOfMemoryError as error:
         if buffers.type == "cpu":
             raise CaseError(
-                f"out of GPU memory with the aggregation on the CPU ({_first_line(error)}); "
+                f"out of GPU memory with the aggregation on the CPU ({first_line(error)}); "
                 "expected a smaller inference.batch_size or patch.size"
             ) from error
         log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
         torch.cuda.empty_cache()
         return run(buffer_device=torch.device("cpu"))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def probe_channels(

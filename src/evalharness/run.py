@@ -27,7 +27,7 @@ from evalharness import tracking
 from evalharness.cache import SweepCache
 from evalharness.cases import LoopOptions, run_cases
 from evalharness.checks import Mismatch, format_table, report_json
-from evalharness.errors import ConfigError, HarnessError
+from evalharness.errors import ConfigError, HarnessError, one_line
 from evalharness.evaluation import Evaluation, prepare, run_params, run_tags
 from evalharness.outputs import check_outputs_folder
 from evalharness.pipeline import load_case_inputs
@@ -97,7 +97,7 @@ def evaluate(
     try:
         return _evaluate(cfg, uri, output_dir, run, skip_finished, cache)
     except HarnessError as error:
-        message = _one_line(error)
+        message = one_line(error)
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
         tracking.finish(client, run.ensure(), "FAILED", message)
@@ -106,13 +106,13 @@ def evaluate(
         tracking.finish(client, run.ensure(), "KILLED", "interrupted")
         raise
     except BaseException as error:
-        tracking.finish(client, run.ensure(), "FAILED", f"internal error: {_one_line(error)}")
+        tracking.finish(client, run.ensure(), "FAILED", f"internal error: {one_line(error)}")
         raise
 
 
 def record_failure(cfg: DictConfig, error: HarnessError) -> Outcome:
     """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
-    message = _one_line(error)
+    message = one_line(error)
     print(f"error: {message}", file=sys.stderr)
     uri = tracking_uri_of(cfg)
     try:
@@ -126,15 +126,11 @@ def record_failure(cfg: DictConfig, error: HarnessError) -> Outcome:
     return Outcome(EXIT_ERROR, run.run_id)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _store_error(uri: str, error: Exception) -> str:
     """One line for an unusable tracking store; a server that does not answer said plainly."""
     cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
     if not isinstance(cause, RequestException):
-        return f"mlflow.tracking_uri={uri}: {_one_line(error)}"
+        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
     reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
     return (
         f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
@@ -253,7 +249,7 @@ def _resumable(
     statuses = []
     for run in earlier:  # newest first
         status = run.info.status
-        if status == "RUNNING" and not _process_alive(run):
+        if status == "RUNNING" and not process_alive(run):
             tracking.finish(client, run.info.run_id, "KILLED", "process ended without finishing")
             status = "KILLED"
         statuses.append((run, status))
@@ -273,7 +269,7 @@ def _resumable(
     return None, [], None
 
 
-def _process_alive(run: Run) -> bool:
+def process_alive(run: Run) -> bool:
     tags = run.data.tags
     if tags.get("evalharness.host") != socket.gethostname():
         return True  # cannot tell from here: leave another machine's run alone

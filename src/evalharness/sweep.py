@@ -47,7 +47,7 @@ from evalharness.comparison import (
     status_of,
 )
 from evalharness.results import HEADLINE
-from evalharness.run import EXIT_ERROR, Outcome, _process_alive, evaluate, tracking_uri_of
+from evalharness.run import EXIT_ERROR, Outcome, evaluate, process_alive, tracking_uri_of
 
 STATE_DIR = ".evalharness"
 REPLOT_AFTER_S = 60.0
@@ -244,7 +244,7 @@ class SweepCallback(Callback):
 def close_orphaned_parents(client: Any, experiment: str) -> None:
     """Close parents left RUNNING by a sweep process killed outright (SIGKILL, out of memory)."""
     for run in tracking.runs_with_tag(client, experiment, "evalharness.kind", "sweep"):
-        if run.info.status == "RUNNING" and not _process_alive(run):
+        if run.info.status == "RUNNING" and not process_alive(run):
             message = "the sweep process ended without closing its parent run"
             tracking.finish(client, run.info.run_id, "KILLED", message)
 
