@@ -118,9 +118,43 @@ def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sq
 
 def test_help_and_cfg_job(tmp_path: Path) -> None:
     help_text = run_cli("--help", cwd=tmp_path)
-    assert help_text.returncode == 0 and "inference" in help_text.stdout
+    assert help_text.returncode == 0, help_text.stderr[-3000:]
+    out = help_text.stdout
+    assert out.startswith("evalharness: evaluate an MLflow-tracked")  # the header, examples
+    assert "python -m evalharness -m patch.overlap=0.25,0.5" in out
+    # the config groups list exactly the options a user can pick, no ConfigStore schemas
+    assert "_schema" not in out
+    groups = out.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = {
+        line.split(":")[0]: line.split(":")[1].strip()
+        for line in groups.splitlines()
+        if ": " in line and not line.startswith("Compose")
+    }
+    assert listed == {
+        "data": "csv, decathlon, demo",
+        "inference": "default",
+        "mlflow": "local",
+        "model": "file, mlflow_run",
+        "patch": "from_training",
+        "preprocessing": "from_training",
+    }
     job = run_cli("--cfg", "job", cwd=tmp_path)
     assert job.returncode == 0 and "aggregation:" in job.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "schema"),
+    [
+        ("inference.batch_size=four", "InferenceConfig"),
+        ("data.no_such_key=1", "DataConfig"),
+        ("model.trust_pickle=maybe", "ModelConfig"),
+    ],
+)
+def test_schema_still_types_the_groups(override: str, schema: str, tmp_path: Path) -> None:
+    """The schemas, hidden from --help, still reject a wrong type or an unknown key."""
+    result = run_cli("--cfg", "job", "model=file", "model.path=x", override, cwd=tmp_path)
+    assert result.returncode == 1
+    assert schema in result.stderr
 
 
 def log_fixture_training_run(uri: str) -> str:

@@ -145,7 +145,12 @@ class EvalConfig:
 
 
 def register_configs() -> None:
-    """Register the schema and the typed base of every config group."""
+    """Register the schema and the typed base of every config group.
+
+    The bases are stored at the top level (``data_schema``, not ``data/data_schema``), so that
+    `--help` lists only the options a user can choose in each group; an option file includes
+    its base with ``- /data_schema@_here_`` in its defaults list.
+    """
     store = ConfigStore.instance()
     store.store(name="eval_schema", node=EvalConfig)
     for group, node in (
@@ -156,7 +161,7 @@ def register_configs() -> None:
         ("patch", PatchConfig),
         ("inference", InferenceConfig),
     ):
-        store.store(group=group, name=f"{group}_schema", node=node)
+        store.store(name=f"{group}_schema", node=node)
 
 
 def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
