@@ -1,24 +1,14 @@
-"""Preprocessing-mismatch checks: the classic configuration failures are flagged, legitimate
-differences are not, and the report shows every entry."""
+"""Config-level preprocessing-mismatch checks: the classic configuration failures are flagged,
+legitimate differences are not (the report of the entries: test_mismatches.py)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
-from test_probes import asymmetric
 
-from evalharness.checks import (
-    Mismatch,
-    config_mismatches,
-    format_table,
-    has_errors,
-    overlap_voxels,
-    report_json,
-)
-from evalharness.probes import mirror_probe, spacing_check
+from evalharness.checks import config_mismatches, overlap_voxels
+from evalharness.mismatches import Mismatch, has_errors
 from evalharness.settings import EffectiveSettings
 
 ZNORM = {"name": "ZNormalization", "masking_method": None, "channel_wise": True}
@@ -237,74 +227,3 @@ def test_missing_training_field_is_a_warning_naming_it():
 def test_padding_mode_difference_is_a_warning():
     entry = by_key(check(settings(padding_mode="edge")))["preprocessing.padding_mode"]
     assert entry.severity == "warning"
-
-
-# ---------------------------------------------------------------------------------- report
-
-
-def sample_entries() -> list[Mismatch]:
-    gt = asymmetric()
-    return [
-        *check(settings(apply_reorder=False, aggregation="gaussian")),
-        mirror_probe("case_1", np.flip(gt, 0), gt),
-        spacing_check("case_2", (1.0, 1.0, 1.0), (1.0, 1.0, 3.0)),
-    ]
-
-
-def test_report_json_fields():
-    entries = sample_entries()
-    report = report_json(entries)
-    json.dumps(report)  # serialisable
-    assert [e["key"] for e in report["config"]] == [
-        "preprocessing.apply_reorder",
-        "inference.aggregation",
-    ]
-    assert [(e["key"], e["case"]) for e in report["data"]] == [
-        ("mirror_probe", "case_1"),
-        ("spacing_check", "case_2"),
-    ]
-    assert report["preprocessing_mismatch"] is True
-    assert report["mismatch_count"] == 4
-    assert set(report["config"][0]) == {
-        "scope",
-        "key",
-        "case",
-        "training",
-        "evaluation",
-        "severity",
-        "message",
-    }
-    # info and spacing warnings alone are not a preprocessing mismatch, but are counted
-    mild = [entries[1], entries[3]]
-    assert report_json(mild)["preprocessing_mismatch"] is False
-    assert report_json(mild)["mismatch_count"] == 2
-    assert report_json([]) == {
-        "config": [],
-        "data": [],
-        "preprocessing_mismatch": False,
-        "mismatch_count": 0,
-    }
-
-
-def test_as_dict_is_json_friendly():
-    entry = Mismatch("config", "k", (1.0, np.float32(2.0)), np.int64(3), "info", "m")
-    assert entry.as_dict()["training"] == [1.0, 2.0]
-    assert type(entry.as_dict()["evaluation"]) is int
-
-
-def test_format_table_plain_and_coloured():
-    entries = sample_entries()
-    plain = format_table(entries, color=False)
-    assert "\033[" not in plain
-    lines = plain.splitlines()
-    assert len(lines) == 1 + len(entries)
-    assert lines[0].split()[:5] == ["scope", "key/case", "training", "evaluation", "severity"]
-    assert "mirror_probe [case_1]" in plain and "preprocessing.apply_reorder" in plain
-    # aligned: the severity column starts at the same place on every line
-    starts = {line.index(m.severity) for line, m in zip(lines[1:], entries, strict=True)}
-    assert len(starts) == 1 and lines[0].index("severity") in starts
-    coloured = format_table(entries, color=True).splitlines()
-    assert coloured[1].startswith("\033[31m") and coloured[1].endswith("\033[0m")  # error
-    assert "\033[" not in coloured[2]  # info
-    assert coloured[4].startswith("\033[33m")  # warning
-    assert format_table([], color=True) == "no preprocessing mismatches"

@@ -1,114 +1,34 @@
-"""Preprocessing-mismatch checks of the training configuration against the evaluation, the
-`Mismatch` entries they and the per-case probes (`evalharness.probes`) produce, and the report
-of those entries. Pure functions: no MLflow, no files.
+"""Config-level preprocessing-mismatch checks: the training configuration against the effective
+evaluation settings, and the network's output channels against the data's labels. Pure
+functions: no MLflow, no files.
 
 A mismatched preprocessing parameter (reorientation off, another target spacing, another
 intensity normalisation, a wrong decoding of the network's channels) gives predictions that are
 wrong yet look plausible: mirrored, rotated or shifted in intensity. Every finding is a
-`Mismatch` with a severity:
-
-- ``error``: the predictions are not comparable with what the model was trained for
-  (reorientation, target spacing, normalisation, output channels vs labels, decoding contract,
-  the binary threshold of a one-channel model; per case: a prediction that looks mirrored or
-  permuted, image and label on different grids).
-- ``warning``: something is unknown or risky but not wrong as such (training configuration
-  missing, a training field missing and assumed, padding mode, a target spacing far from the
-  data's native spacing).
-- ``info``: a legitimate sweep dimension that differs from training (patch size, overlap,
-  aggregation, batch size, keep-largest-component; the threshold of a multi-channel model).
-
-Config-level entries (scope ``"config"``) are only produced where the values differ, so a clean
-run has none (except the warning when the training configuration is missing).
-
-For entries about the model's output (``model.out_channels``, ``model.output_contract``) the
-``training`` field holds what the network is expected to produce (the data's labels, the
-output contract of the training export) and ``evaluation`` the network's channel count.
-For data-level entries ``training`` is the training-side value where there is one (the target
-spacing) and None otherwise; ``evaluation`` holds what was observed.
+`Mismatch` (scope ``"config"``; severities and fields: `evalharness.mismatches`, which also
+reports them). Entries are only produced where the values differ, so a clean run has none
+(except the warning when the training configuration is missing). The per-case data probes
+live in `evalharness.probes`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-
+from evalharness.mismatches import (
+    Mismatch,
+    Severity,
+    axis_label,
+    format_value,
+    jsonable,
+    specs_text,
+)
 from evalharness.settings import CONFIG_KEYS, EffectiveSettings
 
-Severity = Literal["error", "warning", "info"]
-
-AXIS_NAMES = ("x", "y", "z")
 SPACING_RTOL = 1e-3
 """Relative tolerance per axis when comparing target spacings (float noise of a JSON round
 trip or of a header is far below it; a real change of spacing is far above)."""
-
-_COLORS = {"warning": "\033[33m", "error": "\033[31m"}
-_RESET = "\033[0m"
-_CELL_WIDTH = 36
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    """One finding of the checks (see the module doc for the meaning of the fields)."""
-
-    scope: str
-    """``"config"`` (training vs evaluation settings) or ``"data"`` (a per-case probe)."""
-    key: str
-    """Config key (e.g. ``preprocessing.apply_reorder``) or check name (``mirror_probe``)."""
-    training: Any
-    evaluation: Any
-    severity: Severity
-    message: str
-    """One line: what is wrong and what it means."""
-    case: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (tuples become lists, numpy scalars Python numbers)."""
-        return {
-            "scope": self.scope,
-            "key": self.key,
-            "case": self.case,
-            "training": _jsonable(self.training),
-            "evaluation": _jsonable(self.evaluation),
-            "severity": self.severity,
-            "message": self.message,
-        }
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _fmt(value: Any) -> str:
-    """Compact text of a value for messages: 1.0 -> 1, [1.0, 1.5] -> [1, 1.5]."""
-    value = _jsonable(value)
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) + "}"
-    return repr(value) if isinstance(value, str) else str(value)
-
-
-def _axis(i: int) -> str:
-    return f"{AXIS_NAMES[i]} (axis {i})"
-
-
-# --------------------------------------------------------------------------------------------
-# config level
 
 
 def overlap_voxels(overlap: Any, patch_size: Sequence[int]) -> tuple[int, ...]:
@@ -134,25 +54,16 @@ def overlap_voxels(overlap: Any, patch_size: Sequence[int]) -> tuple[int, ...]:
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """A normalisation spec in comparable form: keys sorted, tuples as lists, and fastMONAI's
     default ``channel_wise=True`` filled in where it is left out."""
-    out = {str(k): _jsonable(v) for k, v in spec.items()}
+    out = {str(k): jsonable(v) for k, v in spec.items()}
     out.setdefault("channel_wise", True)
     return dict(sorted(out.items()))
 
 
-def _spec_text(spec: Mapping[str, Any]) -> str:
-    args = ", ".join(f"{k}={_fmt(v)}" for k, v in spec.items() if k != "name")
-    return f"{spec.get('name')}({args})"
-
-
-def _specs_text(specs: Sequence[Mapping[str, Any]]) -> str:
-    return "[" + ", ".join(_spec_text(s) for s in specs) + "]" if specs else "none"
-
-
 def _normalization_difference(train: list[dict], evaluation: list[dict]) -> str:
     if not evaluation:
-        return f"evaluation applies no normalisation but training applied {_specs_text(train)}"
+        return f"evaluation applies no normalisation but training applied {specs_text(train)}"
     if not train:
-        return f"evaluation applies {_specs_text(evaluation)} but training applied none"
+        return f"evaluation applies {specs_text(evaluation)} but training applied none"
     if len(train) == len(evaluation):
         for i, (t, e) in enumerate(zip(train, evaluation, strict=True)):
             if t.get("name") != e.get("name"):
@@ -162,12 +73,12 @@ def _normalization_difference(train: list[dict], evaluation: list[dict]) -> str:
             ]
             if keys:
                 diffs = "; ".join(
-                    f"{k} training {_fmt(t[k]) if k in t else 'unset'} vs evaluation "
-                    f"{_fmt(e[k]) if k in e else 'unset'}"
+                    f"{k} training {format_value(t[k]) if k in t else 'unset'} vs evaluation "
+                    f"{format_value(e[k]) if k in e else 'unset'}"
                     for k in keys
                 )
                 return f"{t.get('name')} arguments differ: {diffs}"
-    return f"training {_specs_text(train)} vs evaluation {_specs_text(evaluation)}"
+    return f"training {specs_text(train)} vs evaluation {specs_text(evaluation)}"
 
 
 def _spacing_axes_differ(a: Sequence[float], b: Sequence[float]) -> list[int]:
@@ -187,7 +98,7 @@ def _effective_value(settings: EffectiveSettings, field_name: str) -> Any:
         "aggregation_mode": "aggregation",
         "binary_threshold": "threshold",
     }.get(field_name, field_name)
-    return _jsonable(getattr(settings, attr))
+    return jsonable(getattr(settings, attr))
 
 
 def config_mismatches(
@@ -211,13 +122,13 @@ def config_mismatches(
     """
     out: list[Mismatch] = []
     if training_source == "none":
-        listed = ", ".join(f"{k}={_fmt(v)}" for k, v in assumed.items()) or "none"
+        listed = ", ".join(f"{k}={format_value(v)}" for k, v in assumed.items()) or "none"
         out.append(
             Mismatch(
                 "config",
                 "training_config",
                 None,
-                _jsonable(dict(assumed)),
+                jsonable(dict(assumed)),
                 "warning",
                 "no training configuration found: preprocessing cannot be checked against "
                 f"training; assumed fastMONAI defaults: {listed}",
@@ -236,16 +147,16 @@ def _field_mismatches(
     out: list[Mismatch] = []
 
     def add(key: str, t: Any, e: Any, severity: Severity, message: str) -> None:
-        out.append(Mismatch("config", key, _jsonable(t), _jsonable(e), severity, message))
+        out.append(Mismatch("config", key, jsonable(t), jsonable(e), severity, message))
 
     for key, field_name in CONFIG_KEYS.items():
         if field_name in training:
             continue
         value = _effective_value(settings, field_name)
         how = (
-            f"assumed fastMONAI default {_fmt(assumed[field_name])}"
+            f"assumed fastMONAI default {format_value(assumed[field_name])}"
             if field_name in assumed
-            else f"evaluation uses the configured {_fmt(value)}"
+            else f"evaluation uses the configured {format_value(value)}"
         )
         add(key, None, value, "warning", f"training config has no '{field_name}': {how}")
 
@@ -265,8 +176,8 @@ def _field_mismatches(
         t = training["target_spacing"]
         e = settings.target_spacing_mm
         if (t is None) != (e is None):
-            t_text = "kept native spacing" if t is None else f"resampled to {_fmt(t)} mm"
-            e_text = "keeps native spacing" if e is None else f"resamples to {_fmt(e)} mm"
+            t_text = "kept native spacing" if t is None else f"resampled to {format_value(t)} mm"
+            e_text = "keeps native spacing" if e is None else f"resamples to {format_value(e)} mm"
             add(
                 "preprocessing.target_spacing",
                 t,
@@ -276,13 +187,14 @@ def _field_mismatches(
             )
         elif t is not None and e is not None:
             if len(t) != len(e):
-                axes_text = f"training {_fmt(t)} vs evaluation {_fmt(e)} mm"
+                axes_text = f"training {format_value(t)} vs evaluation {format_value(e)} mm"
                 add("preprocessing.target_spacing", t, e, "error", f"target spacing {axes_text}")
             else:
                 axes = _spacing_axes_differ(t, e)
                 if axes:
                     detail = "; ".join(
-                        f"{_axis(i)}: training {float(t[i]):g} mm vs evaluation {float(e[i]):g} mm"
+                        f"{axis_label(i)}: training {float(t[i]):g} mm vs evaluation "
+                        f"{float(e[i]):g} mm"
                         for i in axes
                     )
                     add(
@@ -308,7 +220,7 @@ def _field_mismatches(
                 "was not trained on",
             )
 
-    if "padding_mode" in training and _jsonable(training["padding_mode"]) != _jsonable(
+    if "padding_mode" in training and jsonable(training["padding_mode"]) != jsonable(
         settings.padding_mode
     ):
         add(
@@ -316,8 +228,9 @@ def _field_mismatches(
             training["padding_mode"],
             settings.padding_mode,
             "warning",
-            f"padding mode differs (training {_fmt(training['padding_mode'])} vs evaluation "
-            f"{_fmt(settings.padding_mode)}): predictions near the image border may change",
+            f"padding mode differs (training {format_value(training['padding_mode'])} vs "
+            f"evaluation {format_value(settings.padding_mode)}): predictions near the image "
+            "border may change",
         )
 
     if "patch_size" in training:
@@ -332,8 +245,8 @@ def _field_mismatches(
                 t,
                 settings.patch_size_vox,
                 "info",
-                f"patch size differs: training {_fmt(t)} vs evaluation "
-                f"{_fmt(settings.patch_size_vox)} voxels",
+                f"patch size differs: training {format_value(t)} vs evaluation "
+                f"{format_value(settings.patch_size_vox)} voxels",
             )
 
     if "patch_overlap" in training:
@@ -344,16 +257,16 @@ def _field_mismatches(
             t_vox: Any = list(overlap_voxels(t, settings.patch_size_vox))
             e_vox: Any = list(overlap_voxels(settings.overlap, settings.patch_size_vox))
         except (TypeError, ValueError):
-            t_vox, e_vox = _jsonable(t), _jsonable(settings.overlap)
+            t_vox, e_vox = jsonable(t), jsonable(settings.overlap)
         if t_vox != e_vox:
             add(
                 "patch.overlap",
                 t_vox,
                 e_vox,
                 "info",
-                f"patch overlap differs: training {_fmt(t)} vs evaluation {_fmt(settings.overlap)}"
-                f" ({_fmt(t_vox)} vs {_fmt(e_vox)} voxels at patch "
-                f"{_fmt(settings.patch_size_vox)})",
+                f"patch overlap differs: training {format_value(t)} vs evaluation "
+                f"{format_value(settings.overlap)} ({format_value(t_vox)} vs "
+                f"{format_value(e_vox)} voxels at patch {format_value(settings.patch_size_vox)})",
             )
 
     if "aggregation_mode" in training and training["aggregation_mode"] != settings.aggregation:
@@ -362,8 +275,8 @@ def _field_mismatches(
             training["aggregation_mode"],
             settings.aggregation,
             "info",
-            f"patch aggregation differs: training {_fmt(training['aggregation_mode'])} vs "
-            f"evaluation {_fmt(settings.aggregation)}",
+            f"patch aggregation differs: training {format_value(training['aggregation_mode'])} vs "
+            f"evaluation {format_value(settings.aggregation)}",
         )
 
     if "batch_size" in training and training["batch_size"] != settings.batch_size:
@@ -372,7 +285,7 @@ def _field_mismatches(
             training["batch_size"],
             settings.batch_size,
             "info",
-            f"batch size differs: training {_fmt(training['batch_size'])} vs evaluation "
+            f"batch size differs: training {format_value(training['batch_size'])} vs evaluation "
             f"{settings.batch_size} (speed and memory only)",
         )
 
@@ -426,7 +339,7 @@ def _model_mismatches(
         if len(foreground) > 1:
             message = (
                 f"a 1-channel model predicts one foreground label but the data has "
-                f"{len(foreground)} ({_fmt(foreground)})"
+                f"{len(foreground)} ({format_value(foreground)})"
             )
         elif foreground and foreground != [1]:
             message = (
@@ -436,13 +349,13 @@ def _model_mismatches(
     elif labels and labels[-1] >= n_channels:
         message = (
             f"a {n_channels}-channel model predicts labels 0..{n_channels - 1} but the data "
-            f"has labels {_fmt(labels)}"
+            f"has labels {format_value(labels)}"
         )
     elif labels and labels[-1] < n_channels - 1:
         severity = "info"
         message = (
             f"the {n_channels}-channel model predicts labels 0..{n_channels - 1}; the data only "
-            f"has {_fmt(labels)}"
+            f"has {format_value(labels)}"
         )
     if message:
         out.append(Mismatch("config", "model.out_channels", labels, n_channels, severity, message))
@@ -475,8 +388,8 @@ def _contract_mismatches(
         and len(classes) != n_channels
     ):
         problems.append(
-            f"the training export lists {len(classes)} classes {_fmt(list(classes))} but the "
-            f"network has {n_channels} output channels"
+            f"the training export lists {len(classes)} classes {format_value(list(classes))} "
+            f"but the network has {n_channels} output channels"
         )
     if not problems:
         return []
@@ -484,7 +397,7 @@ def _contract_mismatches(
         Mismatch(
             "config",
             "model.output_contract",
-            _jsonable(dict(contract)),
+            jsonable(dict(contract)),
             n_channels,
             "error",
             "; ".join(problems) + ": predictions would be decoded wrongly",
@@ -492,83 +405,4 @@ def _contract_mismatches(
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# reporting
-
-
-def has_errors(mismatches: Sequence[Mismatch]) -> bool:
-    """True when any entry has severity ``error`` (an error-class config entry or a data-level
-    flag such as a mirrored prediction or a grid mismatch); warnings and info never count."""
-    return any(m.severity == "error" for m in mismatches)
-
-
-def _cell(value: Any) -> str:
-    value = _jsonable(value)
-    if (
-        isinstance(value, list)
-        and value
-        and all(isinstance(v, dict) and "name" in v for v in value)
-    ):
-        text = _specs_text(value)  # normalisation specs: ZNormalization(...)
-    else:
-        text = "-" if value is None else _fmt(value)
-    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 3] + "..."
-
-
-def format_table(mismatches: Sequence[Mismatch], *, color: bool) -> str:
-    """Aligned text table (scope, key/case, training, evaluation, severity, message); with
-    `color`, warning rows are yellow and error rows red (ANSI escapes)."""
-    if not mismatches:
-        return "no preprocessing mismatches"
-    header = ("scope", "key/case", "training", "evaluation", "severity")
-    rows = [
-        (
-            m.scope,
-            m.key if m.case is None else f"{m.key} [{m.case}]",
-            _cell(m.training),
-            _cell(m.evaluation),
-            m.severity,
-        )
-        for m in mismatches
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[str], message: str) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + "  " + message
-
-    lines = [line(header, "message").rstrip()]
-    for m, row in zip(mismatches, rows, strict=True):
-        text = line(row, m.message)
-        if color and m.severity in _COLORS:
-            text = f"{_COLORS[m.severity]}{text}{_RESET}"
-        lines.append(text)
-    return "\n".join(lines)
-
-
-def report_json(mismatches: Sequence[Mismatch]) -> dict[str, Any]:
-    """JSON-serialisable report.
-
-    ``config`` and ``data`` list the entries (``Mismatch.as_dict``) of each scope;
-    ``preprocessing_mismatch`` is true when any entry has severity ``error`` (error-class config
-    entries, or a case flagged by the mirror probe or the header check; spacing warnings and
-    info entries do not count); ``mismatch_count`` counts every entry of every severity,
-    warnings and info included (so it is 0 only for a clean run).
-    """
-    return {
-        "config": [m.as_dict() for m in mismatches if m.scope == "config"],
-        "data": [m.as_dict() for m in mismatches if m.scope != "config"],
-        "preprocessing_mismatch": has_errors(mismatches),
-        "mismatch_count": len(mismatches),
-    }
-
-
-__all__ = [
-    "Mismatch",
-    "Severity",
-    "config_mismatches",
-    "format_table",
-    "has_errors",
-    "normalize_spec",
-    "overlap_voxels",
-    "report_json",
-]
+__all__ = ["SPACING_RTOL", "config_mismatches", "normalize_spec", "overlap_voxels"]

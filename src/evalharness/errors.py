@@ -24,7 +24,7 @@ class DataError(HarnessError):
 class CaseError(HarnessError):
     """One case cannot be evaluated (bad file, grid mismatch, ...); other cases go on.
 
-    `findings` holds the data-level check results (`checks.Mismatch`) behind the failure,
+    `findings` holds the data-level check results (`mismatches.Mismatch`) behind the failure,
     such as a header disagreement, so the mismatch report can include them.
     """
 

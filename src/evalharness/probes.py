@@ -2,7 +2,7 @@
 spacing far from the data's native spacing, image and label on different grids. Pure functions
 on arrays and header values: no MLflow, no files.
 
-Each probe returns a `checks.Mismatch` of scope ``"data"`` naming its case, or None when there
+Each probe returns a `mismatches.Mismatch` of scope ``"data"`` naming its case, or None when there
 is nothing to report; ``training`` holds the training-side value where there is one (the target
 spacing) and None otherwise, ``evaluation`` what was observed.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from evalharness.checks import AXIS_NAMES, Mismatch, _axis, _fmt
+from evalharness.mismatches import AXIS_NAMES, Mismatch, axis_label, format_value
 
 SPACING_FACTOR_LIMIT = 2.0
 """`spacing_check` warns when target and native spacing differ by more than this factor."""
@@ -180,7 +180,8 @@ def spacing_check(
     if not far:
         return None
     detail = "; ".join(
-        f"{_axis(i)}: target {target[i]:g} mm vs native {native[i]:g} mm ({f:.1f}x)" for i, f in far
+        f"{axis_label(i)}: target {target[i]:g} mm vs native {native[i]:g} mm ({f:.1f}x)"
+        for i, f in far
     )
     return Mismatch(
         "data",
@@ -230,12 +231,12 @@ def header_check(
     differs: list[str] = []
     if img["shape"] != lab["shape"]:
         differs.append("shape")
-        parts.append(f"shape {_fmt(img['shape'])} vs {_fmt(lab['shape'])}")
+        parts.append(f"shape {format_value(img['shape'])} vs {format_value(lab['shape'])}")
     if np.abs(img["spacing"] - lab["spacing"]).max() > tol_mm:
         differs.append("spacing")
         parts.append(
-            f"spacing {_fmt([round(float(v), 4) for v in img['spacing']])} vs "
-            f"{_fmt([round(float(v), 4) for v in lab['spacing']])} mm"
+            f"spacing {format_value([round(float(v), 4) for v in img['spacing']])} vs "
+            f"{format_value([round(float(v), 4) for v in lab['spacing']])} mm"
         )
     step = float(max(img["spacing"].max(), lab["spacing"].max(), 1.0))
     if np.abs(img["direction"] - lab["direction"]).max() * step > tol_mm:
@@ -249,8 +250,8 @@ def header_check(
     if np.abs(img["origin"] - lab["origin"]).max() > tol_mm:
         differs.append("origin")
         parts.append(
-            f"origin {_fmt([round(float(v), 3) for v in img['origin']])} vs "
-            f"{_fmt([round(float(v), 3) for v in lab['origin']])} mm"
+            f"origin {format_value([round(float(v), 3) for v in img['origin']])} vs "
+            f"{format_value([round(float(v), 3) for v in lab['origin']])} mm"
         )
     if not differs:
         return None

@@ -14,7 +14,7 @@ import pandas as pd
 
 from evalharness import tracking
 from evalharness.cases import Extremes
-from evalharness.checks import Mismatch
+from evalharness.mismatches import Mismatch, summary_line
 from evalharness.preprocess import load_label, load_volume
 from evalharness.results import case_scores, console_table, summarize
 
@@ -87,24 +87,6 @@ def print_summary(
     if failed:
         print(f"{failed} case(s) failed: see the status and error columns of per_case.csv")
     if findings is not None:
-        print(_checks_line(findings))
+        print(summary_line(findings, color=sys.stdout.isatty()))
     print(f"MLflow run {run_id} in {uri}")
     print(f"Open the MLflow UI: mlflow ui --backend-store-uri '{uri}'")
-
-
-def _checks_line(findings: Sequence[Mismatch]) -> str:
-    """One line on the preprocessing checks, red/yellow on a colour terminal."""
-    if not findings:
-        return "Preprocessing checks: no mismatch with the training configuration"
-    errors = sum(m.severity == "error" for m in findings)
-    warnings = sum(m.severity == "warning" for m in findings)
-    flagged = sorted({m.case for m in findings if m.case and m.severity == "error"})
-    text = (
-        f"Preprocessing checks: {errors} error(s), {warnings} warning(s), "
-        f"{len(findings) - errors - warnings} info"
-        + (f"; flagged cases: {', '.join(flagged)}" if flagged else "")
-        + " (checks/mismatches.json)"
-    )
-    if sys.stdout.isatty() and (errors or warnings):
-        text = f"\033[{31 if errors else 33}m{text}\033[0m"
-    return text
