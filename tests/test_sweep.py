@@ -211,10 +211,13 @@ def server(store: Store):
 
 
 def test_same_sweep_again_evaluates_nothing_new(store: Store, grid, tmp_path) -> None:
-    """Every setting already FINISHED: all skipped, and the comparison still covers them."""
+    """Every setting already FINISHED: all skipped before the model is loaded (the cache of this
+    new process counts no model load or hit), and the comparison still covers them."""
     result = sweep(store, "grid", "grid2", "data.split.method=all", "output.plots=false", *GRID)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("skipped: this setting already finished") == 4
+    nothing = "cache: model 0 load(s), 0 hit(s); cases 0 load(s), 0 hit(s)"
+    assert result.stdout.count(nothing) == 4, result.stdout[-3000:]
     client, parents, children = runs(store, "grid")
     assert len(parents) == 2 and len(children) == 4  # no new evaluation run
     second = parents[1]

@@ -1,7 +1,10 @@
 """Everything an evaluation needs before its first case: sources, settings, cases, checks.
 
-`prepare` reads the training side and the data and validates the combination; it writes
-nothing to MLflow, so the shell can decide (resume, skip, fail) before a run exists.
+`plan` fetches the model file (cached) and the training configuration, merges the settings and
+lists the cases: all that the configuration hash depends on, without loading the model, so a
+sweep can skip a finished setting cheaply. `prepare` then loads the model, probes its channels
+and runs the config checks. Neither writes to MLflow, so the shell can decide (resume, skip,
+fail) before a run exists.
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from evalharness.checks import Mismatch, config_mismatches
+from evalharness.checks import config_mismatches
 from evalharness.config import validate
 from evalharness.data import Dataset, load_dataset
 from evalharness.inference import resolve_device
 from evalharness.loaders import LoadedModel, load_model_file
+from evalharness.mismatches import Mismatch
 from evalharness.pipeline import probe_channels
 from evalharness.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.sources import ResolvedModel, resolve_model
@@ -44,6 +48,17 @@ class Evaluation:
         return self.loaded.network
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What decides an evaluation's configuration hash, found without loading the model."""
+
+    resolved: ResolvedModel
+    settings: EffectiveSettings
+    assumed: dict[str, Any]
+    dataset: Dataset
+    config_hash: str
+
+
 ModelLoader = Callable[[ResolvedModel, dict], LoadedModel]
 
 
@@ -57,35 +72,17 @@ def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel
     )
 
 
-def prepare(
-    cfg: DictConfig, tracking_uri: str, load_model: ModelLoader = load_resolved_model
-) -> Evaluation:
-    """Validate `cfg`, fetch and load the model, merge settings, list cases, run config checks.
-
-    `load_model` is the injection point for a model cache shared by a sweep's jobs.
-    """
+def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
+    """Validate `cfg`, fetch the model file and the training config, merge settings, list
+    cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
     validate(cfg)
     if cfg.data.name == "demo":
         attach_demo(cfg, tracking_uri)
     cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
-    loaded = load_model(resolved, model_cfg)
-    training = resolved.training_config
-    settings, assumed, _ = resolve_settings(cfg, training.values)
+    settings, assumed, _ = resolve_settings(cfg, resolved.training_config.values)
     dataset = load_dataset(cfg.data)
-    device = resolve_device(settings.device)
-    loaded.network.to(device).eval()
-    n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
-    findings = config_mismatches(
-        settings,
-        training.values,
-        training.source,
-        assumed,
-        n_output_channels=n_out,
-        dataset_labels=sorted(dataset.label_names),
-        output_contract=training.output,
-    )
     config_hash = stable_hash(
         {
             "settings": settings.as_params(),
@@ -93,8 +90,46 @@ def prepare(
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
         }
     )
+    return Plan(resolved, settings, assumed, dataset, config_hash)
+
+
+def prepare(
+    cfg: DictConfig,
+    tracking_uri: str,
+    load_model: ModelLoader = load_resolved_model,
+    planned: Plan | None = None,
+) -> Evaluation:
+    """`plan` (unless `planned` is given, made from the same `cfg`), then load the model,
+    probe its channels on the device and run the config checks.
+
+    `load_model` is the injection point for a model cache shared by a sweep's jobs.
+    """
+    p = planned or plan(cfg, tracking_uri)
+    loaded = load_model(p.resolved, OmegaConf.to_container(cfg.model, resolve=True))
+    training = p.resolved.training_config
+    device = resolve_device(p.settings.device)
+    loaded.network.to(device).eval()
+    n_in, n_out = probe_channels(loaded.network, p.settings.patch_size_vox, device)
+    findings = config_mismatches(
+        p.settings,
+        training.values,
+        training.source,
+        p.assumed,
+        n_output_channels=n_out,
+        dataset_labels=sorted(p.dataset.label_names),
+        output_contract=training.output,
+    )
     return Evaluation(
-        resolved, loaded, settings, assumed, dataset, device, n_out, findings, config_hash, n_in
+        p.resolved,
+        loaded,
+        p.settings,
+        p.assumed,
+        p.dataset,
+        device,
+        n_out,
+        findings,
+        p.config_hash,
+        n_in,
     )
 
 

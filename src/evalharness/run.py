@@ -1,9 +1,10 @@
 """The evaluation shell: one MLflow run per configuration, resumable, never left RUNNING.
 
-Order of work: prepare (sources, settings, cases, config checks) → look for earlier runs of the
-same configuration hash (skip a finished one in a sweep; resume the finished cases of a killed
-or failed one) → create the run → cases → results. Any failure marks the run FAILED with the
-reason as the tag `evalharness.error`, and keeps every case already written.
+Order of work: plan (model file, training config, settings, cases: the configuration hash) →
+look for earlier runs of the same hash (skip a finished one in a sweep, before the model is
+loaded; resume the finished cases of a killed or failed one) → prepare (load the model, probe
+its channels, config checks) → create the run → cases → results. Any failure marks the run
+FAILED with the reason as the tag `evalharness.error`, and keeps every case already written.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ from requests import RequestException
 from evalharness import tracking
 from evalharness.cache import SweepCache
 from evalharness.cases import LoopOptions, run_cases
-from evalharness.checks import Mismatch, format_table, report_json
 from evalharness.errors import ConfigError, HarnessError, one_line
-from evalharness.evaluation import Evaluation, prepare, run_params, run_tags
+from evalharness.evaluation import Evaluation, plan, prepare, run_params, run_tags
+from evalharness.mismatches import (
+    REPORT_ARTIFACT,
+    Mismatch,
+    format_table,
+    report_json,
+    report_tags,
+)
 from evalharness.outputs import check_outputs_folder
 from evalharness.pipeline import load_case_inputs
 from evalharness.report import log_results, print_summary
@@ -148,16 +155,20 @@ def _evaluate(
     cache: SweepCache | None,
 ) -> Outcome:
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
-    ev = prepare(cfg, uri, cache.load_model) if cache else prepare(cfg, uri)
+    planned = plan(cfg, uri)
     client = run.client
     earlier = tracking.runs_with_tag(
-        client, run.experiment_id, "evalharness.config_hash", ev.config_hash
+        client, run.experiment_id, "evalharness.config_hash", planned.config_hash
     )
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if skip_finished and finished:
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
         return Outcome(EXIT_OK, done, skipped=True)
+    if cache:
+        ev = prepare(cfg, uri, cache.load_model, planned)
+    else:
+        ev = prepare(cfg, uri, planned=planned)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if cfg.run.resume:
         previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
@@ -212,15 +223,8 @@ class _MlflowSink:
     def log_findings(self) -> None:
         report = report_json(self.ev.findings)
         text = json.dumps(report, indent=2)
-        tracking.log_text(self.client, self.run_id, text, "checks/mismatches.json")
-        tracking.set_tags(
-            self.client,
-            self.run_id,
-            {
-                "evalharness.preprocessing_mismatch": str(report["preprocessing_mismatch"]).lower(),
-                "evalharness.mismatch_count": report["mismatch_count"],
-            },
-        )
+        tracking.log_text(self.client, self.run_id, text, REPORT_ARTIFACT)
+        tracking.set_tags(self.client, self.run_id, report_tags(report))
 
 
 def _check_config(cfg: DictConfig, ev: Evaluation, sink: _MlflowSink) -> None:
@@ -234,7 +238,7 @@ def _check_config(cfg: DictConfig, ev: Evaluation, sink: _MlflowSink) -> None:
     if errors and policy == "error":
         raise ConfigError(
             f"preprocessing mismatch with the training configuration ({', '.join(errors)}); "
-            "see checks/mismatches.json (checks.on_mismatch=error)"
+            f"see {REPORT_ARTIFACT} (checks.on_mismatch=error)"
         )
 
 
@@ -288,7 +292,7 @@ def process_alive(run: Run) -> bool:
 def _previous_findings(
     client: Any, run_id: str, cases: set[str], output_dir: Path
 ) -> list[Mismatch]:
-    report = tracking.download_json(client, run_id, "checks/mismatches.json", output_dir)
+    report = tracking.download_json(client, run_id, REPORT_ARTIFACT, output_dir)
     if not report:
         return []
     names = {f.name for f in fields(Mismatch)}
