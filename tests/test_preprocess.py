@@ -10,20 +10,20 @@ import pytest
 import torch
 import torchio as tio
 
-from evalharness.errors import CaseError, ConfigError
+from evalharness.errors import ConfigError
 from evalharness.inference import decode
+from evalharness.nifti_io import load_label
 from evalharness.preprocess import (
     PreparedImage,
     PreprocessSettings,
+    _c_order_copy,
     _restore_general,  # the grid_sample path, as a reference
-    load_label,
-    load_volume,
     native_grid,
     normalization_transforms,
     prepare_image,
     restore_to_native,
 )
-from evalharness.synthetic import make_case, write_nifti
+from evalharness.synthetic import affine_from_axcodes, make_case, write_nifti
 
 FOV_MM = (60.0, 60.0, 40.0)
 TARGET_MM = (1.25, 1.25, 1.37)
@@ -75,6 +75,101 @@ def test_prepare_image_is_bit_exact_with_torchio(tmp_path):
     assert prepared.native.shape_vox == (60, 60, 20)
     assert prepared.native.axcodes == ("L", "P", "S")
     assert np.allclose(prepared.native.spacing_mm, (1.0, 1.0, 2.0))
+
+
+def torchio_prepare(path: Path, s: PreprocessSettings) -> tuple[torch.Tensor, np.ndarray]:
+    """The plain TorchIO chain fastMONAI runs (what `prepare_image` must equal bit for bit)."""
+    image = tio.ScalarImage(path)
+    if s.apply_reorder:
+        image = tio.ToCanonical()(image)
+    if s.target_spacing_mm is not None and not np.allclose(image.spacing, s.target_spacing_mm):
+        image = tio.Resample(s.target_spacing_mm)(image)
+    image = tio.ScalarImage(tensor=image.data.float(), affine=image.affine)
+    for spec in s.normalization:
+        kwargs = {k: v for k, v in spec.items() if k not in ("name", "channel_wise")}
+        transform = getattr(tio, spec["name"])(**kwargs)
+        if spec["name"] == "ZNormalization":  # channel-wise
+            channels = [transform(tio.ScalarImage(tensor=c[None])).data[0] for c in image.data]
+            image = tio.ScalarImage(tensor=torch.stack(channels), affine=image.affine)
+        else:
+            image = transform(image)
+    if s.min_shape_vox is not None:
+        shape = [max(a, b) for a, b in zip(image.spatial_shape, s.min_shape_vox, strict=True)]
+        image = tio.CropOrPad(shape, padding_mode=s.padding_mode)(image)
+    return image.data, image.affine
+
+
+def oblique_affine(axcodes: str, spacing_mm, shape) -> np.ndarray:
+    affine = affine_from_axcodes(axcodes, spacing_mm, shape)
+    angle = np.deg2rad(25.0)
+    rotation = np.array(
+        [[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]]
+    )
+    affine[:3] = rotation @ affine[:3]
+    return affine
+
+
+RESCALE = (
+    {"name": "RescaleIntensity", "out_min_max": [-1, 1], "percentiles": [1, 99]},
+    {"name": "Clamp", "out_min": -0.5, "out_max": 0.5},
+)
+
+
+@pytest.mark.parametrize("axcodes", ["RAS", "LPS", "PIR", "SLA", "oblique LAS"])
+@pytest.mark.parametrize(
+    ("dtype", "channels", "target", "normalization"),
+    [
+        (np.float32, 1, "file", ZNORM),  # the benchmark's case: reorient, no resampling
+        (np.int16, 1, "file", ZNORM),
+        (np.uint16, 1, "file", ZNORM),  # TorchIO widens it to int32
+        (np.uint8, 1, TARGET_MM, ZNORM),
+        (np.int16, 1, TARGET_MM, ZNORM),
+        (np.float64, 1, None, ZNORM),
+        (np.int32, 1, TARGET_MM, RESCALE),
+        (np.float32, 1, "file", RESCALE),
+        (np.float32, 2, "file", ZNORM),
+        (np.int16, 3, TARGET_MM, ZNORM),
+    ],
+)
+def test_prepare_image_equals_the_torchio_chain(
+    tmp_path, axcodes, dtype, channels, target, normalization
+):
+    """Reorientation as a view, one slab-wise copy and in-place normalisation: the same bits."""
+    shape, spacing = (23, 19, 11), (1.1, 0.9, 1.7)
+    rng = np.random.default_rng(3)
+    data = rng.normal(100.0, 40.0, size=(*shape, channels)[: 3 + (channels > 1)])
+    data = np.clip(data, 0, None).astype(dtype)
+    if axcodes.startswith("oblique"):
+        affine = oblique_affine(axcodes[-3:], spacing, shape)
+    else:
+        affine = affine_from_axcodes(axcodes, spacing, shape)
+    path = tmp_path / "v.nii.gz"
+    write_nifti(path, data, affine)
+    s = settings(min_shape=(24, 16, 16), normalization=normalization)
+    if target == "file":
+        s = PreprocessSettings(True, spacing, normalization, 0, (24, 16, 16))
+    elif target is None:
+        s = PreprocessSettings(True, None, normalization, 0, (24, 16, 16))
+    prepared = prepare_image(path, s)
+    expected, expected_affine = torchio_prepare(path, s)
+    assert prepared.tensor.dtype == torch.float32 and prepared.tensor.is_contiguous()
+    assert torch.equal(prepared.tensor, expected)
+    assert np.array_equal(prepared.affine, expected_affine)
+
+
+def test_c_order_copy_of_any_layout():
+    data = np.random.default_rng(0).integers(-999, 999, size=(2, 9, 8, 7)).astype(np.int16)
+    for view in (
+        data,
+        data[:, ::-1, :, ::-1],
+        data.transpose(0, 3, 2, 1),
+        np.asfortranarray(data)[:, ::-1, ::-1],
+        np.asfortranarray(data).transpose(0, 2, 1, 3)[:, :, ::-1],
+    ):
+        for dtype in (np.int16, np.float32):
+            copy = _c_order_copy(view, dtype)
+            assert copy.flags.c_contiguous and copy.dtype == dtype
+            assert np.array_equal(copy, view.astype(dtype))
 
 
 @pytest.mark.parametrize(
@@ -211,48 +306,3 @@ def test_unusable_normalization_is_a_config_error(tmp_path, spec):
     image_path, _ = write_case(tmp_path, TARGET_MM, "RAS")
     with pytest.raises(ConfigError, match="preprocessing.normalization"):
         prepare_image(image_path, settings(normalization=(spec,)))
-
-
-def test_load_volume_moves_channels_first(tmp_path):
-    data = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
-    affine = np.diag([-1.0, 2.0, 3.0, 1.0])
-    nib.save(nib.Nifti1Image(data, affine), str(tmp_path / "v.nii.gz"))
-    volume, read_affine = load_volume(tmp_path / "v.nii.gz")
-    assert volume.dtype == np.float32
-    assert np.array_equal(volume, np.moveaxis(data, -1, 0))
-    assert np.allclose(read_affine, affine)
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (np.zeros((4, 4), np.float32), "3-D or 4-D"),
-        (np.full((4, 4, 4), np.nan, np.float32), "NaN"),
-        (np.where(np.eye(4, dtype=bool)[..., None], np.inf, 1.0).astype(np.float32), "infinite"),
-    ],
-)
-def test_load_volume_rejects_bad_files(tmp_path, data, message):
-    path = tmp_path / "bad.nii.gz"
-    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
-    with pytest.raises(CaseError, match=message) as error:
-        load_volume(path)
-    assert str(path) in str(error.value)
-
-
-def test_load_volume_rejects_unreadable_file(tmp_path):
-    path = tmp_path / "garbage.nii.gz"
-    path.write_bytes(b"not an image")
-    with pytest.raises(CaseError, match="garbage.nii.gz"):
-        load_volume(path)
-
-
-def test_load_label_checks_integers(tmp_path):
-    labels = np.zeros((4, 4, 4), np.float32)
-    labels[1:3, 1:3, 1:3] = 2.0
-    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "ok.nii.gz"))
-    read, _ = load_label(tmp_path / "ok.nii.gz")
-    assert read.dtype.kind in "iu" and np.array_equal(read, labels)
-    labels[0, 0, 0] = 0.5
-    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(tmp_path / "bad.nii.gz"))
-    with pytest.raises(CaseError, match="bad.nii.gz.*non-integer"):
-        load_label(tmp_path / "bad.nii.gz")

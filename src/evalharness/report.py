@@ -15,7 +15,7 @@ import pandas as pd
 from evalharness import tracking
 from evalharness.cases import Extremes
 from evalharness.mismatches import Mismatch, summary_line
-from evalharness.preprocess import load_label, load_volume
+from evalharness.nifti_io import load_label, load_volume
 from evalharness.results import case_scores, console_table, summarize
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
