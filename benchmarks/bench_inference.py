@@ -50,6 +50,7 @@ import torch
 from bench_metrics import measure_metrics
 from monai.networks.nets import UNet
 
+from evalharness.components import keep_largest_component
 from evalharness.data import Case
 from evalharness.inference import (
     decode,
@@ -57,14 +58,9 @@ from evalharness.inference import (
     patch_starts,
     sliding_window_probs,
 )
-from evalharness.metrics import keep_largest_component
+from evalharness.nifti_io import load_label, load_volume
 from evalharness.pipeline import load_case_inputs, predict, preprocess_settings
-from evalharness.preprocess import (
-    load_label,
-    load_volume,
-    prepare_image,
-    restore_to_native,
-)
+from evalharness.preprocess import prepare_image, restore_to_native
 from evalharness.settings import EffectiveSettings
 from evalharness.synthetic import make_case, write_nifti
 

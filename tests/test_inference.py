@@ -4,13 +4,19 @@ window, TTA, decoding, and the whole path on the real fastMONAI 0.12 fixture."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torchio as tio
 
+from evalharness.cases import LoopOptions, _save_prediction
+from evalharness.components import keep_largest_component
+from evalharness.data import Case
 from evalharness.errors import ConfigError
 from evalharness.inference import (
     blending_window,
@@ -20,8 +26,11 @@ from evalharness.inference import (
     resolve_device,
     sliding_window_probs,
 )
-from evalharness.metrics import keep_largest_component
-from evalharness.preprocess import PreprocessSettings, load_label, prepare_image, restore_to_native
+from evalharness.nifti_io import load_label
+from evalharness.pipeline import CaseInputs, predict, preprocess_settings
+from evalharness.preprocess import PreprocessSettings, prepare_image, restore_to_native
+from evalharness.settings import EffectiveSettings
+from evalharness.synthetic import write_nifti
 
 CPU = torch.device("cpu")
 FIXTURE = Path(__file__).parent / "data" / "fastmonai-0.12-binary"
@@ -266,3 +275,38 @@ def test_fastmonai_fixture_end_to_end(fixture_model, case):
     assert ours.shape == gt.shape == theirs.shape
     assert dsc(ours, gt > 0) >= 0.97
     assert dsc(ours, gt > 0) > dsc(theirs > 0, gt > 0)
+
+
+def test_more_than_255_classes_survive_predict_and_the_saved_prediction(tmp_path):
+    """A 300-class model: `predict` and the saved NIfTI keep labels past 255 (no uint8 wrap);
+    a 2-class prediction is still saved as uint8."""
+    shape = (6, 5, 4)
+    truth = np.arange(np.prod(shape)).reshape(shape) * 299 // (np.prod(shape) - 1)  # 0..299
+    image_path = tmp_path / "image.nii.gz"
+    write_nifti(image_path, truth.astype(np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    model = torch.nn.Conv3d(1, 300, 1).eval()  # logit k = k x - k^2 / 2: argmax = round(x)
+    with torch.no_grad():
+        classes = torch.arange(300, dtype=torch.float32)
+        model.weight.copy_(classes.reshape(300, 1, 1, 1, 1))
+        model.bias.copy_(-(classes**2) / 2)
+    settings = EffectiveSettings(
+        apply_reorder=False, target_spacing_mm=None, normalization=(), padding_mode=0,
+        patch_size_vox=shape, overlap=0, aggregation="crop", keep_largest_component=True,
+        threshold=0.5, batch_size=1, device="cpu", amp=False, tta=False,
+    )  # fmt: skip
+    prepared = prepare_image(image_path, preprocess_settings(settings))
+    prediction = predict(model, prepared, settings, CPU, n_output_channels=300)
+    assert prediction.n_channels == 300
+    np.testing.assert_array_equal(prediction.labels, truth)
+
+    case = Case(case_id="many", image=image_path, label=None)
+    inputs = CaseInputs(case=case, prepared=prepared, gt_labels=None, gt_affine=None)
+    saved: list[Path] = []
+    sink = SimpleNamespace(prediction_saved=saved.append)
+    options = LoopOptions(predictions_dir=tmp_path / "predictions")
+    _save_prediction(options, sink, case, inputs, prediction.labels)
+    _save_prediction(options, sink, replace(case, case_id="two"), inputs, truth % 2)
+    many, two = (nib.load(path) for path in saved)
+    np.testing.assert_array_equal(np.asarray(many.dataobj), truth)
+    np.testing.assert_array_equal(np.asarray(two.dataobj), truth % 2)
+    assert many.get_data_dtype() == np.uint16 and two.get_data_dtype() == np.uint8

@@ -17,13 +17,10 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-from evalharness import metrics
 from evalharness.metrics import (
     LOWER_IS_BETTER,
     METRIC_NAMES,
     case_metrics,
-    connected_components,
-    keep_largest_component,
     label_metrics,
 )
 
@@ -223,96 +220,6 @@ def test_fortran_ordered_input_gives_the_same_metrics():
     pred, gt = far_apart_pair(rng, (22, 18, 12))
     fortran = label_metrics(np.asfortranarray(pred), np.asfortranarray(gt), SPACING_MM)
     assert_metrics(fortran, label_metrics(pred, gt, SPACING_MM))
-    np.testing.assert_array_equal(
-        connected_components(np.asfortranarray(gt))[0], connected_components(gt)[0]
-    )
-
-
-# --- connected components ------------------------------------------------------------------
-
-
-def test_connected_components_match_full_volume_labelling():
-    rng = np.random.default_rng(7)
-    mask = np.zeros((24, 20, 16), dtype=bool)
-    mask[3:20, 2:15, 4:13] = rng.random((17, 13, 9)) > 0.7
-    labels, n = connected_components(mask)
-    expected, n_expected = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    assert n == n_expected > 1
-    assert labels.dtype == np.int32
-    np.testing.assert_array_equal(labels, expected)
-
-
-def test_connected_components_of_empty_mask():
-    labels, n = connected_components(np.zeros((4, 5, 6), dtype=bool))
-    assert n == 0
-    assert labels.shape == (4, 5, 6) and not labels.any()
-
-
-def test_keep_largest_component_uses_26_connectivity():
-    shape = (10, 10, 10)
-    diagonal_chain = np.zeros(shape, dtype=bool)
-    diagonal_chain[[5, 6, 7], [5, 6, 7], [5, 6, 7]] = True  # 3 voxels, corner to corner
-    pair = box_mask(shape, (0, 0, 0), (2, 1, 1))  # 2 face-connected voxels
-    largest = keep_largest_component(diagonal_chain | pair)
-    assert largest.dtype == bool
-    np.testing.assert_array_equal(largest, diagonal_chain)
-
-
-def test_keep_largest_component_keeps_the_biggest_blob():
-    shape = (12, 12, 12)
-    big = box_mask(shape, (6, 6, 6), (9, 9, 9))  # 27 voxels
-    small = box_mask(shape, (0, 0, 0), (2, 2, 2))  # 8 voxels
-    labelled = (big | small).astype(np.uint8) * 3  # non-zero is foreground
-    np.testing.assert_array_equal(keep_largest_component(labelled), big)
-
-
-def test_keep_largest_component_of_empty_mask_is_empty():
-    largest = keep_largest_component(np.zeros((3, 4, 5), dtype=bool))
-    assert largest.dtype == bool and largest.shape == (3, 4, 5) and not largest.any()
-
-
-def largest_by_whole_volume_labelling(mask: np.ndarray) -> np.ndarray:
-    labels, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == np.argmax(sizes)
-
-
-@pytest.mark.parametrize("density", [0.04, 0.2, 0.35, 0.6])
-@pytest.mark.parametrize("n_cpus", [2, 3, 7])
-def test_keep_largest_component_in_slabs_equals_whole_volume(monkeypatch, density, n_cpus):
-    """Labelled in slabs on threads (forced here on small masks): the same component as one
-    labelling of the whole volume, ties (many at low density) included."""
-    monkeypatch.setattr(metrics, "_SLAB_MIN_VOXELS", 64)
-    monkeypatch.setattr(metrics, "_n_cpus", lambda: n_cpus)
-    rng = np.random.default_rng(int(density * 100) + n_cpus)
-    for _ in range(20):
-        mask = rng.random((17, 11, 9)) < density
-        np.testing.assert_array_equal(
-            keep_largest_component(mask), largest_by_whole_volume_labelling(mask)
-        )
-
-
-def test_keep_largest_component_in_slabs_joins_across_borders_and_breaks_ties(monkeypatch):
-    """4 slabs of 4 X-planes: a corner-to-corner chain through every border beats a bigger
-    slab-local blob; a U whose arms join only in the next slab ties with a later line of the
-    same size and wins, as the first in raster order; of two equal cubes the first wins."""
-    monkeypatch.setattr(metrics, "_SLAB_MIN_VOXELS", 64)
-    monkeypatch.setattr(metrics, "_n_cpus", lambda: 4)
-    shape = (16, 8, 8)
-    chain = np.zeros(shape, dtype=bool)
-    chain[np.arange(16), np.arange(16) % 2, np.arange(16) % 2] = True  # 16 voxels
-    blob = box_mask(shape, (4, 4, 4), (7, 7, 6))  # 18 voxels in slab 1 but one: the chain wins
-    blob[6, 6, 5] = blob[6, 5, 5] = blob[5, 6, 5] = False  # 15 voxels
-    u_shape = box_mask(shape, (0, 0, 0), (5, 1, 1)) | box_mask(shape, (0, 2, 0), (5, 3, 1))
-    u_shape[5, 1, 0] = True  # 11 voxels, the arms joined at x = 5 (slab 1)
-    line = box_mask(shape, (5, 6, 6), (16, 7, 7))  # 11 voxels, first voxel later
-    first_cube = box_mask(shape, (2, 4, 0), (4, 6, 2))
-    cubes = box_mask(shape, (9, 4, 0), (11, 6, 2)) | first_cube
-    for mask, expected in ((chain | blob, chain), (u_shape | line, u_shape), (cubes, first_cube)):
-        largest = keep_largest_component(mask)
-        np.testing.assert_array_equal(largest, expected)
-        np.testing.assert_array_equal(largest, largest_by_whole_volume_labelling(mask))
 
 
 # --- several labels, validation ------------------------------------------------------------

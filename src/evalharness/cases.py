@@ -17,10 +17,10 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from evalharness.checks import Mismatch
 from evalharness.data import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation import Evaluation, foreground_labels
+from evalharness.mismatches import Mismatch
 from evalharness.pipeline import (
     CaseInputs,
     check_inputs,
@@ -160,7 +160,9 @@ def _save_prediction(
     from evalharness.synthetic import write_nifti
 
     path = options.predictions_dir / f"{case.case_id}_pred.nii.gz"
-    write_nifti(path, labels.astype(np.uint8), inputs.prepared.native.affine)
+    # uint8 while the labels fit (up to 256 classes), else the smallest type that holds them
+    labels = labels.astype(np.min_scalar_type(int(labels.max(initial=0))), copy=False)
+    write_nifti(path, labels, inputs.prepared.native.affine)
     sink.prediction_saved(path)
 
 

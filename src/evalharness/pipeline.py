@@ -15,15 +15,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from evalharness.components import keep_largest_component
 from evalharness.data import Case
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.inference import decode, sliding_window_probs
 from evalharness.memory import plan_for
-from evalharness.metrics import case_metrics, keep_largest_component
+from evalharness.metrics import case_metrics
+from evalharness.nifti_io import load_label
 from evalharness.preprocess import (
     PreparedImage,
     PreprocessSettings,
-    load_label,
     prepare_image,
     restore_to_native,
 )
@@ -139,7 +140,7 @@ def predict(
     n_channels = int(probs.shape[0])
     native_probs = restore_to_native(probs, prepared)
     del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
-    labels = decode(native_probs, settings.threshold).to(torch.uint8).cpu().numpy()
+    labels = decode(native_probs, settings.threshold).cpu().numpy()  # uint8 to 256 classes
     del native_probs
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)

@@ -1,0 +1,260 @@
+"""26-connected components of masks [X, Y, Z]: labelling, and keep-largest-component.
+
+Keep-largest works on runs: the maximal stretches of foreground along Z (the contiguous axis of
+a C-ordered array). The voxels of a run are connected; two runs in rows (x, y) and
+(x + dx, y + dy), |dx|, |dy| <= 1, are 26-connected iff their Z intervals overlap or meet at a
+corner. Components of that run graph are the components of the mask; their sizes are summed
+run lengths. A smooth prediction has few runs per voxel, so this costs a few passes over the
+mask plus work per run, several times less than labelling every voxel (scipy.ndimage.label):
+24 ms against 250 ms for two ellipsoids filling 59 % of 320x320x110, 11 ms against 105 ms for
+a ball of radius 40 and a few small blobs there (2 shared cores).
+
+A speckled mask (the ~50 % noise a random-weights network predicts) has runs one or two voxels
+long, and candidate neighbours grow with the square of the runs per row: the graph costs
+several times more than labelling voxels. Such a mask is labelled in slabs along X, one thread
+each (scipy's labelling releases the GIL), the slabs joined where their components touch across
+borders: the same result as labelling it whole (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from scipy import ndimage
+from scipy.sparse import coo_matrix, csr_matrix
+from scipy.sparse.csgraph import connected_components as graph_components
+
+from evalharness.metrics import _as_mask, _bounding_box
+
+_CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
+_MAX_RUNS_PER_VOXEL = 1 / 32  # more runs than this (speckle): label voxels, skip the runs
+_CANDIDATES_PER_VOXEL = 0.6  # run pairs to check per voxel as costly as labelling (1 thread)
+_BINCOUNT_CHUNK = 1 << 22  # labels counted at a time (32 MiB of int64)
+_SLAB_MIN_VOXELS = 1 << 21  # a speckled mask is labelled in slabs of at least this many voxels
+
+
+def connected_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components of `mask` [X, Y, Z]: (int32 labels [X, Y, Z], 1..n in raster
+    order; 0 is background), n). Full 3x3x3 connectivity, as MONAI's keep-largest."""
+    mask = _as_mask(mask)
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    box = _bounding_box(mask)
+    if box is None:
+        return labels, 0
+    return labels, ndimage.label(mask[box], structure=_CONNECTIVITY_26, output=labels[box])
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """Bool [X, Y, Z]: the largest 26-connected component of `mask` (the first in raster order
+    on a tie); an empty mask stays empty. Any memory order, bool or numeric (non-zero is
+    foreground). Work and extra memory scale with the mask's bounding box: about two bytes per
+    voxel of it plus about a hundred per run (speckle, labelled: eight per voxel at the peak)."""
+    mask = _as_mask(mask)
+    box = _bounding_box(mask)
+    if box is None:
+        return np.zeros(mask.shape, dtype=bool)
+    boxed = mask[box]
+    n_slabs = _n_slabs(boxed)
+    # Runs go along the contiguous axis: Z, or X of a Fortran-ordered mask (nibabel's), whose
+    # transpose [Z, Y, X] is C-ordered; ties still go to the first in [X, Y, Z] raster order.
+    fortran = mask.flags.f_contiguous and not mask.flags.c_contiguous
+    work, work_box = (boxed.T, box[::-1]) if fortran else (boxed, box)
+    runs = _runs(work)
+    # The run graph costs per candidate pair of runs (quadratic in the runs per row); past
+    # this budget labelling voxels, split over the threads, is cheaper. int32 indices.
+    budget = min(_CANDIDATES_PER_VOXEL * boxed.size / n_slabs, np.iinfo(np.int32).max)
+    if runs is not None:
+        volume_shape = mask.shape[::-1] if fortran else mask.shape
+        largest = _largest_by_runs(runs, work.shape, budget, volume_shape, work_box, fortran)
+        if largest is not None:
+            return largest.T if fortran else largest
+    largest = np.zeros(mask.shape, dtype=bool)
+    largest[box] = _largest_by_labelling(boxed, n_slabs)
+    return largest
+
+
+def _runs(boxed: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(starts, ends) of the runs of `boxed` [X, Y, Z] along Z in raster order, as flat indices
+    into the padded array [X, Y + 1, Z + 2] (`boxed` framed by an empty Y row and Z columns, so
+    that no run crosses a row and rows y = Y - 1 and y = 0 never touch); None when there are
+    more than _MAX_RUNS_PER_VOXEL runs per voxel."""
+    nx, ny, nz = boxed.shape
+    # changes[k]: padded[k] != padded[k - 1], written without building the padded array
+    changes = np.zeros((nx, ny + 1, nz + 2), dtype=bool)
+    changes[:, :ny, 1] = boxed[:, :, 0]
+    np.not_equal(boxed[:, :, 1:], boxed[:, :, :-1], out=changes[:, :ny, 2:-1])
+    changes[:, :ny, -1] = boxed[:, :, -1]
+    if np.count_nonzero(changes) > 2 * _MAX_RUNS_PER_VOXEL * boxed.size:
+        return None
+    bounds = np.flatnonzero(changes)  # run starts and ends (exclusive) alternate
+    return bounds[0::2], bounds[1::2]
+
+
+def _largest_by_runs(
+    runs: tuple[np.ndarray, np.ndarray],
+    shape: tuple[int, int, int],
+    max_candidates: float,
+    volume_shape: tuple[int, int, int],
+    box: tuple[slice, slice, slice],
+    transposed: bool,
+) -> np.ndarray | None:
+    """Bool `volume_shape`: the largest component of the mask whose part in `box` (of `shape`)
+    has runs `runs`; None if there are more than `max_candidates` candidate pairs of runs. Ties
+    go to the first run in raster order, or in the transposed raster order if `transposed`."""
+    component = _run_components(runs, shape, max_candidates)
+    if component is None:
+        return None
+    starts, ends = runs
+    nx, ny, nz = shape
+    rows = starts // (nz + 2)
+    x, y = np.divmod(rows, ny + 1)
+    keep = np.ones(starts.size, dtype=bool)
+    if component.max() > 0:
+        sizes = np.bincount(component, weights=ends - starts)
+        tied = (sizes == sizes.max())[component]
+        first = np.argmax(tied)  # the runs are in raster order
+        if transposed:  # the first voxel of a run [z0, z1) of row (x, y) is (z0, y, x)
+            z0 = starts[tied] - rows[tied] * (nz + 2) - 1
+            first = np.flatnonzero(tied)[np.argmin((z0 * ny + y[tied]) * nx + x[tied])]
+        keep = component == component[first]
+    # Flat indices of the runs in the volume: gaps and runs alternate; kept runs are True.
+    _, n_y, n_z = volume_shape
+    to_volume = ((x + box[0].start) * n_y + y + box[1].start) * n_z + box[2].start
+    to_volume -= rows * (nz + 2) + 1
+    bounds = np.empty(2 * starts.size + 2, dtype=np.int64)
+    bounds[0], bounds[-1] = 0, int(np.prod(volume_shape))
+    bounds[1:-1:2] = starts + to_volume
+    bounds[2:-1:2] = ends + to_volume
+    values = np.zeros(2 * starts.size + 1, dtype=bool)
+    values[1::2] = keep
+    return np.repeat(values, np.diff(bounds)).reshape(volume_shape)
+
+
+def _run_components(
+    runs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int], max_candidates: float
+) -> np.ndarray | None:
+    """Component (0..n - 1) of each run of `runs` in the mask of `shape`; None if there are
+    more than `max_candidates` candidate pairs of runs to check."""
+    starts, ends = runs
+    nx, ny, nz = shape
+    width, n_runs = nz + 2, starts.size
+    rows = starts // width  # x * (ny + 1) + y
+    z_type = np.int16 if width < np.iinfo(np.int16).max else np.int32
+    z0, z1 = (starts - rows * width).astype(z_type), (ends - rows * width).astype(z_type)
+    # ptr[r]: the first run of padded row r; the rows past the last one are empty.
+    n_rows = nx * (ny + 1) + ny + 3
+    ptr = np.zeros(n_rows + 1, dtype=np.int32)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=ptr[1:])
+    # Candidate neighbours of a run in row r = (x, y): the runs of row (x, y + 1), r + 1, and
+    # those of rows (x + 1, y - 1 .. y + 1), r + ny .. r + ny + 2, consecutive in run order.
+    first = np.stack([ptr[rows + 1], ptr[rows + ny]], axis=1).reshape(-1)
+    counts = np.stack([ptr[rows + 2], ptr[rows + ny + 3]], axis=1).reshape(-1) - first
+    del rows, ptr
+    if counts.sum() > max_candidates:
+        return None
+    source = np.repeat(np.arange(n_runs, dtype=np.int32), counts[0::2] + counts[1::2])
+    target = np.repeat(first - (np.cumsum(counts, dtype=np.int32) - counts), counts)
+    target += np.arange(target.size, dtype=np.int32)
+    touching = z0[target] <= z1[source]
+    touching &= z1[target] >= z0[source]  # the Z intervals overlap or meet at a corner
+    indptr = np.zeros(n_runs + 1, dtype=np.int32)
+    np.cumsum(np.bincount(source[touching], minlength=n_runs), out=indptr[1:])
+    del source
+    graph = csr_matrix((np.ones(indptr[-1]), target[touching], indptr), (n_runs, n_runs))
+    del target, touching
+    return graph_components(graph, directed=False)[1]
+
+
+def _n_slabs(boxed: np.ndarray) -> int:
+    """Slabs along X, one thread each, that labelling `boxed` [X, Y, Z] is split into."""
+    return max(1, min(_n_cpus(), boxed.size // _SLAB_MIN_VOXELS, boxed.shape[0]))
+
+
+def _largest_by_labelling(boxed: np.ndarray, n_slabs: int) -> np.ndarray:
+    """Bool like `boxed` [X, Y, Z]: its largest component, by labelling voxels, in `n_slabs`
+    slabs along X on threads (0.52 s -> 0.33 s on 2 cores, 50 % noise at 320x320x110)."""
+    if n_slabs < 2:
+        labels, n_components = ndimage.label(boxed, structure=_CONNECTIVITY_26)
+        sizes = _component_sizes(labels, n_components)
+        sizes[0] = 0
+        return labels == np.argmax(sizes)
+    bounds = np.linspace(0, boxed.shape[0], n_slabs + 1).astype(int)
+    with ThreadPoolExecutor(n_slabs) as pool:
+        slabs = list(
+            pool.map(
+                lambda x: ndimage.label(boxed[x[0] : x[1]], structure=_CONNECTIVITY_26),
+                zip(bounds[:-1], bounds[1:], strict=True),
+            )
+        )
+    keep = _largest_across_slabs(slabs)
+    largest = np.empty(boxed.shape, dtype=bool)
+    offset = 0
+    for (labels, n_components), x0, x1 in zip(slabs, bounds[:-1], bounds[1:], strict=True):
+        lookup = keep[offset : offset + n_components + 1].copy()
+        lookup[0] = False
+        largest[x0:x1] = lookup[labels]
+        offset += n_components
+    return largest
+
+
+def _largest_across_slabs(slabs: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """Bool over global ids 0..N (slab k's label i is id i + components of slabs before k):
+    True for the ids of the largest component once slabs are joined at their borders (the
+    first in raster order on a tie: the one holding the smallest id)."""
+    offsets = np.cumsum([0] + [n for _, n in slabs])
+    sizes = np.zeros(offsets[-1] + 1, dtype=np.int64)
+    rows, cols = [], []
+    for k, (labels, n_components) in enumerate(slabs):
+        sizes[offsets[k] + 1 : offsets[k] + n_components + 1] = _component_sizes(
+            labels, n_components
+        )[1:]
+        if k:
+            below, above = _border_pairs(slabs[k - 1][0][-1], labels[0])
+            rows.append(below + offsets[k - 1])
+            cols.append(above + offsets[k])
+    n_ids = sizes.size
+    rows_all, cols_all = np.concatenate(rows), np.concatenate(cols)
+    graph = coo_matrix(
+        (np.ones(rows_all.size, dtype=np.int8), (rows_all, cols_all)), (n_ids, n_ids)
+    )
+    _, component = graph_components(graph, directed=False)
+    merged = np.bincount(component, weights=sizes)
+    merged[component[0]] = -1  # id 0 is the background
+    first_id = np.full(merged.size, n_ids)
+    np.minimum.at(first_id, component, np.arange(n_ids))
+    ties = np.flatnonzero(merged == merged.max())
+    return component == ties[np.argmin(first_id[ties])]
+
+
+def _border_pairs(below: np.ndarray, above: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (local to each slab) of the 26-neighbour voxel pairs across a slab border, from
+    the last [Y, Z] plane of one slab and the first of the next; both sides foreground."""
+    n_y, n_z = below.shape
+    rows, cols = [], []
+    for dy in (-1, 0, 1):
+        for dz in (-1, 0, 1):
+            b = below[max(0, -dy) : n_y - max(0, dy), max(0, -dz) : n_z - max(0, dz)]
+            a = above[max(0, dy) : n_y - max(0, -dy), max(0, dz) : n_z - max(0, -dz)]
+            both = (b > 0) & (a > 0)
+            rows.append(b[both])
+            cols.append(a[both])
+    return np.concatenate(rows).astype(np.int64), np.concatenate(cols).astype(np.int64)
+
+
+def _n_cpus() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _component_sizes(labels: np.ndarray, n_components: int) -> np.ndarray:
+    """Voxels of each label 0..n_components in `labels`, counted in chunks: `np.bincount` copies
+    its input to int64, which for a whole volume of int32 labels would triple their memory."""
+    flat = labels.reshape(-1)
+    sizes = np.zeros(n_components + 1, dtype=np.int64)
+    for start in range(0, flat.size, _BINCOUNT_CHUNK):
+        sizes += np.bincount(flat[start : start + _BINCOUNT_CHUNK], minlength=n_components + 1)
+    return sizes
