@@ -1,5 +1,5 @@
 """Tests of evalharness.components: labelling and keep-largest-component, on both of its paths
-(the run graph and voxel labelling, whole or in slabs on threads), against one plain labelling
+(the run graph and voxel labelling, cc3d), against one plain labelling
 of the whole volume by scipy."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from scipy import ndimage
 
 from evalharness import components
-from evalharness.components import connected_components, keep_largest_component
+from evalharness.components import keep_largest_component
 
 DIRECTIONS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
 
@@ -68,7 +68,7 @@ def spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
     return results
 
 
-@pytest.fixture(params=["runs", "labelling", "slabs"])
+@pytest.fixture(params=["runs", "labelling"])
 def path(request, monkeypatch):
     """Force one path of keep_largest_component; afterwards check it was the one taken."""
     if request.param == "runs":
@@ -76,9 +76,6 @@ def path(request, monkeypatch):
         monkeypatch.setattr(components, "_CANDIDATES_PER_VOXEL", np.inf)
     else:
         monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
-    if request.param == "slabs":
-        monkeypatch.setattr(components, "_SLAB_MIN_VOXELS", 8)
-        monkeypatch.setattr(components, "_n_cpus", lambda: 3)
     by_runs = spy(monkeypatch, "_largest_by_runs")
     by_labelling = spy(monkeypatch, "_largest_by_labelling")
     yield request.param
@@ -217,21 +214,6 @@ def test_strided_views(path):
         assert_keeps_the_largest(view)
 
 
-@pytest.mark.parametrize("density", [0.04, 0.2, 0.35, 0.6])
-@pytest.mark.parametrize("n_cpus", [2, 3, 7])
-def test_labelling_in_slabs_equals_whole_volume(monkeypatch, density, n_cpus):
-    """Labelled in slabs on threads (forced here on small masks): the same component as one
-    labelling of the whole volume, ties (many at low density) included."""
-    monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
-    monkeypatch.setattr(components, "_SLAB_MIN_VOXELS", 64)
-    monkeypatch.setattr(components, "_n_cpus", lambda: n_cpus)
-    joined = spy(monkeypatch, "_largest_across_slabs")
-    rng = np.random.default_rng(int(density * 100) + n_cpus)
-    for _ in range(20):
-        assert_keeps_the_largest(rng.random((17, 11, 9)) < density)
-    assert len(joined) == 20
-
-
 # --- the choice of path ----------------------------------------------------------------------
 
 
@@ -273,24 +255,3 @@ def test_run_graph_memory_is_a_few_bytes_per_voxel():
         tracemalloc.stop()
     np.testing.assert_array_equal(largest, largest_by_whole_volume_labelling(mask))
     assert peak < 3 * mask.size
-
-
-# --- connected_components ------------------------------------------------------------------
-
-
-def test_connected_components_match_full_volume_labelling():
-    rng = np.random.default_rng(7)
-    mask = np.zeros((24, 20, 16), dtype=bool)
-    mask[3:20, 2:15, 4:13] = rng.random((17, 13, 9)) > 0.7
-    labels, n = connected_components(mask)
-    expected, n_expected = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-    assert n == n_expected > 1
-    assert labels.dtype == np.int32
-    np.testing.assert_array_equal(labels, expected)
-    np.testing.assert_array_equal(connected_components(np.asfortranarray(mask))[0], expected)
-
-
-def test_connected_components_of_empty_mask():
-    labels, n = connected_components(np.zeros((4, 5, 6), dtype=bool))
-    assert n == 0
-    assert labels.shape == (4, 5, 6) and not labels.any()

@@ -84,10 +84,10 @@ def label_metrics(
     pred_mask: np.ndarray, gt_mask: np.ndarray, spacing_mm: Sequence[float]
 ) -> dict[str, float]:
     """All METRIC_NAMES for one pair of boolean masks [X, Y, Z] (non-zero is foreground)."""
-    pred, gt = _as_mask(pred_mask), _as_mask(gt_mask)
+    pred, gt = as_mask(pred_mask), as_mask(gt_mask)
     _check_same_shape(pred, gt)
     spacing = _as_spacing(spacing_mm)
-    box = _bounding_box(pred | gt)
+    box = bounding_box(pred | gt)
     if box is None:
         return dict(_BOTH_EMPTY)
     # Everything below only looks inside the union's box: the surfaces, hence all distances,
@@ -127,7 +127,7 @@ def _overlap_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 def _detection_rate(pred: np.ndarray, gt: np.ndarray) -> float:
     """Share of the 26-connected components of non-empty `gt` that `pred` overlaps."""
-    box = _bounding_box(gt)
+    box = bounding_box(gt)
     labels, n_components = ndimage.label(gt[box], structure=_CONNECTIVITY_26)
     detected = np.zeros(n_components + 1, dtype=bool)
     detected[labels[pred[box]]] = True
@@ -213,10 +213,10 @@ def _percentile_float32(distances: np.ndarray) -> np.float32:
     return np.float32(high - (high - low) * np.float64(np.float32(1.0) - weight))
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     """Smallest box (slices) holding every True voxel of `mask` [X, Y, Z], or None if empty."""
     if not mask.flags.c_contiguous and mask.flags.f_contiguous:
-        box = _bounding_box(mask.T)  # C-ordered [Z, Y, X] view: same fast reductions
+        box = bounding_box(mask.T)  # C-ordered [Z, Y, X] view: same fast reductions
         return None if box is None else (box[2], box[1], box[0])
     # Reducing over the leading axis, or over all trailing axes, runs at memory speed; reducing
     # over a middle or last axis of the full volume is about ten times slower.
@@ -229,7 +229,7 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
     return x, y, z
 
 
-def _as_mask(mask: np.ndarray) -> np.ndarray:
+def as_mask(mask: np.ndarray) -> np.ndarray:
     """`mask` as a bool array [X, Y, Z] (non-zero is foreground)."""
     mask = np.asarray(mask)
     if mask.ndim != 3:
