@@ -22,6 +22,7 @@ from evalharness.preprocess import (
     normalization_transforms,
     prepare_image,
     restore_to_native,
+    restores_by_voxels,
 )
 from evalharness.synthetic import affine_from_axcodes, make_case, write_nifti
 
@@ -200,6 +201,36 @@ def test_identity_grid_restores_exactly(tmp_path):
     gt, _ = load_label(label_path)
     assert np.array_equal(decode(restored).numpy(), gt)
     assert torch.equal(restored[1], torch.as_tensor(gt, dtype=torch.float32))  # no interpolation
+
+
+@pytest.mark.parametrize(
+    ("spacing_mm", "axcodes", "by_voxels"),
+    [
+        (TARGET_MM, "LPS", True),  # reoriented only
+        ((1.25, 1.37, 1.25), "PIR", True),  # permuted and flipped (P→y, I→z, R→x)
+        (TARGET_MM, "RAS", True),  # padding undone only
+        ((1.5, 1.5, 1.2), "LPS", False),  # resampled
+    ],
+)
+def test_labels_restored_by_voxels_equal_decoded_restored_probabilities(
+    tmp_path, spacing_mm, axcodes, by_voxels
+):
+    """Where the native grid is the model grid's voxels moved, decoding on the model grid and
+    restoring the labels (uint8) gives exactly what restoring probabilities and decoding does;
+    elsewhere integer values are refused (they would need interpolating)."""
+    image_path, _ = write_case(tmp_path, spacing_mm, axcodes)
+    prepared = prepare_image(image_path, settings(min_shape=(16, 16, 40)))
+    assert restores_by_voxels(prepared) is by_voxels
+    probs = random_probs(prepared.tensor.shape[1:], seed=3)
+    expected = decode(restore_to_native(probs, prepared))
+    labels = decode(probs)[None]
+    if not by_voxels:
+        with pytest.raises(ValueError, match="restored by voxels"):
+            restore_to_native(labels, prepared)
+        return
+    restored = restore_to_native(labels, prepared)
+    assert restored.dtype == torch.uint8 and restored.shape == (1, *expected.shape)
+    assert torch.equal(restored[0], expected)
 
 
 def test_restore_gives_background_beyond_the_model_grid():

@@ -27,6 +27,7 @@ from evalharness.preprocess import (
     PreprocessSettings,
     prepare_image,
     restore_to_native,
+    restores_by_voxels,
 )
 from evalharness.probes import header_check
 from evalharness.settings import EffectiveSettings
@@ -138,10 +139,17 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
-    native_probs = restore_to_native(probs, prepared)
-    del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
-    labels = decode(native_probs, settings.threshold).cpu().numpy()  # uint8 to 256 classes
-    del native_probs
+    # Each volume-sized buffer goes as soon as it is used: bounds peak memory. Decoding is per
+    # voxel, so where restoring only moves voxels, labels move instead of probabilities.
+    if restores_by_voxels(prepared):
+        labels = restore_to_native(decode(probs, settings.threshold)[None], prepared)[0]
+        del probs
+    else:
+        native_probs = restore_to_native(probs, prepared)
+        del probs
+        labels = decode(native_probs, settings.threshold)
+        del native_probs
+    labels = labels.cpu().numpy()  # uint8 up to 256 classes
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)
     t2 = time.perf_counter()

@@ -248,17 +248,27 @@ def _fill_background(values: torch.Tensor, outside: torch.Tensor) -> torch.Tenso
     return values
 
 
-def _resample_axis(values: torch.Tensor, dim: int, line: np.ndarray) -> torch.Tensor:
-    """`values` at model-voxel coordinates `line` [n] along `dim`: linear interpolation, clamped
-    to the border. Whole voxels one apart (a reorientation or shift, no resampling) are taken as
-    they are: a view of `values`, or a flipped copy."""
-    size = values.shape[dim]
+def _voxel_run(line: np.ndarray, size: int) -> tuple[int, bool] | None:
+    """(first model voxel, reversed) when the model coordinates `line` [n] are whole voxels one
+    apart inside an axis of `size` voxels (a reorientation, shift or crop: nothing to
+    interpolate); None otherwise."""
     nearest = np.round(line)
     steps = np.unique(np.diff(nearest))
     whole = np.abs(line - nearest).max() < WHOLE_VOXEL_TOLERANCE
     if whole and nearest.min() >= 0 and nearest.max() <= size - 1 and set(steps) <= {-1, 1}:
-        view = values.narrow(dim, int(nearest.min()), len(line))
-        return view.flip(dim) if steps.size and steps[0] < 0 else view
+        return int(nearest.min()), bool(steps.size == 1 and steps[0] < 0)
+    return None
+
+
+def _resample_axis(values: torch.Tensor, dim: int, line: np.ndarray) -> torch.Tensor:
+    """`values` at model-voxel coordinates `line` [n] along `dim`: linear interpolation, clamped
+    to the border. Whole voxels one apart (`_voxel_run`) are taken as they are: a view of
+    `values`, or a flipped copy (any dtype; interpolation needs floats)."""
+    size = values.shape[dim]
+    run = _voxel_run(line, size)
+    if run is not None:
+        view = values.narrow(dim, run[0], len(line))
+        return view.flip(dim) if run[1] else view
     clamped = np.clip(line, 0, size - 1)
     low = np.minimum(np.floor(clamped), max(size - 2, 0))
     shape = [1] * values.ndim
@@ -269,19 +279,46 @@ def _resample_axis(values: torch.Tensor, dim: int, line: np.ndarray) -> torch.Te
     return torch.lerp(values.index_select(dim, low_t), values.index_select(dim, high_t), weight)
 
 
+def _native_lines(
+    native_to_model: np.ndarray, model_axes: list[int], native: NativeGrid
+) -> list[np.ndarray]:
+    """Model-voxel coordinates [n] of the native voxels along each native axis (axis-aligned)."""
+    return [
+        native_to_model[model_axis, axis] * np.arange(n) + native_to_model[model_axis, 3]
+        for axis, (model_axis, n) in enumerate(zip(model_axes, native.shape_vox, strict=True))
+    ]
+
+
+def restores_by_voxels(prepared: PreparedImage) -> bool:
+    """Whether every native voxel is a whole model voxel (the native grid is the model grid
+    reoriented, shifted or cropped: no interpolation). Then decoding on the model grid and
+    restoring the labels equals restoring probabilities and decoding, for a fraction of the
+    bytes."""
+    native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
+    model_axes = _axis_aligned(native_to_model)
+    if model_axes is None:
+        return False
+    model_shape = prepared.tensor.shape[1:]
+    lines = _native_lines(native_to_model, model_axes, prepared.native)
+    return all(
+        _voxel_run(line, model_shape[m]) is not None
+        for m, line in zip(model_axes, lines, strict=True)
+    )
+
+
 def _restore_separable(
     probs: torch.Tensor, native_to_model: np.ndarray, model_axes: list[int], native: NativeGrid
 ) -> torch.Tensor:
     """Trilinear resampling of axis-aligned grids as three 1-D linear passes (trilinear weights
     are products of 1-D ones), in slabs along native X."""
-    source = probs.float().permute(0, *(1 + a for a in model_axes))  # model axes in native order
-    lines, outside = [], []
-    for axis, (model_axis, n) in enumerate(zip(model_axes, native.shape_vox, strict=True)):
-        line = native_to_model[model_axis, axis] * np.arange(n) + native_to_model[model_axis, 3]
-        lines.append(line)
-        outside.append((line < -0.5) | (line > source.shape[1 + axis] - 0.5))
+    source = probs.float() if probs.is_floating_point() else probs
+    source = source.permute(0, *(1 + a for a in model_axes))  # model axes in native order
+    lines = _native_lines(native_to_model, model_axes, native)
+    outside = [
+        (line < -0.5) | (line > source.shape[1 + axis] - 0.5) for axis, line in enumerate(lines)
+    ]
     device = probs.device
-    out = torch.empty((probs.shape[0], *native.shape_vox), dtype=torch.float32, device=device)
+    out = torch.empty((probs.shape[0], *native.shape_vox), dtype=source.dtype, device=device)
     slab = max(1, SLAB_VOXELS // (native.shape_vox[1] * native.shape_vox[2]))
     for x0 in range(0, native.shape_vox[0], slab):
         x1 = min(native.shape_vox[0], x0 + slab)
@@ -339,8 +376,11 @@ def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Ten
     `grid_sample` (align_corners=True); both compute the same trilinear weights. Like
     SimpleITK's linear interpolator (what TorchIO's Resample uses), points up to half a voxel
     outside the model grid take the border value; points farther out get background
-    (probability 1 for class 0 when K > 1, 0 when K == 1).
+    (probability 1 for class 0 when K > 1, 0 when K == 1). A label map [1, X', Y', Z'] (integer
+    dtype) can be restored where `restores_by_voxels`: the same voxels, moved.
     """
+    if not probs.is_floating_point() and not restores_by_voxels(prepared):
+        raise ValueError("restore_to_native: integer values need a grid restored by voxels")
     native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
     model_axes = _axis_aligned(native_to_model)
     if model_axes is None:
