@@ -139,7 +139,7 @@ def _patch_probs(
         logits = logits.float()
         n_classes = logits.shape[1]
         if n_classes == 2:
-            probs = torch.sigmoid(logits[:, 1:] - logits[:, :1])
+            probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
         else:
             probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
         probs = probs.flip(dims) if dims else probs
@@ -240,8 +240,9 @@ def sliding_window_probs(
         probs, n_classes = _patch_probs(model, batch, flips, autocast)
         probs = probs.to(buffers)
         if out is None:
-            out = torch.zeros((n_classes, *shape), dtype=torch.float32, device=buffers)
+            out = torch.empty((n_classes, *shape), dtype=torch.float32, device=buffers)
             blended = out[1:] if n_classes == 2 else out  # class 0 of 2: filled in at the end
+            blended.zero_()
         for index, (region, patch_probs) in enumerate(zip(regions, probs, strict=True)):
             if window is None:
                 start = starts[first + index]
