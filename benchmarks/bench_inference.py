@@ -16,7 +16,7 @@ Measured in one process after one warm-up, `--repeats` times, interleaved:
   post-processed prediction on the native grid; no metrics), the model wrapped in a clock that
   also times its forward passes inside that very run (`forward_in_harness_seconds`);
 - a per-step breakdown of the same path (load, preprocess, sliding window less its forward
-  passes, forward passes, restore, decode + post-process), timed step by step in another pass;
+  passes, forward passes, restore + decode, post-process (keep-largest)), timed step by step in another pass;
 - `metrics_seconds`, `monai_hd95_seconds` from `bench_metrics.measure_metrics` on the shape.
 
 Minimums are the headline figures, [min, max] ranges come along. `inference_overhead_ratio`
@@ -60,7 +60,12 @@ from evalharness.inference import (
 )
 from evalharness.nifti_io import load_label, load_volume
 from evalharness.pipeline import load_case_inputs, predict, preprocess_settings
-from evalharness.preprocess import prepare_image, restore_to_native
+from evalharness.preprocess import (
+    PreparedImage,
+    prepare_image,
+    restore_to_native,
+    restores_by_voxels,
+)
 from evalharness.settings import EffectiveSettings
 from evalharness.synthetic import make_case, write_nifti
 
@@ -72,7 +77,14 @@ AGGREGATION = "hann"
 BATCH_SIZE = 4
 N_CLASSES = 2
 T = TypeVar("T")
-STEPS = ("load", "preprocess", "forward", "sliding_window_other", "restore", "decode_postprocess")
+STEPS = (
+    "load",
+    "preprocess",
+    "forward",
+    "sliding_window_other",
+    "restore_decode",
+    "postprocess",
+)
 
 
 def write_volume(folder: Path, shape: tuple[int, int, int]) -> None:
@@ -215,22 +227,29 @@ def step_seconds(
         device=device,
     )
     forward_s = model.take_seconds()
-    restore_s, native_probs = timer(restore_to_native, probs, prepared)
+    restore_s, labels = timer(restore_and_decode, probs, prepared, settings.threshold)
     del probs, prepared  # as `predict` does: bounds the breakdown's memory too
-    decode_s, _ = timer(decode_postprocess, native_probs, settings.threshold)
+    postprocess_s, _ = timer(postprocess, labels)
     return {
         "load": read_s + label_s,
         "preprocess": prepare_s - read_s,
         "forward": forward_s,
         "sliding_window_other": window_s - forward_s,
-        "restore": restore_s,
-        "decode_postprocess": decode_s,
+        "restore_decode": restore_s,
+        "postprocess": postprocess_s,
     }
 
 
-def decode_postprocess(native_probs: torch.Tensor, threshold: float) -> np.ndarray:
-    """Labels [X, Y, Z] uint8, keep-largest-component applied (as `predict` does)."""
-    labels = decode(native_probs, threshold).to(torch.uint8).cpu().numpy()
+def restore_and_decode(probs: torch.Tensor, prepared: PreparedImage, threshold: float):
+    """Native-grid labels [X, Y, Z] as `predict` makes them: labels moved where restoring only
+    moves voxels, else probabilities restored, then decoded."""
+    if restores_by_voxels(prepared):
+        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
+    return decode(restore_to_native(probs, prepared), threshold).cpu().numpy()
+
+
+def postprocess(labels: np.ndarray) -> np.ndarray:
+    """Keep-largest-component, as `predict` does for up to two classes."""
     return keep_largest_component(labels > 0).astype(np.uint8)
 
 
