@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from monai.networks.nets import UNet
 from sklearn.model_selection import train_test_split
 
-from evalharness import demo
+from evalharness import demo, demo_run
 from evalharness.demo import DEMO, TINY, DemoSpec, DemoTraining, ensure_demo
 from evalharness.synthetic import DEMO_SPACINGS_MM
 from evalharness.training_config import PATCH_CONFIG_FIELDS
@@ -187,7 +187,7 @@ def test_new_store_gets_a_new_run_from_the_cache(built, no_training, tmp_path, m
         assert result.data_root == first.data_root
         (run,) = runs_in(other)
         assert run.info.run_id == result.run_id
-        assert run.data.tags[demo.MODEL_SHA_TAG] == sha
+        assert run.data.tags[demo_run.MODEL_SHA_TAG] == sha
     marker = json.loads(marker_path.read_text())
     assert marker["model_sha256"] == sha
     runs = marker["runs"]
@@ -256,7 +256,7 @@ def run_in_processes(cache: Path, uri: str, n: int) -> list[DemoTraining]:
     script = textwrap.dedent(
         f"""
         import json
-        from evalharness import demo
+        from evalharness import demo, demo_run
         result = demo.ensure_demo({str(cache)!r}, {uri!r}, spec=demo.TINY)
         print("RESULT " + json.dumps([result.run_id, str(result.data_root)]))
         """

@@ -44,27 +44,21 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
 from filelock import FileLock, Timeout
 
 from evalharness import tracking
+from evalharness.demo_run import log_training_run, run_is_usable
 from evalharness.demo_training import LABEL_PROBABILITIES, train_model
 from evalharness.synthetic import write_decathlon_dataset
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
 DEFAULT_CACHE_DIR = Path("outputs") / "demo"
 """Where `python -m evalharness` caches the demo (relative to the working directory)."""
 
 DEFAULT_EXPERIMENT = "evalharness-demo-training"
-RUN_NAME = "demo-training"
-KIND_TAG = "evalharness.kind"
-KIND = "demo-training"
-MODEL_SHA_TAG = "evalharness.demo.model_sha256"
 MARKER_NAME = "demo.json"
 MARKER_VERSION = 1
 
@@ -334,104 +328,19 @@ def write_split(data_root: Path, n_test: int) -> pd.DataFrame:
     return split
 
 
-# ---------------------------------------------------------------------------------------------
-# MLflow
-
-
-def _run_is_usable(client: MlflowClient, run_id: str | None, experiment: str, sha256: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return False
-    try:
-        run = client.get_run(run_id)
-        experiment_name = client.get_experiment(run.info.experiment_id).name
-    except MlflowException:
-        return False
-    return (
-        run.info.lifecycle_stage == "active"
-        and run.info.status == "FINISHED"
-        and experiment_name == experiment
-        and run.data.tags.get(MODEL_SHA_TAG) == sha256
-    )
-
-
 def _ensure_run(
     build_dir: Path, marker: dict[str, Any], tracking_uri: str, experiment: str, spec: DemoSpec
 ) -> str:
     """Run id of the demo training run in `tracking_uri`, logging it if the store lacks it."""
-
     client = tracking.prepare_store(tracking_uri)
     known = marker.get("runs", {}).get(tracking_uri, {}).get(experiment)
-    if _run_is_usable(client, known, experiment, marker["model_sha256"]):
+    if run_is_usable(client, known, experiment, marker["model_sha256"]):
         _progress(f"reusing training run {known} in {tracking_uri}")
         return known
-    run_id = _log_training_run(client, tracking_uri, build_dir, marker, experiment, spec)
+    run_id = log_training_run(
+        client, tracking_uri, build_dir, marker["model_sha256"], experiment, spec
+    )
+    _progress(f"logged training run {run_id} in {tracking_uri} (experiment {experiment!r})")
     marker.setdefault("runs", {}).setdefault(tracking_uri, {})[experiment] = run_id
     _write_json_atomic(build_dir / MARKER_NAME, marker)
-    return run_id
-
-
-def _log_training_run(
-    client: MlflowClient,
-    tracking_uri: str,
-    build_dir: Path,
-    marker: dict[str, Any],
-    experiment: str,
-    spec: DemoSpec,
-) -> str:
-    from mlflow.entities import Metric, Param, RunTag
-
-    experiment_id = tracking.experiment_id(client, tracking_uri, experiment)
-    data_root = build_dir / "data"
-    tags = {
-        KIND_TAG: KIND,
-        MODEL_SHA_TAG: marker["model_sha256"],
-        "evalharness.demo.data_root": str(data_root),
-        "evalharness.demo.split_file": str(data_root / "split.csv"),
-        "evalharness.demo.spec": json.dumps(spec.to_dict()),
-    }
-    run = client.create_run(experiment_id, run_name=RUN_NAME, tags=tags)
-    run_id = run.info.run_id
-    try:
-        config = json.loads((build_dir / "patch_config.json").read_text())
-        params = {f"patch_{k}": v for k, v in config.items()}
-        params |= {
-            "target_spacing": config["target_spacing"],
-            "apply_reorder": config["apply_reorder"],
-            "model_arch": "monai.networks.nets.UNet",
-            "model_channels": list(spec.channels),
-            "model_strides": list(spec.strides),
-            "model_num_res_units": 1,
-            "loss": "DiceCELoss(softmax=True, to_onehot_y=True)",
-            "optimizer": "Adam",
-            "learning_rate": spec.learning_rate,
-            "epochs": spec.epochs,
-            "batch_size": spec.batch_size,
-            "n_cases": spec.n_cases,
-            "n_test": spec.n_test,
-        }
-        history = json.loads((build_dir / "train_history.json").read_text())
-        now_ms = int(time.time() * 1000)
-        metrics = [
-            Metric(name, float(value), now_ms, step)
-            for name, values in history.items()
-            for step, value in enumerate(values)
-        ]
-        client.log_batch(
-            run_id,
-            params=[Param(k, str(v)) for k, v in params.items()],
-            tags=[RunTag("mlflow.source.name", "evalharness.demo")],
-        )
-        for start in range(0, len(metrics), 1000):  # MLflow's limit per batch
-            client.log_batch(run_id, metrics=metrics[start : start + 1000])
-        client.log_artifact(run_id, str(build_dir / "model" / "best_learner.pkl"), "model")
-        for name in ("patch_config.pkl", "patch_config.json"):
-            client.log_artifact(run_id, str(build_dir / name))
-        client.log_artifact(run_id, str(data_root / "split.csv"))
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    _progress(f"logged training run {run_id} in {tracking_uri} (experiment {experiment!r})")
     return run_id
