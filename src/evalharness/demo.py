@@ -2,7 +2,7 @@
 
 `ensure_demo` builds (once, cached) a small Decathlon-style dataset with
 `evalharness.synthetic`, trains a MONAI U-Net on it on the CPU and logs the result to an MLflow
-store laid out as a fastMONAI patch training run is:
+store (`evalharness.demo_run`) laid out as a fastMONAI patch training run is:
 
 - artifact ``model/best_learner.pkl``: ``torch.save`` of the whole network (a
   ``monai.networks.nets.UNet``; unpickling it needs nothing outside torch and MONAI),
