@@ -16,7 +16,8 @@ Measured in one process after one warm-up, `--repeats` times, interleaved:
   post-processed prediction on the native grid; no metrics), the model wrapped in a clock that
   also times its forward passes inside that very run (`forward_in_harness_seconds`);
 - a per-step breakdown of the same path (load, preprocess, sliding window less its forward
-  passes, forward passes, restore + decode, post-process (keep-largest)), timed step by step in another pass;
+  passes, forward passes, restore + decode (`native_labels`), post-process (keep-largest)),
+  timed step by step in another pass;
 - `metrics_seconds`, `monai_hd95_seconds` from `bench_metrics.measure_metrics` on the shape.
 
 Minimums are the headline figures, [min, max] ranges come along. `inference_overhead_ratio`
@@ -53,18 +54,19 @@ from monai.networks.nets import UNet
 from evalharness.components import keep_largest_component
 from evalharness.data import Case
 from evalharness.inference import (
-    decode,
     overlap_to_voxels,
     patch_starts,
     sliding_window_probs,
 )
 from evalharness.nifti_io import load_label, load_volume
-from evalharness.pipeline import load_case_inputs, predict, preprocess_settings
+from evalharness.pipeline import (
+    load_case_inputs,
+    native_labels,
+    predict,
+    preprocess_settings,
+)
 from evalharness.preprocess import (
-    PreparedImage,
     prepare_image,
-    restore_to_native,
-    restores_by_voxels,
 )
 from evalharness.settings import EffectiveSettings
 from evalharness.synthetic import make_case, write_nifti
@@ -227,7 +229,7 @@ def step_seconds(
         device=device,
     )
     forward_s = model.take_seconds()
-    restore_s, labels = timer(restore_and_decode, probs, prepared, settings.threshold)
+    restore_s, labels = timer(native_labels, probs, prepared, settings.threshold)
     del probs, prepared  # as `predict` does: bounds the breakdown's memory too
     postprocess_s, _ = timer(postprocess, labels)
     return {
@@ -238,14 +240,6 @@ def step_seconds(
         "restore_decode": restore_s,
         "postprocess": postprocess_s,
     }
-
-
-def restore_and_decode(probs: torch.Tensor, prepared: PreparedImage, threshold: float):
-    """Native-grid labels [X, Y, Z] as `predict` makes them: labels moved where restoring only
-    moves voxels, else probabilities restored, then decoded."""
-    if restores_by_voxels(prepared):
-        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
-    return decode(restore_to_native(probs, prepared), threshold).cpu().numpy()
 
 
 def postprocess(labels: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import tracemalloc
 
+import cc3d
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -68,21 +69,42 @@ def spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
     return results
 
 
-@pytest.fixture(params=["runs", "labelling"])
+def spy_cc3d(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """Record the shapes cc3d was asked to label (it still labels them)."""
+    shapes: list[tuple[int, ...]] = []
+    original = cc3d.connected_components
+
+    def recorded(data, *args, **kwargs):
+        shapes.append(data.shape)
+        return original(data, *args, **kwargs)
+
+    monkeypatch.setattr(cc3d, "connected_components", recorded)
+    return shapes
+
+
+@pytest.fixture(params=["runs", "cc3d", "scipy"])
 def path(request, monkeypatch):
-    """Force one path of keep_largest_component; afterwards check it was the one taken."""
+    """Force one path of keep_largest_component (the run graph, or labelling voxels with cc3d
+    or with scipy); afterwards check it was the one taken."""
     if request.param == "runs":
         monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 1.0)
         monkeypatch.setattr(components, "_CANDIDATES_PER_VOXEL", np.inf)
     else:
         monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
+        minimum = 0 if request.param == "cc3d" else np.inf
+        monkeypatch.setattr(components, "_CC3D_MIN_VOXELS", minimum)
     by_runs = spy(monkeypatch, "_largest_by_runs")
     by_labelling = spy(monkeypatch, "_largest_by_labelling")
+    by_cc3d = spy_cc3d(monkeypatch)
     yield request.param
     if request.param == "runs":
         assert by_runs and not by_labelling and all(r is not None for r in by_runs)
     else:
         assert by_labelling and not by_runs
+        if request.param == "scipy":
+            assert not by_cc3d
+        elif "one_voxel_wide" not in request.node.name:  # flat boxes never go to cc3d
+            assert by_cc3d
 
 
 def assert_keeps_the_largest(mask: np.ndarray) -> np.ndarray:
@@ -238,6 +260,20 @@ def test_too_many_candidate_run_pairs_fall_back_to_labelling(monkeypatch):
     mask[0, 0, :5] = True
     assert_keeps_the_largest(mask)
     assert by_runs == [None] and len(by_labelling) == 1
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 3, 3), (3, 3, 1), (1, 3, 3), (5, 5, 1), (63, 63, 1), (2, 63, 63), (9, 9, 9)]
+)
+def test_boxes_crowded_with_single_voxels_are_labelled(monkeypatch, shape):
+    """Dots two apart: as many components as a box can hold. cc3d 4.1 raises on several of
+    these small or flat boxes; keep-largest still answers (the first dot: all tie)."""
+    monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
+    monkeypatch.setattr(components, "_CC3D_MIN_VOXELS", 0)  # offer every box to cc3d
+    mask = np.zeros(shape, dtype=bool)
+    mask[::2, ::2, ::2] = True
+    largest = assert_keeps_the_largest(mask)
+    assert np.count_nonzero(largest) == 1 and largest.flat[0]
 
 
 def test_run_graph_memory_is_a_few_bytes_per_voxel():

@@ -158,6 +158,22 @@ def test_prepare_image_equals_the_torchio_chain(
     assert np.array_equal(prepared.affine, expected_affine)
 
 
+def test_uint32_image_is_reoriented_though_torchio_refuses_its_int64(tmp_path):
+    """TorchIO widens uint32 voxels to int64, which its ToCanonical refuses; the view-based
+    reorientation takes them, giving the RAS+ voxels cast to float32 and normalised."""
+    values = np.arange(8 * 7 * 6, dtype=np.uint32).reshape(8, 7, 6) * 1000 + 4_000_000_000
+    path = tmp_path / "u32.nii.gz"
+    write_nifti(path, values, affine_from_axcodes("LPS", TARGET_MM, values.shape))
+    with pytest.raises(ValueError, match="int64"):
+        tio.ToCanonical()(tio.ScalarImage(path))
+    prepared = prepare_image(path, settings(min_shape=None))
+    ras = torch.from_numpy(values[::-1, ::-1, :].astype(np.float32))  # L, P flipped; S stays
+    expected = (ras - ras.mean()) / ras.std()  # TorchIO's float32 z-normalisation
+    assert prepared.tensor.shape == (1, 8, 7, 6)
+    assert nib.aff2axcodes(prepared.affine) == ("R", "A", "S")
+    assert torch.equal(prepared.tensor[0], expected)
+
+
 def test_c_order_copy_of_any_layout():
     data = np.random.default_rng(0).integers(-999, 999, size=(2, 9, 8, 7)).astype(np.int16)
     for view in (

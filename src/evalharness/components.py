@@ -28,6 +28,7 @@ from evalharness.metrics import as_mask, bounding_box
 
 _MAX_RUNS_PER_VOXEL = 1 / 48  # more runs than this (speckle): label voxels, skip the runs
 _CANDIDATES_PER_VOXEL = 0.2  # run pairs to check per voxel as costly as labelling (cc3d)
+_CC3D_MIN_VOXELS = 1 << 12  # smaller boxes: scipy labels them as fast
 _BINCOUNT_CHUNK = 1 << 22  # labels counted at a time (32 MiB of int64)
 
 
@@ -153,20 +154,31 @@ def _run_components(
 
 def _largest_by_labelling(boxed: np.ndarray) -> np.ndarray:
     """Bool like `boxed` [X, Y, Z]: its largest component (the first in raster order on a tie),
-    by labelling voxels. cc3d numbers components in memory order, so a C-ordered copy makes
-    that the [X, Y, Z] raster order. cc3d 4.1 fails on lines (1 x 1 x N and its turns: its
-    union-find table is sized too small), which scipy labels (same numbering) instead."""
-    if sum(n > 1 for n in boxed.shape) < 2:
-        labels, n_components = ndimage.label(boxed, structure=np.ones((3, 3, 3), dtype=bool))
-    else:
-        labels, n_components = cc3d.connected_components(
-            np.ascontiguousarray(boxed), connectivity=26, return_N=True
-        )
+    by labelling voxels (`_label`)."""
+    labels, n_components = _label(boxed)
     if n_components == 1:  # dense speckle percolates: one component, nothing to count
         return boxed
     sizes = _component_sizes(labels, n_components)
     sizes[0] = 0
     return labels == np.argmax(sizes)
+
+
+def _label(boxed: np.ndarray) -> tuple[np.ndarray, int]:
+    """(labels 1..n in [X, Y, Z] raster order, n) of the 26-connected components of `boxed`.
+
+    cc3d numbers components in memory order, so a C-ordered copy makes that raster order.
+    cc3d 4.1 sizes its union-find table too small for some small or flat boxes crowded with
+    components (1 x 1 x N lines, eight corners of 3 x 3 x 3, dots two apart in 3 x 3 x 1) and
+    raises; scipy (the same numbering) labels those, and any box cc3d refuses.
+    """
+    if min(boxed.shape) > 1 and boxed.size >= _CC3D_MIN_VOXELS:
+        try:
+            return cc3d.connected_components(
+                np.ascontiguousarray(boxed), connectivity=26, return_N=True
+            )
+        except RuntimeError:
+            pass
+    return ndimage.label(boxed, structure=np.ones((3, 3, 3), dtype=bool))
 
 
 def _component_sizes(labels: np.ndarray, n_components: int) -> np.ndarray:

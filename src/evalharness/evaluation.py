@@ -94,41 +94,35 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
 
 
 def prepare(
-    cfg: DictConfig,
-    tracking_uri: str,
-    load_model: ModelLoader = load_resolved_model,
-    planned: Plan | None = None,
+    cfg: DictConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
 ) -> Evaluation:
-    """`plan` (unless `planned` is given, made from the same `cfg`), then load the model,
-    probe its channels on the device and run the config checks.
-
-    `load_model` is the injection point for a model cache shared by a sweep's jobs.
-    """
-    p = planned or plan(cfg, tracking_uri)
-    loaded = load_model(p.resolved, OmegaConf.to_container(cfg.model, resolve=True))
-    training = p.resolved.training_config
-    device = resolve_device(p.settings.device)
+    """After `plan(cfg, ...)`: load the model, probe its channels on the device and run the
+    config checks. `load_model` is the injection point for a sweep's shared model cache."""
+    loaded = load_model(planned.resolved, OmegaConf.to_container(cfg.model, resolve=True))
+    training = planned.resolved.training_config
+    settings = planned.settings
+    device = resolve_device(settings.device)
     loaded.network.to(device).eval()
-    n_in, n_out = probe_channels(loaded.network, p.settings.patch_size_vox, device)
+    n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
     findings = config_mismatches(
-        p.settings,
+        settings,
         training.values,
         training.source,
-        p.assumed,
+        planned.assumed,
         n_output_channels=n_out,
-        dataset_labels=sorted(p.dataset.label_names),
+        dataset_labels=sorted(planned.dataset.label_names),
         output_contract=training.output,
     )
     return Evaluation(
-        p.resolved,
+        planned.resolved,
         loaded,
-        p.settings,
-        p.assumed,
-        p.dataset,
+        settings,
+        planned.assumed,
+        planned.dataset,
         device,
         n_out,
         findings,
-        p.config_hash,
+        planned.config_hash,
         n_in,
     )
 

@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 import torchio as tio
-from isal import isal_zlib
+from isal import igzip, isal_zlib
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from torchio.data.io import check_uint_to_int, get_ras_affine_from_sitk, sitk_to_nib
@@ -93,9 +93,19 @@ def read_nifti_fast(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
                 return _read_verbatim(path, stream, reader)
         # the whole compressed file in memory: one call decompresses it with the GIL released
         # (from a file object, every 512 KiB read would take the GIL back)
-        return _read_verbatim(path, isal_zlib._GzipReader(path.read_bytes()), reader)
-    except (OSError, ValueError, isal_zlib.error):  # e.g. corrupt data: SimpleITK says what
+        return _read_verbatim(path, _gunzipped(path.read_bytes()), reader)
+    except (OSError, ValueError, EOFError, isal_zlib.error):  # corrupt: SimpleITK says what
         return None
+
+
+def _gunzipped(compressed: bytes) -> _Stream:
+    """A reader of the decompressed bytes of a gzip file. python-isal's one-shot reader (what
+    `igzip.decompress` uses; private) fills the voxel array directly; should a release drop
+    it, the public call decompresses to bytes first (one more copy)."""
+    reader = getattr(isal_zlib, "_GzipReader", None)
+    if reader is not None:
+        return reader(compressed)
+    return io.BytesIO(igzip.decompress(compressed))
 
 
 def _simpleitk_header(path: Path) -> sitk.ImageFileReader | None:

@@ -124,7 +124,8 @@ def predict(
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
 ) -> CasePrediction:
-    """Sliding-window probabilities, restored to the native grid, decoded and post-processed.
+    """Sliding-window probabilities, decoded to labels on the native grid (`native_labels`),
+    post-processed (keep-largest-component for up to two classes).
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
     go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
@@ -139,17 +140,8 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
-    # Each volume-sized buffer goes as soon as it is used: bounds peak memory. Decoding is per
-    # voxel, so where restoring only moves voxels, labels move instead of probabilities.
-    if restores_by_voxels(prepared):
-        labels = restore_to_native(decode(probs, settings.threshold)[None], prepared)[0]
-        del probs
-    else:
-        native_probs = restore_to_native(probs, prepared)
-        del probs
-        labels = decode(native_probs, settings.threshold)
-        del native_probs
-    labels = labels.cpu().numpy()  # uint8 up to 256 classes
+    labels = native_labels(probs, prepared, settings.threshold)
+    del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)
     t2 = time.perf_counter()
@@ -158,6 +150,17 @@ def predict(
         n_channels=n_channels,
         timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
     )
+
+
+def native_labels(probs: torch.Tensor, prepared: PreparedImage, threshold: float) -> np.ndarray:
+    """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
+    [K, X', Y', Z'] on the model grid. Decoding is per voxel, so where restoring only moves
+    voxels (`restores_by_voxels`) the labels are moved instead of the probabilities: the same
+    result for a fraction of the bytes. Intermediate volumes are dropped as soon as used."""
+    if restores_by_voxels(prepared):
+        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
+    native_probs = restore_to_native(probs, prepared)
+    return decode(native_probs, threshold).cpu().numpy()
 
 
 def _sliding_window(

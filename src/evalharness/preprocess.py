@@ -3,14 +3,18 @@
 Forward (`prepare_image`) runs the very TorchIO transforms fastMONAI's `PatchInferenceEngine`
 runs, in the same order and dtypes, so the tensor the model sees is bit-for-bit the training
 side's: read as `tio.ScalarImage(path)` reads (`nifti_io`), `ToCanonical` (RAS+) when
-`apply_reorder`, `Resample(target_spacing)` (linear, SimpleITK, in the file's dtype; skipped
-when the spacing already matches, as fastMONAI's `med_img_reader` does), cast to float32,
-intensity normalisation from the training spec dicts (ZNormalization over all voxels computed
-directly, bit-identical to TorchIO's and faster), and symmetric `CropOrPad` up to the patch size.
+`apply_reorder` (its nibabel calls, as a view instead of a copy; unlike TorchIO's it also takes
+the int64 voxels TorchIO makes of uint32 files), `Resample(target_spacing)` (linear,
+SimpleITK, in the file's dtype; skipped when the spacing already matches, as fastMONAI's
+`med_img_reader` does), cast to float32, intensity normalisation from the training spec dicts
+(ZNormalization over all voxels computed directly, bit-identical to TorchIO's and faster), and
+symmetric `CropOrPad` up to the patch size.
 
 Inverse (`restore_to_native`) deliberately differs from fastMONAI: it resamples class
 *probabilities* (trilinear, one step: native voxel -> world -> model voxel) and leaves decoding
-to the caller, which scores higher than resampling decoded labels (see DESIGN.md).
+to the caller, which scores higher than resampling decoded labels (see DESIGN.md). Where the
+native grid is the model grid's voxels reoriented or padded (`restores_by_voxels`), it moves
+decoded labels instead: the same result, no interpolation either way.
 """
 
 from __future__ import annotations
@@ -368,7 +372,8 @@ def _restore_general(
 
 @torch.inference_mode()
 def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
-    """[K, X', Y', Z'] probabilities on the model grid → [K, X, Y, Z] float32 on the native grid.
+    """[K, X', Y', Z'] probabilities on the model grid → [K, X, Y, Z] float32 on the native grid
+    (or a label map, moved: see the end).
 
     One trilinear resampling step through native voxel -> world -> model voxel, on `probs`'s
     device, in slabs along native X so memory stays bounded. Axis-aligned grids (reorientation

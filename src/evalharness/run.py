@@ -165,10 +165,7 @@ def _evaluate(
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
         return Outcome(EXIT_OK, done, skipped=True)
-    if cache:
-        ev = prepare(cfg, uri, cache.load_model, planned)
-    else:
-        ev = prepare(cfg, uri, planned=planned)
+    ev = prepare(cfg, planned, cache.load_model) if cache else prepare(cfg, planned)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if cfg.run.resume:
         previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
