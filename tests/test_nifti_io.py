@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import torch
 import torchio as tio
 from conftest import FIXTURE
+from isal import isal_zlib
 from torchio.data.io import sitk_to_nib
 
 from evalharness.errors import CaseError
@@ -370,6 +371,21 @@ def test_non_finite_voxels_raise_as_before(tmp_path, suffix, dtype, value):
 def test_fixture_images_of_a_real_training_run(kind, case):
     path = FIXTURE / "Task02_HeartSynth" / kind / f"{case}.nii.gz"
     assert_reads_like_torchio(path, fast=True)
+
+
+def test_without_isals_private_reader_the_public_call_serves(tmp_path, monkeypatch):
+    """Should a python-isal release drop `_GzipReader`, .nii.gz files still take the fast road
+    (through `igzip.decompress`), and a cut file still fails with the reference message."""
+    monkeypatch.delattr(isal_zlib, "_GzipReader")
+    path = write(tmp_path / "v.nii.gz", volume(np.float32))
+    assert_reads_like_torchio(path, fast=True)
+    raw = write(tmp_path / "whole.nii", volume(np.float32, (40, 30, 20))).read_bytes()
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    message = reference_error(cut)
+    with pytest.raises(CaseError) as error:
+        read_image(cut)
+    assert str(error.value) == message
 
 
 def test_result_is_writable_and_owns_no_shared_buffer(tmp_path):
