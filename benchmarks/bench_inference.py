@@ -51,25 +51,25 @@ import torch
 from bench_metrics import measure_metrics
 from monai.networks.nets import UNet
 
-from evalharness.components import keep_largest_component
-from evalharness.data import Case
-from evalharness.inference import (
-    overlap_to_voxels,
-    patch_starts,
-    sliding_window_probs,
-)
-from evalharness.nifti_io import load_label, load_volume
-from evalharness.pipeline import (
+from evalharness.config.settings import EffectiveSettings
+from evalharness.data.datasets import Case
+from evalharness.data.nifti_io import load_label, load_volume
+from evalharness.demo.synthetic import make_case, write_nifti
+from evalharness.predict.components import keep_largest_component
+from evalharness.predict.pipeline import (
     load_case_inputs,
     native_labels,
     predict,
     preprocess_settings,
 )
-from evalharness.preprocess import (
+from evalharness.predict.preprocess import (
     prepare_image,
 )
-from evalharness.settings import EffectiveSettings
-from evalharness.synthetic import make_case, write_nifti
+from evalharness.predict.sliding_window import (
+    overlap_to_voxels,
+    patch_starts,
+    sliding_window_probs,
+)
 
 SPACING_MM = (1.25, 1.25, 1.37)
 AXCODES = "LPS"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_hausdorff_distance
 
-from evalharness.metrics import label_metrics
+from evalharness.score.metrics import label_metrics
 
 SPACING_MM = (1.25, 1.25, 1.37)
 SHIFT_VOX = 2

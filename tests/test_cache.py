@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from evalharness.cache import Counters, SizedLRU, SweepCache
-from evalharness.data import Case
-from evalharness.preprocess import PreprocessSettings
-from evalharness.synthetic import write_nifti
+from evalharness.data.datasets import Case
+from evalharness.demo.synthetic import write_nifti
+from evalharness.predict.preprocess import PreprocessSettings
+from evalharness.sweep.cache import Counters, SizedLRU, SweepCache
 
 
 def test_lru_drops_the_least_recently_used_beyond_the_byte_budget() -> None:

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from evalharness.checks import config_mismatches, overlap_voxels
-from evalharness.mismatches import Mismatch, has_errors
-from evalharness.settings import EffectiveSettings
+from evalharness.checks.config_checks import config_mismatches, overlap_voxels
+from evalharness.checks.mismatches import Mismatch, has_errors
+from evalharness.config.settings import EffectiveSettings
 
 ZNORM = {"name": "ZNormalization", "masking_method": None, "channel_wise": True}
 CONTRACT = {"activation": "softmax", "decision": "argmax", "classes": [0, 1]}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evalharness import components
-from evalharness.components import keep_largest_component
+from evalharness.predict import components
+from evalharness.predict.components import keep_largest_component
 
 DIRECTIONS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
 

@@ -11,9 +11,9 @@ from monai.apps import DecathlonDataset
 from omegaconf import OmegaConf
 from sklearn.model_selection import train_test_split
 
-from evalharness.data import Case, load_dataset
+from evalharness.data.datasets import Case, load_dataset
+from evalharness.demo.synthetic import write_nifti
 from evalharness.errors import ConfigError, DataError
-from evalharness.synthetic import write_nifti
 
 FIXTURE = Path(__file__).parent / "data" / "fastmonai-0.12-binary"
 HEART = FIXTURE / "Task02_HeartSynth"

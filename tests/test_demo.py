@@ -20,10 +20,11 @@ from mlflow import MlflowClient
 from monai.networks.nets import UNet
 from sklearn.model_selection import train_test_split
 
-from evalharness import demo, demo_run
-from evalharness.demo import DEMO, TINY, DemoSpec, DemoTraining, ensure_demo
-from evalharness.synthetic import DEMO_SPACINGS_MM
-from evalharness.training_config import PATCH_CONFIG_FIELDS
+from evalharness.demo import build as demo
+from evalharness.demo import training_run as demo_run
+from evalharness.demo.build import DEMO, TINY, DemoSpec, DemoTraining, ensure_demo
+from evalharness.demo.synthetic import DEMO_SPACINGS_MM
+from evalharness.model.training_config import PATCH_CONFIG_FIELDS
 
 SRC = Path(demo.__file__).resolve().parents[1]
 PATCH_FIELDS = (*PATCH_CONFIG_FIELDS, "sampler_type", "samples_per_volume")
@@ -256,7 +257,8 @@ def run_in_processes(cache: Path, uri: str, n: int) -> list[DemoTraining]:
     script = textwrap.dedent(
         f"""
         import json
-        from evalharness import demo, demo_run
+        from evalharness.demo import build as demo
+        from evalharness.demo import training_run as demo_run
         result = demo.ensure_demo({str(cache)!r}, {uri!r}, spec=demo.TINY)
         print("RESULT " + json.dumps([result.run_id, str(result.data_root)]))
         """

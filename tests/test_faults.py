@@ -29,8 +29,8 @@ from tiny import (
 )
 
 from evalharness.errors import CaseError
-from evalharness.memory import MB, aggregation_bytes, plan_buffers, plan_for
-from evalharness.tracking import prepare_store
+from evalharness.predict.memory import MB, aggregation_bytes, plan_buffers, plan_for
+from evalharness.track.tracking import prepare_store
 
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")

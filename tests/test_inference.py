@@ -14,11 +14,16 @@ import pytest
 import torch
 import torchio as tio
 
-from evalharness.cases import LoopOptions, _save_prediction
-from evalharness.components import keep_largest_component
-from evalharness.data import Case
+from evalharness.config.settings import EffectiveSettings
+from evalharness.data.datasets import Case
+from evalharness.data.nifti_io import load_label
+from evalharness.demo.synthetic import write_nifti
 from evalharness.errors import ConfigError
-from evalharness.inference import (
+from evalharness.evaluation.case_loop import LoopOptions, _save_prediction
+from evalharness.predict.components import keep_largest_component
+from evalharness.predict.pipeline import CaseInputs, predict, preprocess_settings
+from evalharness.predict.preprocess import PreprocessSettings, prepare_image, restore_to_native
+from evalharness.predict.sliding_window import (
     blending_window,
     decode,
     overlap_to_voxels,
@@ -26,11 +31,6 @@ from evalharness.inference import (
     resolve_device,
     sliding_window_probs,
 )
-from evalharness.nifti_io import load_label
-from evalharness.pipeline import CaseInputs, predict, preprocess_settings
-from evalharness.preprocess import PreprocessSettings, prepare_image, restore_to_native
-from evalharness.settings import EffectiveSettings
-from evalharness.synthetic import write_nifti
 
 CPU = torch.device("cpu")
 FIXTURE = Path(__file__).parent / "data" / "fastmonai-0.12-binary"

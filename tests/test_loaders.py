@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from evalharness.errors import SourceError
-from evalharness.loaders import load_model_file
+from evalharness.model.loaders import load_model_file
 
 RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
 LEARNER = RUN / "model" / "best_learner.pkl"

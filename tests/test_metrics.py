@@ -17,7 +17,7 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-from evalharness.metrics import (
+from evalharness.score.metrics import (
     LOWER_IS_BETTER,
     METRIC_NAMES,
     case_metrics,

@@ -9,14 +9,14 @@ import numpy as np
 from test_checks import check, settings
 from test_probes import asymmetric
 
-from evalharness.mismatches import (
+from evalharness.checks.mismatches import (
     Mismatch,
     format_table,
     report_json,
     report_tags,
     summary_line,
 )
-from evalharness.probes import mirror_probe, spacing_check
+from evalharness.checks.probes import mirror_probe, spacing_check
 
 
 def sample_entries() -> list[Mismatch]:

@@ -21,15 +21,15 @@ from conftest import FIXTURE
 from isal import isal_zlib
 from torchio.data.io import sitk_to_nib
 
-from evalharness.errors import CaseError
-from evalharness.nifti_io import (
+from evalharness.data.nifti_io import (
     _read_with_simpleitk,
     load_label,
     load_volume,
     read_image,
     read_nifti_fast,
 )
-from evalharness.synthetic import affine_from_axcodes
+from evalharness.demo.synthetic import affine_from_axcodes
+from evalharness.errors import CaseError
 
 SHAPE = (7, 6, 5)
 SPACING = (0.9, 1.3, 2.1)

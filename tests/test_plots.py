@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from evalharness import comparison_plots, plots
-from evalharness.synthetic import make_case
+from evalharness.demo.synthetic import make_case
+from evalharness.plots import case_plots as plots
+from evalharness.plots import comparison_plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRICS = ("dsc", "hd95_mm", "sens", "ldr", "rve")

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torchio as tio
 
+from evalharness.data.nifti_io import load_label
+from evalharness.demo.synthetic import affine_from_axcodes, make_case, write_nifti
 from evalharness.errors import ConfigError
-from evalharness.inference import decode
-from evalharness.nifti_io import load_label
-from evalharness.preprocess import (
+from evalharness.predict.preprocess import (
     PreparedImage,
     PreprocessSettings,
     _c_order_copy,
@@ -24,7 +24,7 @@ from evalharness.preprocess import (
     restore_to_native,
     restores_by_voxels,
 )
-from evalharness.synthetic import affine_from_axcodes, make_case, write_nifti
+from evalharness.predict.sliding_window import decode
 
 FOV_MM = (60.0, 60.0, 40.0)
 TARGET_MM = (1.25, 1.25, 1.37)

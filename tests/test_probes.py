@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evalharness import probes
-from evalharness.probes import header_check, mirror_probe, spacing_check
+from evalharness.checks import probes
+from evalharness.checks.probes import header_check, mirror_probe, spacing_check
 
 # ---------------------------------------------------------------------------------- mirror
 

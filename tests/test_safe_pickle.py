@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evalharness.errors import SourceError
-from evalharness.safe_pickle import is_placeholder, load_data_pickle, load_model_pickle
+from evalharness.model.safe_pickle import is_placeholder, load_data_pickle, load_model_pickle
 
 RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
 

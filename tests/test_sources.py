@@ -14,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from evalharness.errors import SourceError
-from evalharness.loaders import load_model_file
-from evalharness.sources import normalise_artifact_path, resolve_model
+from evalharness.model.loaders import load_model_file
+from evalharness.model.sources import normalise_artifact_path, resolve_model
 
 RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
 LEARNER = RUN / "model" / "best_learner.pkl"

@@ -24,9 +24,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from evalharness import tracking
-from evalharness.comparison import JobRecord, RunData, compare, direction
-from evalharness.sweep import SweepCallback, SweepState, close_orphaned_parents, setting_of
+from evalharness.score.comparison import JobRecord, RunData, compare, direction
+from evalharness.sweep.callback import SweepCallback, SweepState, close_orphaned_parents, setting_of
+from evalharness.track import tracking
 
 GRID = ("patch.overlap=0.25,0.5", "inference.aggregation=hann,average")
 GRID_NAMES = {

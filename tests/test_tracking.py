@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from evalharness import tracking
+from evalharness.track import tracking
 
 
 def test_local_store_uris_are_made_absolute(tmp_path: Path, monkeypatch) -> None:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from evalharness.errors import SourceError
-from evalharness.safe_pickle import load_data_pickle
-from evalharness.training_config import (
+from evalharness.model.safe_pickle import load_data_pickle
+from evalharness.model.training_config import (
     PATCH_CONFIG_FIELDS,
     parse_patch_config,
     read_safetensors_metadata,

@@ -20,9 +20,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from evalharness.config import register_configs
-from evalharness.run import Outcome, evaluate
-from evalharness.synthetic import affine_from_axcodes, write_nifti
+from evalharness.config.schema import register_configs
+from evalharness.demo.synthetic import affine_from_axcodes, write_nifti
+from evalharness.evaluation.run import Outcome, evaluate
 
 CONF = REPO / "src" / "evalharness" / "conf"
 SHAPE = (12, 10, 8)

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from evalharness.config import register_configs
+from evalharness.config.schema import register_configs
 
 register_configs()
 
@@ -19,11 +19,11 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> Any:
     """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
-    from evalharness.run import evaluate
+    from evalharness.evaluation.run import evaluate
 
     hydra_cfg = HydraConfig.get()
     if hydra_cfg.mode == RunMode.MULTIRUN:
-        from evalharness.sweep import evaluate_job
+        from evalharness.sweep.callback import evaluate_job
 
         return evaluate_job(cfg, hydra_cfg)
     code = evaluate(cfg, Path(hydra_cfg.runtime.output_dir)).code

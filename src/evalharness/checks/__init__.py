@@ -1,0 +1,1 @@
+"""Preprocessing checks: config-level mismatches, data probes, the mismatch record."""

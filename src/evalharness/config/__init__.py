@@ -1,0 +1,1 @@
+"""Configuration: the schema Hydra composes, its validation, the effective settings."""

@@ -1,0 +1,1 @@
+"""The cases of a split and NIfTI reading and writing."""

@@ -1,0 +1,1 @@
+"""The embedded demo: builds a synthetic dataset and training run, then evaluates it."""

@@ -1,0 +1,1 @@
+"""One evaluation: plan, prepare, the case loop, the MLflow run around them."""

@@ -1,0 +1,64 @@
+"""The outputs folder: checked before anything is written there, by Hydra or by the harness.
+
+Hydra creates `hydra.run.dir` (or `hydra.sweep.dir`) before the task starts and reports a
+failure with a traceback; `OutputsCheck`, a Hydra callback, checks the folder first and ends
+with one line and a FAILED run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from evalharness.errors import ConfigError
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why `folder` cannot be created or written, or None; creates nothing.
+
+    Looks at the nearest existing ancestor: a regular file there, or a folder without write
+    access (`os.access`, which also sees read-only file systems), stops the folder.
+    """
+    for existing in (folder, *folder.parents):
+        if not existing.exists():
+            continue
+        if not existing.is_dir():
+            return f"{existing} is not a folder"
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return f"{existing} is not writable"
+        return None
+    return None
+
+
+def check_outputs_folder(folder: Path, key: str) -> None:
+    """`ConfigError` naming `key` when `folder` cannot hold the outputs."""
+    reason = unwritable_reason(Path(folder).absolute())
+    if reason is not None:
+        raise ConfigError(
+            f"{key}={folder}: cannot write the outputs there ({reason}); "
+            "expected a folder that can be created and written"
+        )
+
+
+class OutputsCheck(Callback):
+    """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config, "hydra.sweep.dir")
+
+
+def _check_or_exit(config: DictConfig, key: str) -> None:
+    try:
+        check_outputs_folder(Path(str(OmegaConf.select(config, key))), key)
+    except ConfigError as error:
+        from evalharness.evaluation.run import record_failure
+
+        sys.exit(record_failure(config, error).code)

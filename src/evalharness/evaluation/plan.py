@@ -1,0 +1,177 @@
+"""Everything an evaluation needs before its first case: sources, settings, cases, checks.
+
+`plan` fetches the model file (cached) and the training configuration, merges the settings and
+lists the cases: all that the configuration hash depends on, without loading the model, so a
+sweep can skip a finished setting cheaply. `prepare` then loads the model, probes its channels
+and runs the config checks. Neither writes to MLflow, so the shell can decide (resume, skip,
+fail) before a run exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from evalharness.checks.config_checks import config_mismatches
+from evalharness.checks.mismatches import Mismatch
+from evalharness.config.schema import validate
+from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
+from evalharness.data.datasets import Dataset, load_dataset
+from evalharness.model.loaders import LoadedModel, load_model_file
+from evalharness.model.sources import ResolvedModel, resolve_model
+from evalharness.predict.pipeline import probe_channels
+from evalharness.predict.sliding_window import resolve_device
+
+
+@dataclass
+class Evaluation:
+    """The resolved inputs of one evaluation (one configuration, one model, one case list)."""
+
+    resolved: ResolvedModel
+    loaded: LoadedModel
+    settings: EffectiveSettings
+    assumed: dict[str, Any]
+    dataset: Dataset
+    device: torch.device
+    n_output_channels: int
+    findings: list[Mismatch]
+    config_hash: str
+    n_input_channels: int = 1
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.network
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What decides an evaluation's configuration hash, found without loading the model."""
+
+    resolved: ResolvedModel
+    settings: EffectiveSettings
+    assumed: dict[str, Any]
+    dataset: Dataset
+    config_hash: str
+
+
+ModelLoader = Callable[[ResolvedModel, dict], LoadedModel]
+
+
+def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel:
+    """Load the resolved model file with the `model.*` loading options."""
+    return load_model_file(
+        resolved.local_path,
+        arch=model_cfg["arch"],
+        allow_globals=list(model_cfg["allow_globals"]),
+        trust_pickle=bool(model_cfg["trust_pickle"]),
+    )
+
+
+def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
+    """Validate `cfg`, fetch the model file and the training config, merge settings, list
+    cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
+    validate(cfg)
+    if cfg.data.name == "demo":
+        attach_demo(cfg, tracking_uri)
+    cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
+    settings, assumed, _ = resolve_settings(cfg, resolved.training_config.values)
+    dataset = load_dataset(cfg.data)
+    config_hash = stable_hash(
+        {
+            "settings": settings.as_params(),
+            "model": resolved.sha256,
+            "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
+        }
+    )
+    return Plan(resolved, settings, assumed, dataset, config_hash)
+
+
+def prepare(
+    cfg: DictConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
+) -> Evaluation:
+    """After `plan(cfg, ...)`: load the model, probe its channels on the device and run the
+    config checks. `load_model` is the injection point for a sweep's shared model cache."""
+    loaded = load_model(planned.resolved, OmegaConf.to_container(cfg.model, resolve=True))
+    training = planned.resolved.training_config
+    settings = planned.settings
+    device = resolve_device(settings.device)
+    loaded.network.to(device).eval()
+    n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
+    findings = config_mismatches(
+        settings,
+        training.values,
+        training.source,
+        planned.assumed,
+        n_output_channels=n_out,
+        dataset_labels=sorted(planned.dataset.label_names),
+        output_contract=training.output,
+    )
+    return Evaluation(
+        planned.resolved,
+        loaded,
+        settings,
+        planned.assumed,
+        planned.dataset,
+        device,
+        n_out,
+        findings,
+        planned.config_hash,
+        n_in,
+    )
+
+
+def attach_demo(cfg: DictConfig, tracking_uri: str) -> None:
+    """Build (or reuse) the demo's data and training run and point the config at them."""
+    from evalharness.demo.build import DEMO, TINY, ensure_demo
+
+    cache = Path(cfg.demo.cache_dir or Path.cwd() / "outputs" / "demo")
+    demo = ensure_demo(cache, tracking_uri, spec=TINY if cfg.demo.size == "tiny" else DEMO)
+    with open_dict(cfg):
+        cfg.data.root = str(demo.data_root)
+        if cfg.data.split.method == "file" and cfg.data.split.file is None:
+            cfg.data.split.file = str(demo.split_file)
+        if not any(cfg.model.get(k) for k in ("run_id", "path", "uri", "run_name")):
+            cfg.model.run_id = demo.run_id
+
+
+def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
+    """Labels to score: the dataset's named foreground labels, else those the model outputs."""
+    named = sorted(k for k in dataset.label_names if k != 0)
+    if named:
+        return named
+    return [1] if n_channels == 1 else list(range(1, n_channels))
+
+
+def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
+    """Provenance tags of an evaluation run."""
+    resolved = ev.resolved
+    return {
+        "evalharness.training_run_id": resolved.training_run_id or "",
+        "evalharness.training_run_name": resolved.training_run_name or "",
+        "evalharness.training_experiment": resolved.training_experiment or "",
+        "evalharness.model_uri": resolved.artifact_uri or str(resolved.local_path),
+        "evalharness.model_sha256": resolved.sha256,
+        "evalharness.model_downloaded": str(resolved.downloaded).lower(),
+        "evalharness.model_loader": ev.loaded.loader,
+        "evalharness.trust_pickle": str(bool(cfg.model.trust_pickle)).lower(),
+        "evalharness.training_config_source": resolved.training_config.source,
+        "evalharness.assumed": ", ".join(sorted(ev.assumed)) or "none",
+        "evalharness.config_hash": ev.config_hash,
+        "evalharness.device": str(ev.device),
+    }
+
+
+def run_params(cfg: DictConfig, ev: Evaluation) -> dict[str, Any]:
+    """The flattened resolved config plus the `effective.*` values."""
+    from evalharness.track.tracking import flatten
+
+    params = flatten(OmegaConf.to_container(cfg, resolve=True))
+    params.update({f"effective.{k}": v for k, v in ev.settings.as_params().items()})
+    return params

@@ -1,0 +1,300 @@
+"""The evaluation shell: one MLflow run per configuration, resumable, never left RUNNING.
+
+Order of work: plan (model file, training config, settings, cases: the configuration hash) →
+look for earlier runs of the same hash (skip a finished one in a sweep, before the model is
+loaded; resume the finished cases of a killed or failed one) → prepare (load the model, probe
+its channels, config checks) → create the run → cases → results. Any failure marks the run
+FAILED with the reason as the tag `evalharness.error`, and keeps every case already written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.entities import Run
+from omegaconf import DictConfig, OmegaConf
+from requests import RequestException
+
+from evalharness.checks.mismatches import (
+    REPORT_ARTIFACT,
+    Mismatch,
+    format_table,
+    report_json,
+    report_tags,
+)
+from evalharness.errors import ConfigError, HarnessError, one_line
+from evalharness.evaluation.case_loop import LoopOptions, run_cases
+from evalharness.evaluation.outputs import check_outputs_folder
+from evalharness.evaluation.plan import Evaluation, plan, prepare, run_params, run_tags
+from evalharness.predict.pipeline import load_case_inputs
+from evalharness.score.table import CaseTable
+from evalharness.sweep.cache import SweepCache
+from evalharness.track import tracking
+from evalharness.track.report import log_results, print_summary
+
+EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
+log = logging.getLogger(__name__)
+KEPT_STATUSES = ("ok", "no_label")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one evaluation ended: exit code, its run (or the finished one it skipped to)."""
+
+    code: int
+    run_id: str | None
+    skipped: bool = False
+
+
+def tracking_uri_of(cfg: DictConfig) -> str:
+    """The evaluation store's URI, local paths made absolute."""
+    uri = cfg.mlflow.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+    return tracking.absolute_tracking_uri(uri)
+
+
+class _LazyRun:
+    """The evaluation run, created on first need so an early failure still gets one."""
+
+    def __init__(self, client: Any, experiment_id: str, cfg: DictConfig, parent: str | None):
+        self.client, self.experiment_id = client, experiment_id
+        self.name = cfg.mlflow.run_name
+        self.tags = {
+            "evalharness.kind": "evaluation",
+            "evalharness.pid": str(os.getpid()),
+            "evalharness.host": socket.gethostname(),
+        }
+        if parent is not None:
+            self.tags["mlflow.parentRunId"] = parent
+        self.run_id: str | None = None
+
+    def ensure(self) -> str:
+        if self.run_id is None:
+            self.run_id = tracking.create_run(self.client, self.experiment_id, self.name, self.tags)
+        return self.run_id
+
+
+def evaluate(
+    cfg: DictConfig,
+    output_dir: Path,
+    parent_run_id: str | None = None,
+    skip_finished: bool = False,
+    cache: SweepCache | None = None,
+) -> Outcome:
+    """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
+
+    `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep.
+    """
+    uri = tracking_uri_of(cfg)
+    try:
+        client = tracking.prepare_store(uri)
+        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
+    except Exception as error:  # the store itself is unusable: there is no run to mark
+        print(f"error: {_store_error(uri, error)}", file=sys.stderr)
+        return Outcome(EXIT_ERROR, None)
+    run = _LazyRun(client, experiment, cfg, parent_run_id)
+    try:
+        return _evaluate(cfg, uri, output_dir, run, skip_finished, cache)
+    except HarnessError as error:
+        message = one_line(error)
+        print(f"error: {message}", file=sys.stderr)
+        log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
+        tracking.finish(client, run.ensure(), "FAILED", message)
+        return Outcome(EXIT_ERROR, run.run_id)
+    except KeyboardInterrupt:
+        tracking.finish(client, run.ensure(), "KILLED", "interrupted")
+        raise
+    except BaseException as error:
+        tracking.finish(client, run.ensure(), "FAILED", f"internal error: {one_line(error)}")
+        raise
+
+
+def record_failure(cfg: DictConfig, error: HarnessError) -> Outcome:
+    """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
+    message = one_line(error)
+    print(f"error: {message}", file=sys.stderr)
+    uri = tracking_uri_of(cfg)
+    try:
+        client = tracking.prepare_store(uri)
+        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
+        run = _LazyRun(client, experiment, cfg, None)
+        tracking.finish(client, run.ensure(), "FAILED", message)
+    except Exception as store_error:  # the store is unusable too: say so, on one more line
+        print(f"error: {_store_error(uri, store_error)}", file=sys.stderr)
+        return Outcome(EXIT_ERROR, None)
+    return Outcome(EXIT_ERROR, run.run_id)
+
+
+def _store_error(uri: str, error: Exception) -> str:
+    """One line for an unusable tracking store; a server that does not answer said plainly."""
+    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
+    if not isinstance(cause, RequestException):
+        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
+    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
+    return (
+        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
+        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
+        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
+    )
+
+
+def _evaluate(
+    cfg: DictConfig,
+    uri: str,
+    output_dir: Path,
+    run: _LazyRun,
+    skip_finished: bool,
+    cache: SweepCache | None,
+) -> Outcome:
+    check_outputs_folder(output_dir, "hydra.runtime.output_dir")
+    planned = plan(cfg, uri)
+    client = run.client
+    earlier = tracking.runs_with_tag(
+        client, run.experiment_id, "evalharness.config_hash", planned.config_hash
+    )
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if skip_finished and finished:
+        done = finished[0].info.run_id
+        print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
+        return Outcome(EXIT_OK, done, skipped=True)
+    ev = prepare(cfg, planned, cache.load_model) if cache else prepare(cfg, planned)
+    previous_rows, previous_findings, resumed_from = (None, [], None)
+    if cfg.run.resume:
+        previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
+    run_id = run.ensure()
+    tags = run_tags(cfg, ev)
+    if resumed_from:
+        tags["evalharness.resumed_from"] = resumed_from
+    tracking.log_params(client, run_id, run_params(cfg, ev))
+    tracking.set_tags(client, run_id, tags)
+    tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    sink = _MlflowSink(client, run_id, ev)
+    _check_config(cfg, ev, sink)
+    if previous_findings:
+        sink.findings(previous_findings)
+    table = CaseTable(output_dir / "per_case.csv", previous_rows)
+    options = LoopOptions(
+        on_case_error=cfg.run.on_case_error,
+        prefetch=cfg.run.prefetch,
+        warn=cfg.checks.on_mismatch != "ignore",
+        predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
+        skip_cases=table.case_ids(),
+        max_device_memory_mb=cfg.inference.max_device_memory_mb,
+    )
+    if options.skip_cases:
+        print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
+    extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
+    frame = table.frame()
+    plot_dir = output_dir / "plots" if cfg.output.plots else None
+    summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
+    tracking.finish(client, run_id, "FINISHED")
+    shown = None if cfg.checks.on_mismatch == "ignore" else ev.findings
+    print_summary(frame, summary, run_id, uri, shown)
+    return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
+
+
+class _MlflowSink:
+    """Mirrors the case loop to the run: the table after each case, findings, predictions."""
+
+    def __init__(self, client: Any, run_id: str, ev: Evaluation) -> None:
+        self.client, self.run_id, self.ev = client, run_id, ev
+
+    def case_done(self, table: CaseTable) -> None:
+        tracking.log_file(self.client, self.run_id, table.csv_path)
+
+    def findings(self, findings: list[Mismatch]) -> None:
+        self.ev.findings.extend(findings)
+        self.log_findings()
+
+    def prediction_saved(self, path: Path) -> None:
+        tracking.log_file(self.client, self.run_id, path, "predictions")
+
+    def log_findings(self) -> None:
+        report = report_json(self.ev.findings)
+        text = json.dumps(report, indent=2)
+        tracking.log_text(self.client, self.run_id, text, REPORT_ARTIFACT)
+        tracking.set_tags(self.client, self.run_id, report_tags(report))
+
+
+def _check_config(cfg: DictConfig, ev: Evaluation, sink: _MlflowSink) -> None:
+    """Show config-level mismatches; with checks.on_mismatch=error stop before inference."""
+    policy = cfg.checks.on_mismatch
+    if ev.findings and policy != "ignore":
+        table = format_table(ev.findings, color=sys.stderr.isatty())
+        print(f"Evaluation settings vs the training configuration:\n{table}", file=sys.stderr)
+    sink.log_findings()
+    errors = [m.key for m in ev.findings if m.severity == "error"]
+    if errors and policy == "error":
+        raise ConfigError(
+            f"preprocessing mismatch with the training configuration ({', '.join(errors)}); "
+            f"see {REPORT_ARTIFACT} (checks.on_mismatch=error)"
+        )
+
+
+def _resumable(
+    client: Any, earlier: list[Run], output_dir: Path
+) -> tuple[pd.DataFrame | None, list[Mismatch], str | None]:
+    """Finished cases (and their findings) of the latest interrupted run of this configuration.
+
+    Every RUNNING run whose process is gone is marked KILLED first. Only runs newer than the
+    latest FINISHED one count: a finished evaluation supersedes older interrupted ones.
+    """
+    statuses = []
+    for run in earlier:  # newest first
+        status = run.info.status
+        if status == "RUNNING" and not process_alive(run):
+            tracking.finish(client, run.info.run_id, "KILLED", "process ended without finishing")
+            status = "KILLED"
+        statuses.append((run, status))
+    for run, status in statuses:
+        if status == "FINISHED":
+            break
+        if status not in ("KILLED", "FAILED"):
+            continue
+        rows = tracking.download_csv(client, run.info.run_id, "per_case.csv", output_dir)
+        if rows is None:
+            continue
+        kept = rows[rows["status"].isin(KEPT_STATUSES)]
+        if kept.empty:
+            continue
+        findings = _previous_findings(client, run.info.run_id, set(kept["case"]), output_dir)
+        return kept, findings, run.info.run_id
+    return None, [], None
+
+
+def process_alive(run: Run) -> bool:
+    tags = run.data.tags
+    if tags.get("evalharness.host") != socket.gethostname():
+        return True  # cannot tell from here: leave another machine's run alone
+    pid = int(tags.get("evalharness.pid", "0") or 0)
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _previous_findings(
+    client: Any, run_id: str, cases: set[str], output_dir: Path
+) -> list[Mismatch]:
+    report = tracking.download_json(client, run_id, REPORT_ARTIFACT, output_dir)
+    if not report:
+        return []
+    names = {f.name for f in fields(Mismatch)}
+    return [
+        Mismatch(**{k: v for k, v in entry.items() if k in names})
+        for entry in report.get("data", [])
+        if entry.get("case") in cases
+    ]

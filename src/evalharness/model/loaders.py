@@ -1,0 +1,228 @@
+"""Load one local model file into an ``nn.Module``, choosing the loader by the file's content.
+
+The content decides, never the name: fastMONAI safetensors (rebuilt from its ``arch_id`` or
+``model.arch``), TorchScript, a state dict plus ``model.arch``, or a pickle (fastai Learner
+export, pickled module) through the restricted unpickler of :mod:`evalharness.model.safe_pickle`.
+Every failure is a one-line :class:`SourceError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import re
+import warnings
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file as load_safetensors
+
+from evalharness.errors import SourceError, first_line
+from evalharness.model.safe_pickle import is_placeholder, load_model_pickle
+from evalharness.model.training_config import read_safetensors_metadata
+
+NOT_A_MODEL = (
+    "is not a model (expected a fastai Learner export, a pickled nn.Module, "
+    "a fastMONAI .safetensors, a state dict + model.arch, or TorchScript)"
+)
+# fastMONAI safetensors `arch_id` ("monai.unet") -> class of monai.networks.nets; ids are
+# compared without case, '_' and '-' ("monai.swin_unetr" is SwinUNETR).
+_MONAI_NETS = "UNet BasicUNet BasicUNetPlusPlus AttentionUnet SegResNet SegResNetDS UNETR"
+_MONAI_NETS += " SwinUNETR DynUNet VNet HighResNet"
+ARCHITECTURES = {f"monai.{name.lower()}": name for name in _MONAI_NETS.split()}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A network ready for inference and how it was obtained."""
+
+    network: torch.nn.Module  # in eval() mode, on CPU
+    loader: str  # fastai_learner|pickled_module|safetensors|state_dict|torchscript|trusted_pickle
+    inference_config: dict | None  # fastMONAI safetensors `inference_config`, parsed
+    arch: dict | None  # {"arch_id", "arch_kwargs"}, the model.arch mapping, or {"class": ...}
+
+
+def _zip_kind(path: Path) -> str | None:
+    """'torchscript', 'torch_zip' (``torch.save``), 'zip' (anything else) or None."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    return "torch_zip" if any(n.endswith("/data.pkl") for n in names) else "zip"
+
+
+def _plain_mapping(arch: Mapping[str, Any]) -> dict:
+    if isinstance(arch, DictConfig):
+        return OmegaConf.to_container(arch, resolve=True)  # type: ignore[return-value]
+    return dict(arch)
+
+
+def _instantiate(arch: Mapping[str, Any], path: Path) -> torch.nn.Module:
+    """Build ``model.arch`` (Hydra ``_target_`` mapping)."""
+    from hydra.utils import instantiate
+
+    if "_target_" not in arch:
+        raise SourceError(f"{path}: model.arch needs a '_target_' (e.g. monai.networks.nets.UNet)")
+    try:
+        network = instantiate(_plain_mapping(arch), _convert_="all")
+    except Exception as error:  # Hydra wraps any constructor error
+        raise SourceError(f"{path}: cannot build model.arch: {first_line(error)}") from None
+    if not isinstance(network, torch.nn.Module):
+        raise SourceError(f"{path}: model.arch built a {type(network).__name__}, not an nn.Module")
+    return network
+
+
+def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path) -> None:
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    reshaped = sorted(
+        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or reshaped:
+        raise SourceError(
+            f"{path}: weights do not fit the {type(network).__name__} architecture "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {reshaped[:3]})"
+        )
+    network.load_state_dict(state, strict=True)
+
+
+def _from_safetensors(
+    path: Path, metadata: Mapping[str, str], arch: Mapping[str, Any] | None
+) -> LoadedModel:
+    try:
+        inference_config = json.loads(metadata.get("inference_config") or "null")
+        arch_kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
+        wrappers = json.loads(metadata.get("wrapper_spec") or "[]")
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: unreadable safetensors metadata ({error})") from None
+    if arch is not None:
+        network, arch_info = _instantiate(arch, path), _plain_mapping(arch)
+    else:
+        arch_id = str(metadata.get("arch_id", ""))
+        class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", arch_id.lower()))
+        if class_name is None:
+            known = ", ".join(ARCHITECTURES)
+            raise SourceError(
+                f"{path}: unknown arch_id '{arch_id}' (known: {known}); set model.arch instead"
+            )
+        if wrappers:
+            raise SourceError(
+                f"{path}: wrapper_spec {wrappers} is not supported; set model.arch to rebuild it"
+            )
+        network_class = getattr(importlib.import_module("monai.networks.nets"), class_name)
+        try:
+            network = network_class(**arch_kwargs)
+        except (TypeError, ValueError) as error:
+            raise SourceError(f"{path}: cannot build {arch_id} from arch_kwargs: {error}") from None
+        arch_info = {"arch_id": arch_id, "arch_kwargs": arch_kwargs}
+    _load_weights(network, load_safetensors(str(path), device="cpu"), path)
+    return LoadedModel(network.eval(), "safetensors", inference_config, arch_info)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(v, torch.Tensor) for v in obj.values())
+    )
+
+
+def _from_unpickled(
+    obj: Any, path: Path, arch: Mapping[str, Any] | None, trusted: bool
+) -> LoadedModel:
+    if _is_state_dict(obj):
+        if arch is None:
+            raise SourceError(
+                f"{path} is a state dict: model.arch is required "
+                "(e.g. {_target_: monai.networks.nets.UNet, spatial_dims: 3, ...})"
+            )
+        network = _instantiate(arch, path)
+        _load_weights(network, obj, path)
+        return LoadedModel(network.eval(), "state_dict", None, _plain_mapping(arch))
+    if isinstance(obj, torch.nn.Module):
+        network, loader = obj, "pickled_module"
+    elif isinstance(getattr(obj, "model", None), torch.nn.Module) and (
+        trusted or is_placeholder(obj)
+    ):
+        network, loader = obj.model, "fastai_learner"
+    else:
+        raise SourceError(f"{path} {NOT_A_MODEL}; it holds a {type(obj).__name__}")
+    _refuse_placeholder_layers(network, path)
+    kind = type(network)
+    arch_info = {"class": f"{kind.__module__}.{kind.__qualname__}"}
+    return LoadedModel(
+        network.cpu().eval(), "trusted_pickle" if trusted else loader, None, arch_info
+    )
+
+
+def _refuse_placeholder_layers(network: torch.nn.Module, path: Path) -> None:
+    """A layer from fastai/fastMONAI inside the network would be an inert placeholder."""
+    stack = [network]
+    while stack:
+        for name, child in stack.pop()._modules.items():
+            if is_placeholder(child):
+                raise SourceError(
+                    f"{path}: layer '{name}' of the network is a {child!r}; install that library "
+                    "and list the class in model.allow_globals, or export safetensors"
+                )
+            if isinstance(child, torch.nn.Module):
+                stack.append(child)
+
+
+def load_model_file(
+    path: Path,
+    *,
+    arch: Mapping[str, Any] | None = None,
+    allow_globals: Sequence[str] = (),
+    trust_pickle: bool = False,
+) -> LoadedModel:
+    """Load a network from ``path``, choosing the loader by the file's content.
+
+    safetensors (fastMONAI safe artifact, or weights for ``arch``) -> rebuild and load;
+    TorchScript zip -> ``torch.jit.load``; torch zip or plain pickle -> ``torch.load`` with
+    ``weights_only=True`` first (plain state dicts), else the restricted unpickler of
+    `safe_pickle` (``trust_pickle=True``: unrestricted, runs the file's code).
+    ``arch`` (Hydra ``_target_`` mapping) is needed for state dicts and overrides a
+    safetensors ``arch_id``; a pickled network carries its own architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"model file not found: {path}")
+    metadata = read_safetensors_metadata(path)
+    if metadata is not None:
+        return _from_safetensors(path, metadata, arch)
+    kind = _zip_kind(path)
+    if kind == "torchscript":
+        try:
+            network = torch.jit.load(str(path), map_location="cpu")
+        except RuntimeError as error:
+            raise SourceError(f"{path}: cannot load TorchScript: {first_line(error)}") from None
+        return LoadedModel(network.eval(), "torchscript", None, None)
+    if kind == "zip":
+        raise SourceError(f"{path} {NOT_A_MODEL}; it is a zip archive")
+    obj = _unpickle(path, allow_globals, trust_pickle)
+    return _from_unpickled(obj, path, arch, trusted=trust_pickle)
+
+
+def _unpickle(path: Path, allow_globals: Sequence[str], trust_pickle: bool) -> Any:
+    if not trust_pickle:
+        # torch's own weights-only unpickler is the tighter one when it suffices (state dicts);
+        # its warnings about pickles it then refuses are noise.
+        with contextlib.suppress(Exception), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return load_model_pickle(path, allow_globals=allow_globals, trust_pickle=trust_pickle)
+    except SourceError:
+        raise
+    except Exception as error:  # any unpickling failure means "not a loadable model"
+        raise SourceError(f"{path} {NOT_A_MODEL}; unpickling failed: {first_line(error)}") from None

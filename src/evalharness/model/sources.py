@@ -1,0 +1,345 @@
+"""Find the training run through MLflow, fetch its model file (cached) and its training config.
+
+:func:`resolve_model` finds the file and the training config through MLflow (run id,
+``runs:/`` or ``models:/`` URI, experiment + run name) or takes a local ``model.path``; turning
+the file into a network is :mod:`evalharness.model.loaders`' job. Every failure is a one-line
+:class:`SourceError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from filelock import FileLock, Timeout
+from mlflow import MlflowClient
+from mlflow.entities import FileInfo, Run
+from mlflow.exceptions import MlflowException
+
+from evalharness.errors import SourceError, first_line
+from evalharness.model.training_config import (
+    TrainingConfig,
+    training_config_from_file,
+    training_config_from_params,
+    training_config_from_safetensors,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARTIFACT = "model/best_learner.pkl"
+CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
+_CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
+_LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
+_HTTP_DEFAULTS = {  # bounded wait on an unreachable tracking server (user's env wins)
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The model file on local disk, its provenance and the training side's config."""
+
+    local_path: Path
+    sha256: str
+    artifact_uri: str | None  # runs:/<id>/<artifact path>; None for model.path
+    training_run_id: str | None
+    training_run_name: str | None
+    training_experiment: str | None
+    training_config: TrainingConfig
+    downloaded: bool  # False when served from the cache (or a local model.path)
+    notes: tuple[str, ...] = ()  # e.g. ambiguous run names, the registry version used
+
+
+def normalise_artifact_path(path: str) -> str:
+    """A run-relative artifact path, refusing anything that escapes the run's artifacts."""
+    text = str(path).replace("\\", "/")
+    norm = posixpath.normpath(text) if text else "."
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text) or "://" in text:
+        raise SourceError(f"artifact path '{path}' must be relative to the run's artifacts")
+    if norm in (".", "..") or norm.startswith("../"):
+        raise SourceError(f"artifact path '{path}' escapes the run's artifacts")
+    return norm
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _bounded_http() -> Iterator[None]:
+    """Low retry/timeout defaults for MLflow's HTTP client, restored afterwards."""
+    unset = [name for name in _HTTP_DEFAULTS if name not in os.environ]
+    os.environ.update({name: _HTTP_DEFAULTS[name] for name in unset})
+    try:
+        yield
+    finally:
+        for name in unset:
+            os.environ.pop(name, None)
+
+
+def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except (MlflowException, OSError) as error:
+        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise SourceError(f"training run '{run_id}' not found at tracking URI {uri}") from None
+        raise SourceError(f"cannot read run '{run_id}' from {uri}: {first_line(error)}") from None
+
+
+def _walk(client: MlflowClient, run_id: str, depth: int, limit: int) -> list[FileInfo]:
+    """Files among the run's artifacts, breadth first (top level first)."""
+    files: list[FileInfo] = []
+    level: list[str | None] = [None]
+    for _ in range(depth):
+        entries = [info for folder in level for info in client.list_artifacts(run_id, folder)]
+        files += [info for info in entries if not info.is_dir]
+        level = [info.path for info in entries if info.is_dir]
+        if len(files) >= limit or not level:
+            break
+    return files[:limit]
+
+
+def _artifact_info(client: MlflowClient, run_id: str, artifact: str) -> FileInfo:
+    for info in client.list_artifacts(run_id, posixpath.dirname(artifact) or None):
+        if info.path == artifact and not info.is_dir:
+            return info
+    existing = [info.path for info in _walk(client, run_id, 8, _LISTING_LIMIT)]
+    has = ", ".join(existing) or "no artifacts"
+    raise SourceError(f"run '{run_id}' has no artifact file '{artifact}' (it has: {has})")
+
+
+def _fetch(
+    client: MlflowClient, run: Run, artifact: str, cache_dir: Path, uri: str
+) -> tuple[Path, str, bool]:
+    """Download ``artifact`` once into ``cache_dir``; returns (path, sha256, downloaded).
+
+    Entries are keyed by run id + artifact path + size + the run's end time, so repeated
+    resolves (in one process or many) share one download. A file lock serialises the first
+    download; the entry folder appears by atomic rename, complete with its checksum.
+    """
+    run_id = run.info.run_id
+    info = _artifact_info(client, run_id, artifact)
+    key = hashlib.sha256(f"{artifact}\n{info.file_size}\n{run.info.end_time}".encode())
+    entry = Path(cache_dir) / run_id / key.hexdigest()[:16]
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(f"{entry}.lock", timeout=900):
+            downloaded = not entry.is_dir()
+            if downloaded:
+                staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".staging-"))
+                try:
+                    _download(run_id, artifact, info.file_size, staging, uri)
+                    os.replace(staging / "entry", entry)
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+    except Timeout:
+        raise SourceError(f"timed out waiting for the cache lock {entry}.lock") from None
+    sha = (entry / "sha256").read_text().strip()
+    return entry / posixpath.basename(artifact), sha, downloaded
+
+
+def _download(run_id: str, artifact: str, size: int | None, staging: Path, uri: str) -> None:
+    """Into ``staging/entry``: the artifact (its size checked) and its sha256."""
+    fetched = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path=artifact, dst_path=str(staging / "download"), tracking_uri=uri
+    )
+    if size is not None and os.path.getsize(fetched) != size:
+        raise SourceError(f"download of '{artifact}' (run '{run_id}') is not {size} bytes long")
+    kept = staging / "entry" / posixpath.basename(artifact)
+    kept.parent.mkdir()
+    shutil.move(fetched, kept)
+    (kept.parent / "sha256").write_text(_sha256(kept))
+
+
+def _split_runs_uri(uri: str) -> tuple[str, str]:
+    run_id, _, artifact = uri.removeprefix("runs:/").strip("/").partition("/")
+    if not run_id or not artifact:
+        raise SourceError(f"'{uri}' must look like runs:/<run id>/<artifact path>")
+    return run_id, artifact
+
+
+def _registered_version(client: MlflowClient, uri: str, tracking_uri: str) -> tuple[str, str, str]:
+    """``models:/<name>/<version>`` or ``models:/<name>@<alias>`` -> (run id, artifact, note)."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w\-]+))", uri)
+    if not match:
+        raise SourceError(
+            f"model.uri '{uri}' must be runs:/<id>/<path>, models:/<name>/<version> "
+            "or models:/<name>@<alias>"
+        )
+    name, version, alias = match.groups()
+    try:
+        if alias:
+            found = client.get_model_version_by_alias(name, alias)
+        else:
+            found = client.get_model_version(name, version)
+    except MlflowException as error:
+        message = f"model.uri '{uri}' not found at {tracking_uri}: {first_line(error)}"
+        raise SourceError(message) from None
+    source, run_id = str(found.source), found.run_id or ""
+    if source.startswith("runs:/"):
+        source_run, artifact = _split_runs_uri(source)
+    else:  # an absolute URI inside the run's artifact root
+        root = _get_run(client, run_id, tracking_uri).info.artifact_uri if run_id else ""
+        prefix = root.removeprefix("file://").rstrip("/") + "/"
+        path = source.removeprefix("file://")
+        source_run, artifact = run_id, path[len(prefix) :] if path.startswith(prefix) else ""
+    if not run_id or source_run != run_id or not artifact:
+        raise SourceError(f"model.uri '{uri}': its source {source} is not a file of a run")
+    return run_id, artifact, f"{uri} is version {found.version} ({source})"
+
+
+def _find_run_by_name(
+    client: MlflowClient, experiment: str, run_name: str, uri: str
+) -> tuple[str, list[str]]:
+    """The most recent FINISHED run called ``run_name`` in ``experiment``."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise SourceError(f"experiment '{experiment}' not found at tracking URI {uri}")
+    quote = '"' if "'" in run_name else "'"
+    runs = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.run_name = {quote}{run_name}{quote}",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    finished = [r.info.run_id for r in runs if r.info.status == "FINISHED"]
+    if not finished:
+        statuses = ", ".join(sorted({r.info.status for r in runs})) or "no runs"
+        raise SourceError(
+            f"no FINISHED run named '{run_name}' in experiment '{experiment}' at {uri} "
+            f"(found: {statuses})"
+        )
+    if len(finished) == 1:
+        return finished[0], []
+    note = (
+        f"{len(finished)} FINISHED runs are named '{run_name}' in '{experiment}'; "
+        f"using the most recent, {finished[0]}"
+    )
+    log.warning(note)
+    return finished[0], [note]
+
+
+def _training_config(
+    client: MlflowClient | None,
+    run: Run | None,
+    config_artifact: str | None,
+    model_path: Path,
+    cache_dir: Path,
+    uri: str,
+) -> TrainingConfig:
+    """First found wins: patch_config.pkl, patch_config.json, safetensors metadata, params.
+
+    The safetensors ``output`` block (activation, decision) is attached whichever wins.
+    """
+    from_safetensors = training_config_from_safetensors(model_path)
+    output = from_safetensors.output
+    if run is None or client is None:
+        return from_safetensors
+    if config_artifact is not None:
+        name = normalise_artifact_path(config_artifact)
+        if not name.endswith((".pkl", ".json")):
+            raise SourceError(f"model.config_artifact '{name}' must be a .pkl or .json file")
+    else:
+        found = [
+            info.path
+            for info in _walk(client, run.info.run_id, _CONFIG_SEARCH_DEPTH, 10_000)
+            if posixpath.basename(info.path) in CONFIG_ARTIFACT_NAMES
+        ]
+        found.sort(key=lambda p: CONFIG_ARTIFACT_NAMES.index(posixpath.basename(p)))
+        name = found[0] if found else None
+    if name is not None:
+        local, _, _ = _fetch(client, run, name, cache_dir, uri)
+        return replace(training_config_from_file(local, name), output=output)
+    if from_safetensors.source != "none":
+        return from_safetensors
+    return replace(training_config_from_params(run.data.params), output=output)
+
+
+def _locate_run(
+    client: MlflowClient, model_cfg: Mapping[str, Any], uri: str
+) -> tuple[Run, str, list[str]]:
+    """The training run, the model's artifact path in it, and notes on how they were chosen."""
+    artifact = model_cfg.get("artifact") or DEFAULT_ARTIFACT
+    notes: list[str] = []
+    run_id = model_cfg.get("run_id")
+    model_uri = str(model_cfg.get("uri") or "")
+    if model_uri.startswith("runs:/"):
+        run_id, artifact = _split_runs_uri(model_uri)
+    elif model_uri:
+        run_id, artifact, note = _registered_version(client, model_uri, uri)
+        notes.append(note)
+    elif model_cfg.get("run_name"):
+        experiment = model_cfg.get("experiment")
+        if not experiment:
+            raise SourceError("model.run_name needs model.experiment")
+        run_id, notes = _find_run_by_name(client, experiment, model_cfg["run_name"], uri)
+    return _get_run(client, str(run_id), uri), normalise_artifact_path(artifact), notes
+
+
+def resolve_model(
+    model_cfg: Mapping[str, Any], tracking_uri: str, cache_dir: Path
+) -> ResolvedModel:
+    """Locate the model file and the training config described by ``model_cfg``.
+
+    The run is named by one of ``run_id``, ``uri`` or ``experiment`` + ``run_name``, read
+    from ``model_cfg.tracking_uri`` if set, else ``tracking_uri``; ``path`` takes the model
+    file from local disk instead of the run's ``artifact`` (the run still gives the config).
+    Downloads are cached in ``cache_dir`` (``downloaded`` says whether this call fetched).
+    """
+    chosen = [key for key in ("run_id", "uri", "run_name") if model_cfg.get(key)]
+    if len(chosen) > 1:
+        raise SourceError(f"model: set only one of run_id, uri, run_name (got {chosen})")
+    local = model_cfg.get("path")
+    if not chosen and not local:
+        raise SourceError("model: set one of path, run_id, uri or experiment + run_name")
+    uri = str(model_cfg.get("tracking_uri") or tracking_uri)
+    client = run = experiment = None
+    notes: list[str] = []
+    with _bounded_http():
+        try:
+            if chosen:
+                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                run, artifact, notes = _locate_run(client, model_cfg, uri)
+                experiment = client.get_experiment(run.info.experiment_id).name
+            if local:
+                model_path, artifact_uri = Path(local).expanduser().resolve(), None
+                if not model_path.is_file():
+                    raise SourceError(f"model.path: file not found: {model_path}")
+                sha, downloaded = _sha256(model_path), False
+            else:
+                model_path, sha, downloaded = _fetch(client, run, artifact, cache_dir, uri)
+                artifact_uri = f"runs:/{run.info.run_id}/{artifact}"
+            config_artifact = model_cfg.get("config_artifact")
+            config = _training_config(client, run, config_artifact, model_path, cache_dir, uri)
+        except (MlflowException, OSError) as error:  # what the specific checks did not foresee
+            raise SourceError(
+                f"cannot resolve the model (tracking URI {uri}): {first_line(error)}"
+            ) from None
+    return ResolvedModel(
+        local_path=model_path,
+        sha256=sha,
+        artifact_uri=artifact_uri,
+        training_run_id=run.info.run_id if run else None,
+        training_run_name=run.info.run_name if run else None,
+        training_experiment=experiment,
+        training_config=config,
+        downloaded=downloaded,
+        notes=tuple(notes),
+    )

@@ -1,0 +1,255 @@
+"""The training side's inference contract: fastMONAI's ``PatchConfig``, parsed and normalised.
+
+fastMONAI writes the same contract in several places, depending on its version: a pickled dict
+(``patch_config.pkl``), its JSON twin, the ``inference_config`` metadata of
+``best_model.safetensors`` and MLflow params prefixed ``patch_``. Each becomes one
+:class:`TrainingConfig` with normalised types, so the checks can compare it with the evaluation
+config without caring where it came from. Fields this module does not know are kept in
+``unknown`` (reported, never dropped).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evalharness.errors import SourceError
+from evalharness.model.safe_pickle import load_data_pickle
+
+PATCH_CONFIG_FIELDS = (
+    "patch_size",
+    "patch_overlap",
+    "aggregation_mode",
+    "apply_reorder",
+    "target_spacing",
+    "padding_mode",
+    "keep_largest_component",
+    "binary_threshold",
+    "normalization",
+)
+# Run params that describe inference but are not PatchConfig fields (non-patch training).
+_EXTRA_PARAMS = ("size",)
+_MAX_SAFETENSORS_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What the training run says about inference, and where it was read from."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    source: str = (
+        "none"  # patch_config.pkl | patch_config.json | safetensors | mlflow_params | none
+    )
+    unknown: dict[str, Any] = field(default_factory=dict)
+    output: dict | None = None  # safetensors inference_config["output"] (activation, decision, ...)
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays, tuples and paths to plain JSON-like Python values."""
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy scalar or array
+        return _plain(value.tolist())
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _number(value: Any, what: str) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    number = _number(value, what)
+    if number != int(number) or number <= 0:
+        raise ValueError(f"{what} must be a positive whole number")
+    return int(number)
+
+
+def _bool(value: Any, what: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{what} must be true or false")
+
+
+def _patch_size(value: Any) -> list[int]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [_int(value, "patch_size")] * 3
+    if not isinstance(value, list) or not value:
+        raise ValueError("patch_size must be a list of whole numbers")
+    return [_int(v, "patch_size") for v in value]
+
+
+def _patch_overlap(value: Any) -> float | int | list[float | int]:
+    """Kept as given: a fraction (<1) of the patch or a number of voxels (>=1)."""
+    if isinstance(value, list):
+        return [_number(v, "patch_overlap") for v in value]
+    return _number(value, "patch_overlap")
+
+
+def _target_spacing(value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = [value] * 3
+    if not isinstance(value, list) or not value:
+        raise ValueError("target_spacing must be a list of numbers or null")
+    return [float(_number(v, "target_spacing")) for v in value]
+
+
+def _optional_float(value: Any, what: str) -> float | None:
+    return None if value is None else float(_number(value, what))
+
+
+def _normalization(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (Mapping, str)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError("normalization must be a list of transform specs")
+    return [{"name": v} if isinstance(v, str) else v for v in value]
+
+
+_NORMALISERS = {
+    "patch_size": _patch_size,
+    "patch_overlap": _patch_overlap,
+    "aggregation_mode": lambda v: str(v).lower(),
+    "apply_reorder": lambda v: _bool(v, "apply_reorder"),
+    "target_spacing": _target_spacing,
+    "padding_mode": lambda v: v,  # a number (constant fill) or a numpy pad mode name
+    "keep_largest_component": lambda v: _bool(v, "keep_largest_component"),
+    "binary_threshold": lambda v: _optional_float(v, "binary_threshold"),
+    "normalization": _normalization,
+}
+
+
+def parse_patch_config(
+    raw: Mapping[str, Any], source: str, *, output: Mapping[str, Any] | None = None
+) -> TrainingConfig:
+    """Normalise a PatchConfig-like mapping; unknown keys are kept in ``unknown``."""
+    if not isinstance(raw, Mapping):
+        raise SourceError(
+            f"{source}: expected a mapping of patch settings, got {type(raw).__name__}"
+        )
+    values: dict[str, Any] = {}
+    unknown: dict[str, Any] = {}
+    for key, value in raw.items():
+        plain = _plain(value)
+        if key not in _NORMALISERS:
+            unknown[str(key)] = plain
+            continue
+        try:
+            values[key] = _NORMALISERS[key](plain)
+        except (ValueError, TypeError) as error:
+            raise SourceError(f"{source}: {key}={plain!r}: {error}") from None
+    return TrainingConfig(
+        values=values,
+        source=source,
+        unknown=unknown,
+        output=None if output is None else _plain(output),
+    )
+
+
+def training_config_from_inference_config(inference_config: Mapping[str, Any]) -> TrainingConfig:
+    """From fastMONAI's safetensors ``inference_config`` metadata (patch_config + output)."""
+    patch_config = inference_config.get("patch_config")
+    output = inference_config.get("output")
+    if not isinstance(patch_config, Mapping):
+        return TrainingConfig(output=_plain(output) if isinstance(output, Mapping) else None)
+    return parse_patch_config(
+        patch_config, "safetensors", output=output if isinstance(output, Mapping) else None
+    )
+
+
+def _param_value(text: str) -> Any:
+    """MLflow params are strings: '[1.25, 1.25, 1.37]', 'True', 'hann', 'None', '0.5'."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            return parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+    lowered = text.strip().lower()
+    return {"true": True, "false": False, "none": None, "null": None}.get(lowered, text)
+
+
+def training_config_from_params(params: Mapping[str, str]) -> TrainingConfig:
+    """From a training run's MLflow params.
+
+    fastMONAI logs its PatchConfig as params prefixed ``patch_`` (``patch_patch_size``,
+    ``patch_target_spacing``, ...); older scripts logged bare names (``patch_size``,
+    ``target_spacing``). Both are read, the prefixed one first. Other ``patch_*`` params
+    (sampler, queue, ...) land in ``unknown``. No known field found -> source "none".
+    """
+    raw: dict[str, Any] = {}
+    for name in PATCH_CONFIG_FIELDS:
+        for key in (f"patch_{name}", name):
+            if key in params:
+                raw[name] = _param_value(params[key])
+                break
+    if not raw:
+        return TrainingConfig()
+    used = {f"patch_{name}" for name in raw} | set(raw)
+    for key, text in params.items():
+        if key in used:
+            continue
+        if key.startswith("patch_") or key in _EXTRA_PARAMS:
+            raw[key.removeprefix("patch_")] = _param_value(text)
+    return parse_patch_config(raw, "mlflow_params")
+
+
+def training_config_from_file(path: Path, name: str) -> TrainingConfig:
+    """From ``patch_config.pkl`` (plain data only, see safe_pickle) or ``patch_config.json``."""
+    if name.endswith(".pkl"):
+        return parse_patch_config(load_data_pickle(path), "patch_config.pkl")
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{name}: not valid JSON ({error})") from None
+    return parse_patch_config(raw, "patch_config.json")
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file, or None when ``path`` is not one.
+
+    The format: an 8-byte little-endian header length, then a JSON header.
+    """
+    with open(path, "rb") as stream:
+        head = stream.read(8)
+        if len(head) < 8:
+            return None
+        size = int.from_bytes(head, "little")
+        if not 2 <= size <= min(_MAX_SAFETENSORS_HEADER, os.path.getsize(path) - 8):
+            return None
+        raw = stream.read(size)
+    try:
+        header = json.loads(raw) if raw.startswith(b"{") else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+
+
+def training_config_from_safetensors(path: Path) -> TrainingConfig:
+    """From the ``inference_config`` metadata of a fastMONAI safetensors file (else "none")."""
+    metadata = read_safetensors_metadata(path) or {}
+    try:
+        inference_config = json.loads(metadata.get("inference_config") or "{}")
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: unreadable inference_config ({error})") from None
+    if not isinstance(inference_config, Mapping):
+        return TrainingConfig()
+    return training_config_from_inference_config(inference_config)

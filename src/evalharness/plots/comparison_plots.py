@@ -1,0 +1,214 @@
+"""Figures comparing the inference settings of a sweep, drawn from its long per-case table.
+
+Same contract as `case_plots`, whose drawing helpers they use: each function draws
+on its own Agg figure, writes one PNG to `path` and returns `path`. The table has one row per
+setting, case and label (columns ``setting``, ``case``, ``label`` and the metric); values that
+are not finite are left out, and the figure says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+
+from evalharness.plots.case_plots import (
+    _apply_bounds,
+    _box_and_strip,
+    _figure,
+    _finite,
+    _no_values,
+    _save,
+    metric_info,
+)
+
+
+def plot_setting_comparison(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Box plot plus one point per case for each inference setting (one box per label).
+
+    Args:
+        per_case_long: columns ``setting``, ``case``, ``label``, `metric`.
+        metric: the metric column to compare.
+        path: PNG to write.
+
+    Returns:
+        `path`. Size: (2 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    values, n_dropped = _finite(table, metric)
+    info = metric_info(metric)
+    labels = list(pd.unique(table["label"]))
+    several_labels = len(labels) > 1
+    fig = _figure(max(6.0, 2.0 + 0.9 * len(settings)), 5.0)
+    ax = fig.subplots()
+    if values.empty:
+        _no_values(ax)
+    else:
+        _box_and_strip(
+            ax,
+            values,
+            x="setting",
+            y=metric,
+            order=settings,
+            hue="label" if several_labels else None,
+            hue_order=labels,
+        )
+        _apply_bounds(ax, values[metric], info)
+    _rotate_ticks(ax)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel(info.label)
+    ax.set_title(_comparison_title(metric, table, n_dropped))
+    return _save(fig, path)
+
+
+def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Heatmap of `metric` (mean over labels) with one row per case, one column per setting.
+
+    Cells are annotated with their value (unless there are more than 600 cells); a cell whose
+    labels are all non-finite stays blank. Higher-is-better metrics use viridis, distances the
+    reversed map, signed errors a diverging map centred at 0.
+
+    Returns:
+        `path`. Size: (3.5 + 1.1 per setting, at least 6) x (2 + 0.35 per case, at least 4,
+        at most 60) in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    grid = _case_setting_grid(table, metric, settings)
+    info = metric_info(metric)
+    fig = _figure(max(6.0, 3.5 + 1.1 * len(settings)), min(max(4.0, 2.0 + 0.35 * len(grid)), 60.0))
+    ax = fig.subplots()
+    if not np.isfinite(grid.to_numpy(dtype=float)).any():
+        _no_values(ax)
+    else:
+        kwargs: dict = {"cmap": "viridis" if info.higher_is_better is not False else "viridis_r"}
+        if info.higher_is_better is None:
+            kwargs = {"cmap": "RdBu_r", "center": 0.0}
+        elif info.bounds is not None:
+            kwargs |= {"vmin": info.bounds[0], "vmax": info.bounds[1]}
+        sns.heatmap(
+            grid.astype(float),
+            ax=ax,
+            annot=grid.size <= 600,
+            fmt=_value_format(grid),
+            linewidths=0.5,
+            linecolor="white",
+            cbar_kws={"label": info.label},
+            **kwargs,
+        )
+    _rotate_ticks(ax)
+    ax.tick_params(axis="y", labelrotation=0)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel("case")
+    ax.set_title(f"{metric} per case and setting (mean over labels; blank = not finite)")
+    return _save(fig, path)
+
+
+def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Paired plot: one line per case across the settings (mean over labels), median in black.
+
+    A non-finite value breaks its case's line. Cases get their own colour and a legend when
+    there are at most 12; otherwise thin grey lines.
+
+    Returns:
+        `path`. Size: (3 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+    """
+    table = _long_table(per_case_long, metric)
+    settings = list(pd.unique(table["setting"]))
+    grid = _case_setting_grid(table, metric, settings).astype(float)
+    info = metric_info(metric)
+    fig = _figure(max(6.0, 3.0 + 0.9 * len(settings)), 5.0)
+    ax = fig.subplots()
+    x = np.arange(len(settings))
+    coloured = len(grid) <= 12
+    palette = sns.color_palette("tab20" if len(grid) > 10 else "tab10", max(len(grid), 1))
+    for (case, row), colour in zip(grid.iterrows(), palette, strict=True):
+        ax.plot(
+            x,
+            row.to_numpy(),
+            marker="o",
+            markersize=4,
+            linewidth=1.2 if coloured else 0.7,
+            color=colour if coloured else "0.6",
+            alpha=0.9 if coloured else 0.6,
+            label=str(case),
+        )
+    has_values = bool(np.isfinite(grid.to_numpy()).any())
+    if has_values:
+        median = grid.median(axis=0, skipna=True).to_numpy()
+        (median_line,) = ax.plot(
+            x, median, color="black", linewidth=2.5, marker="D", label="median", zorder=5
+        )
+        _apply_bounds(ax, pd.Series(grid.to_numpy().ravel()).dropna(), info)
+    else:
+        _no_values(ax)
+    ax.set_xticks(x, [str(s) for s in settings])
+    ax.set_xlim(-0.5, len(settings) - 0.5)
+    _rotate_ticks(ax)
+    ax.set_xlabel("inference setting")
+    ax.set_ylabel(f"{info.label}, mean over labels")
+    ax.set_title(_comparison_title(metric, table, None) + ": paired by case")
+    ax.grid(axis="y", alpha=0.3)
+    if coloured:
+        ax.legend(title="case", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    elif has_values:
+        ax.legend(handles=[median_line], loc="best", fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _long_table(per_case_long: pd.DataFrame, metric: str) -> pd.DataFrame:
+    missing = {"setting", "case", "label", metric} - set(per_case_long.columns)
+    if missing:
+        raise ValueError(f"per-case table lacks columns {sorted(missing)}")
+    values = pd.to_numeric(per_case_long[metric], errors="coerce").astype(float)
+    return per_case_long.assign(
+        setting=per_case_long["setting"].astype(str),
+        label=per_case_long["label"].astype(str),
+        **{metric: values},
+    )
+
+
+def _case_setting_grid(table: pd.DataFrame, metric: str, settings: list[str]) -> pd.DataFrame:
+    """`metric` per case (rows, sorted) and setting (columns, in `settings` order), the mean
+    over labels; values that are not finite count as missing."""
+    finite = table.assign(**{metric: table[metric].where(np.isfinite(table[metric]))})
+    grid = finite.pivot_table(
+        index="case",
+        columns="setting",
+        values=metric,
+        aggfunc="mean",
+        dropna=False,
+        sort=True,
+    )
+    return grid.reindex(columns=settings)
+
+
+def _rotate_ticks(ax: Axes) -> None:
+    for tick in ax.get_xticklabels():
+        tick.set_rotation(35)
+        tick.set_horizontalalignment("right")
+        tick.set_rotation_mode("anchor")
+
+
+def _comparison_title(metric: str, table: pd.DataFrame, n_dropped: int | None) -> str:
+    n_cases, n_labels = table["case"].nunique(), table["label"].nunique()
+    title = f"{metric} across settings ({n_cases} case{'s' if n_cases != 1 else ''}"
+    if n_labels > 1:
+        title += f", {n_labels} labels"
+    if n_dropped:
+        title += f", {n_dropped} value{'s' if n_dropped != 1 else ''} not finite"
+    return title + ")"
+
+
+def _value_format(grid: pd.DataFrame) -> str:
+    values = grid.to_numpy(dtype=float)
+    largest = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
+    return ".3f" if largest < 10 else ".1f"

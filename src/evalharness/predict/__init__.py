@@ -1,0 +1,1 @@
+"""Preprocess, sliding window, restore to the native grid, decode, post-process."""

@@ -1,0 +1,237 @@
+"""The per-case path: load → preprocess → sliding window → restore → decode → metrics.
+
+Pure with respect to tracking: takes files and settings, returns arrays and metric rows. The
+shell (`run.py`) decides what is logged and where.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence, Set
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from evalharness.checks.probes import header_check
+from evalharness.config.settings import EffectiveSettings
+from evalharness.data.datasets import Case
+from evalharness.data.nifti_io import load_label
+from evalharness.errors import CaseError, ConfigError, first_line
+from evalharness.predict.components import keep_largest_component
+from evalharness.predict.memory import plan_for
+from evalharness.predict.preprocess import (
+    PreparedImage,
+    PreprocessSettings,
+    prepare_image,
+    restore_to_native,
+    restores_by_voxels,
+)
+from evalharness.predict.sliding_window import decode, sliding_window_probs
+from evalharness.score.metrics import case_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseInputs:
+    """A case ready for the model: preprocessed image plus native ground truth [X, Y, Z]."""
+
+    case: Case
+    prepared: PreparedImage
+    gt_labels: np.ndarray | None
+    gt_affine: np.ndarray | None
+
+
+@dataclass
+class CasePrediction:
+    """Native-grid prediction [X, Y, Z] of one case and the number of model output channels."""
+
+    labels: np.ndarray
+    n_channels: int
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
+    return PreprocessSettings(
+        apply_reorder=settings.apply_reorder,
+        target_spacing_mm=settings.target_spacing_mm,
+        normalization=settings.normalization,
+        padding_mode=settings.padding_mode,
+        min_shape_vox=settings.patch_size_vox,
+    )
+
+
+def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
+    """Read and preprocess the image, read the label, and check both share one grid."""
+    if not case.image.is_file():
+        raise CaseError(f"{case.image}: image file not found")
+    prepared = prepare_image(case.image, settings)
+    gt_labels = gt_affine = None
+    if case.label is not None:
+        if not case.label.is_file():
+            raise CaseError(f"{case.label}: label file not found")
+        gt_labels, gt_affine = load_label(case.label)
+        check_same_grid(case, prepared, gt_labels.shape, gt_affine)
+    return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)
+
+
+def check_same_grid(
+    case: Case, prepared: PreparedImage, label_shape: Sequence[int], label_affine: np.ndarray
+) -> None:
+    """Image and label must share one grid; a mismatch fails the case, never a resample."""
+    native = prepared.native
+    mismatch = header_check(
+        case.case_id, native.shape_vox, native.affine, tuple(label_shape), label_affine
+    )
+    if mismatch is not None:
+        raise CaseError(f"{case.label}: {mismatch.message}", findings=(mismatch,))
+
+
+def check_inputs(inputs: CaseInputs, n_input_channels: int, label_values: Set[int]) -> None:
+    """The image has the model's input channels; the label map holds only `label_values`."""
+    channels = int(inputs.prepared.tensor.shape[0])
+    if channels != n_input_channels:
+        raise CaseError(
+            f"{inputs.case.image}: the image has {channels} channel(s); the model expects "
+            f"{n_input_channels} (its in_channels)"
+        )
+    if inputs.gt_labels is None or not label_values:
+        return
+    unexpected = unexpected_labels(inputs.gt_labels, label_values)
+    if unexpected:
+        raise CaseError(
+            f"{inputs.case.label}: label values {unexpected} are not among the dataset's labels "
+            f"{sorted(label_values)}"
+        )
+
+
+def unexpected_labels(labels: np.ndarray, allowed: Set[int]) -> list[int]:
+    """Values of the label map [X, Y, Z] outside `allowed` (a range check first: no sort)."""
+    low, high = int(labels.min()), int(labels.max())
+    if high - low < len(allowed) and set(range(low, high + 1)) <= allowed:
+        return []
+    return [int(v) for v in np.unique(labels) if int(v) not in allowed]
+
+
+def predict(
+    model: torch.nn.Module,
+    prepared: PreparedImage,
+    settings: EffectiveSettings,
+    device: torch.device,
+    n_output_channels: int = 1,
+    max_device_memory_mb: float | None = None,
+) -> CasePrediction:
+    """Sliding-window probabilities, decoded to labels on the native grid (`native_labels`),
+    post-processed (keep-largest-component for up to two classes).
+
+    The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
+    go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
+    """
+    t0 = time.perf_counter()
+    shape = prepared.tensor.shape
+    plan = plan_for(
+        device, shape[1:], shape[0], n_output_channels, settings.aggregation, max_device_memory_mb
+    )
+    if plan.warning:
+        log.warning(plan.warning)
+    probs = _sliding_window(model, prepared, settings, device, plan.device)
+    t1 = time.perf_counter()
+    n_channels = int(probs.shape[0])
+    labels = native_labels(probs, prepared, settings.threshold)
+    del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
+    if settings.keep_largest_component and n_channels <= 2:
+        labels = keep_largest_component(labels > 0).astype(np.uint8)
+    t2 = time.perf_counter()
+    return CasePrediction(
+        labels=labels,
+        n_channels=n_channels,
+        timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
+    )
+
+
+def native_labels(probs: torch.Tensor, prepared: PreparedImage, threshold: float) -> np.ndarray:
+    """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
+    [K, X', Y', Z'] on the model grid. Decoding is per voxel, so where restoring only moves
+    voxels (`restores_by_voxels`) the labels are moved instead of the probabilities: the same
+    result for a fraction of the bytes. Intermediate volumes are dropped as soon as used."""
+    if restores_by_voxels(prepared):
+        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
+    native_probs = restore_to_native(probs, prepared)
+    return decode(native_probs, threshold).cpu().numpy()
+
+
+def _sliding_window(
+    model: torch.nn.Module,
+    prepared: PreparedImage,
+    settings: EffectiveSettings,
+    device: torch.device,
+    buffers: torch.device,
+) -> torch.Tensor:
+    run = functools.partial(
+        sliding_window_probs,
+        model,
+        prepared.tensor,
+        patch_size_vox=settings.patch_size_vox,
+        overlap=settings.overlap,
+        aggregation=settings.aggregation,
+        batch_size=settings.batch_size,
+        device=device,
+        amp=settings.amp,
+        tta=settings.tta,
+    )
+    try:
+        return run(buffer_device=buffers)
+    except torch.cuda.OutOfMemoryError as error:
+        if buffers.type == "cpu":
+            raise CaseError(
+                f"out of GPU memory with the aggregation on the CPU ({first_line(error)}); "
+                "expected a smaller inference.batch_size or patch.size"
+            ) from error
+        log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
+        torch.cuda.empty_cache()
+        return run(buffer_device=torch.device("cpu"))
+
+
+def probe_channels(
+    model: torch.nn.Module, patch_size_vox: Sequence[int], device: torch.device
+) -> tuple[int, int]:
+    """(input, output) channels of `model`, found by one forward pass of a zero patch.
+
+    Also proves the model runs at this patch size before any case is touched.
+    """
+    in_channels = next(
+        (int(m.in_channels) for m in model.modules() if hasattr(m, "in_channels")), 1
+    )
+    patch = torch.zeros((1, in_channels, *patch_size_vox), device=device)
+    try:
+        with torch.inference_mode():
+            output = model(patch)
+    except RuntimeError as error:
+        message = " ".join(str(error).split())[:300]
+        raise ConfigError(
+            f"patch.size={list(patch_size_vox)}: the model cannot run on patches of this size "
+            f"({message})"
+        ) from error
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    if output.shape[2:] != patch.shape[2:]:
+        raise ConfigError(
+            f"patch.size={list(patch_size_vox)}: the model returns {list(output.shape[2:])} "
+            "for this patch size (expected the same spatial size)"
+        )
+    return in_channels, int(output.shape[1])
+
+
+def metric_rows(
+    case_id: str,
+    prediction: np.ndarray,
+    gt_labels: np.ndarray,
+    spacing_mm: Sequence[float],
+    labels: Sequence[int],
+) -> list[dict]:
+    """One row per foreground label: case, label, every metric, status ok."""
+    rows = case_metrics(prediction, gt_labels, spacing_mm, labels)
+    return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]

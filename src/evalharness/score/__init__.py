@@ -1,0 +1,1 @@
+"""Metrics, the per-case table, summaries and comparison statistics."""

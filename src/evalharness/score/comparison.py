@@ -1,0 +1,249 @@
+"""Comparison of a sweep's settings (pure pandas/scipy): the table, the best, paired tests.
+
+Inputs are the sweep's job records and, per run, its summary metrics, tags and per-case table
+(`RunData`); `sweep.py` reads those from MLflow and logs what these functions return.
+
+The best setting maximises the primary metric, except distances (`LOWER_IS_BETTER`, plus
+seconds per case and failed-case counts), which are minimised, and the signed relative volume
+error, whose smallest |value| wins. The paired test is scipy's Wilcoxon signed-rank test
+(two-sided) of the best setting against each other one, on per-case values (mean over labels;
+|rve| for rve) of the cases both scored.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import wilcoxon
+
+from evalharness.score.metrics import LOWER_IS_BETTER, METRIC_NAMES
+
+STATISTICS = ("mean", "std", "median")
+COUNTS = ("n_cases", "n_failed_cases", "seconds_per_case")
+CACHE_COUNTERS = ("cache.model_loads", "cache.model_hits", "cache.case_loads", "cache.case_hits")
+SCORED = ("finished", "skipped", "cases_failed")
+"""Job statuses whose runs hold results (`failed`: the evaluation stopped with an error)."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """How one job of the sweep ended, as the sweep callback saw it."""
+
+    num: int
+    setting: str  # e.g. "aggregation=hann,overlap=0.5"
+    params: dict[str, str]  # swept key -> value, e.g. {"patch.overlap": "0.5"}
+    status: str  # finished | skipped | cases_failed | failed
+    code: int  # the evaluation's exit code (1 for a job that raised)
+    run_id: str | None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunData:
+    """What the comparison needs from one evaluation run."""
+
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    per_case: pd.DataFrame | None = None
+    status: str = "FINISHED"
+
+
+@dataclass
+class Comparison:
+    """The comparison table, the per-case long table and the statistics derived from them."""
+
+    table: pd.DataFrame
+    per_case_long: pd.DataFrame
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def status_of(code: int, skipped: bool) -> str:
+    """Job status from an evaluation's exit code (0 ok, 1 error, 2 some cases failed)."""
+    if code == 0:
+        return "skipped" if skipped else "finished"
+    return "cases_failed" if code == 2 else "failed"
+
+
+def direction(metric: str) -> str:
+    """``max``, ``min`` or ``min_abs`` (rve): how the best value of `metric` is chosen."""
+    base = base_metric(metric) or metric
+    if base == "rve":
+        return "min_abs"
+    if base in LOWER_IS_BETTER or metric in ("seconds_per_case", "n_failed_cases"):
+        return "min"
+    if metric.endswith("_std"):
+        return "min"
+    return "max"
+
+
+def base_metric(metric: str) -> str | None:
+    """The per-case column behind a summary name (``dsc_mean`` → ``dsc``), else None."""
+    for stat in STATISTICS:
+        base = metric.removesuffix(f"_{stat}")
+        if base != metric and base in METRIC_NAMES:
+            return base
+    return None
+
+
+def compare(
+    records: Sequence[JobRecord], runs: Mapping[str, RunData], primary_metric: str
+) -> Comparison:
+    """Table (one row per setting), long per-case table and statistics of a sweep."""
+    table = comparison_table(records, runs)
+    long = per_case_long(records, runs)
+    return Comparison(table, long, statistics(table, long, primary_metric))
+
+
+def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) -> pd.DataFrame:
+    """One row per job: setting, swept params, status, run id, summary metrics, flags."""
+    param_keys = sorted({k for r in records for k in r.params})
+    rows = []
+    for record in sorted(records, key=lambda r: r.num):
+        data = runs.get(record.run_id or "")
+        metrics = data.metrics if data else {}
+        tags = data.tags if data else {}
+        row: dict[str, Any] = {"setting": record.setting}
+        row |= {key: record.params.get(key, "") for key in param_keys}
+        row |= {"status": record.status, "run_id": record.run_id or ""}
+        for name in METRIC_NAMES:
+            for stat in STATISTICS:
+                row[f"{name}_{stat}"] = metrics.get(f"{name}_{stat}", math.nan)
+        row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *CACHE_COUNTERS)}
+        row["preprocessing_mismatch"] = tags.get("evalharness.preprocessing_mismatch", "")
+        row["error"] = record.error or tags.get("evalharness.error", "") or _cases_note(record)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cases_note(record: JobRecord) -> str:
+    return "some cases failed (see per_case.csv)" if record.status == "cases_failed" else ""
+
+
+def per_case_long(records: Sequence[JobRecord], runs: Mapping[str, RunData]) -> pd.DataFrame:
+    """Per-case rows of every scored setting, with a ``setting`` column (for plots and tests)."""
+    frames = []
+    for record in sorted(records, key=lambda r: r.num):
+        data = runs.get(record.run_id or "")
+        if record.status in SCORED and data is not None and data.per_case is not None:
+            frames.append(data.per_case.assign(setting=record.setting))
+    if not frames:
+        return pd.DataFrame(columns=["setting", "case", "label", "status", *METRIC_NAMES])
+    return pd.concat(frames, ignore_index=True)
+
+
+def statistics(table: pd.DataFrame, long: pd.DataFrame, primary_metric: str) -> dict[str, Any]:
+    """Best setting by `primary_metric` and Wilcoxon tests of it against the others."""
+    stats: dict[str, Any] = {
+        "primary_metric": primary_metric,
+        "direction": direction(primary_metric),
+        "n_settings": len(table),
+        "n_failed": int(table["status"].isin(["failed", "cases_failed"]).sum())
+        if len(table)
+        else 0,
+        "n_skipped": int((table["status"] == "skipped").sum()) if len(table) else 0,
+        "best": None,
+        "tests": [],
+    }
+    if primary_metric not in table.columns:
+        stats["note"] = f"unknown primary metric {primary_metric!r}"
+        return stats
+    scored = table[table["status"].isin(SCORED)]
+    values = pd.to_numeric(scored[primary_metric], errors="coerce")
+    values = values[np.isfinite(values)]
+    if values.empty:
+        stats["note"] = f"no setting has a finite {primary_metric}"
+        return stats
+    key = {"max": -values, "min": values, "min_abs": values.abs()}[stats["direction"]]
+    best = scored.loc[key.idxmin()]
+    stats["best"] = {
+        "setting": best["setting"],
+        "run_id": best["run_id"],
+        "value": float(values[key.idxmin()]),
+    }
+    base = base_metric(primary_metric)
+    if base is not None:
+        stats["test_metric"] = f"|{base}|" if base == "rve" else base
+        stats["tests"] = paired_tests(long, best["setting"], base)
+    return stats
+
+
+def case_values(long: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Case × setting grid of `metric` (mean over labels of successful rows; |rve| for rve)."""
+    ok = long[long["status"] == "ok"] if "status" in long else long
+    values = pd.to_numeric(ok[metric], errors="coerce").astype(float)
+    values = values.abs() if metric == "rve" else values
+    values = values.where(np.isfinite(values))
+    frame = ok.assign(**{metric: values})
+    return frame.pivot_table(index="case", columns="setting", values=metric, aggfunc="mean")
+
+
+def paired_tests(long: pd.DataFrame, best: str, metric: str) -> list[dict[str, Any]]:
+    """Wilcoxon signed-rank test of `best` against each other setting on matched cases."""
+    grid = case_values(long, metric)
+    if best not in grid.columns:
+        return []
+    tests = []
+    for other in grid.columns:
+        if other == best:
+            continue
+        pair = grid[[best, other]].dropna()
+        difference = pair[best] - pair[other]
+        test: dict[str, Any] = {
+            "setting": other,
+            "n_cases": len(pair),
+            "median_difference": float(difference.median()) if len(pair) else math.nan,
+            "statistic": math.nan,
+            "p_value": math.nan,
+        }
+        if len(pair) and (difference != 0).any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # tiny samples: normal approx.
+                result = wilcoxon(pair[best], pair[other])
+            test["statistic"], test["p_value"] = float(result.statistic), float(result.pvalue)
+        elif len(pair):
+            test["statistic"], test["p_value"] = 0.0, 1.0  # identical on every case
+        tests.append(test)
+    return tests
+
+
+def report(comparison: Comparison) -> str:
+    """The comparison as text for the console: table, best setting, paired tests."""
+    table, stats = comparison.table, comparison.stats
+    primary = stats["primary_metric"]
+    columns = ["setting", "status"]
+    columns += [c for c in (primary, "dsc_mean", "hd95_mm_mean") if c in table and c not in columns]
+    columns += ["n_failed_cases", "seconds_per_case", "cache.case_loads"]
+    shown = table[[c for c in dict.fromkeys(columns) if c in table]]
+    counts = [c for c in ("n_failed_cases", "cache.case_loads") if c in shown]
+    shown = shown.astype(dict.fromkeys(counts, "Int64"))
+    lines = [shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    best = stats.get("best")
+    if best is None:
+        lines.append(f"Best setting: none ({stats.get('note', 'no results')})")
+        return "\n".join(lines)
+    how = {"max": "higher", "min": "lower", "min_abs": "smaller |value|"}[stats["direction"]]
+    lines.append(f"Best by {primary} ({how} is better): {best['setting']} ({best['value']:.4f})")
+    if stats["tests"]:
+        lines.append(
+            f"Paired Wilcoxon signed-rank test of the best against each setting "
+            f"(per-case {stats['test_metric']}, mean over labels):"
+        )
+        lines += [f"  {t['setting']}: {describe_test(t)}" for t in stats["tests"]]
+    return "\n".join(lines)
+
+
+def describe_test(test: Mapping[str, Any]) -> str:
+    """``p=0.125 (n=4 cases, median best-other +0.0123)``."""
+    return (
+        f"p={test['p_value']:.3g} (n={test['n_cases']} cases, "
+        f"median best-other {test['median_difference']:+.4g})"
+    )

@@ -1,0 +1,91 @@
+"""The per-case table: written as rows arrive, summarised at the end (pure pandas)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from evalharness.score.metrics import METRIC_NAMES
+
+COLUMNS = ("case", "label", *METRIC_NAMES, "status", "error", "seconds", "flags")
+HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
+
+
+def failure_rows(case_id: str, labels: Sequence[int], error: str, seconds: float) -> list[dict]:
+    """Rows recording that a case failed: metrics NaN, status failed, the one-line error."""
+    return [
+        {"case": case_id, "label": k, "status": "failed", "error": error, "seconds": seconds}
+        for k in (labels or [-1])
+    ]
+
+
+class CaseTable:
+    """Append-only per-case table mirrored to a CSV after every case (nothing lost on a kill)."""
+
+    def __init__(self, csv_path: Path, previous: pd.DataFrame | None = None) -> None:
+        self.csv_path = csv_path
+        self._rows: list[dict] = [] if previous is None else previous.to_dict("records")
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        self.frame().to_csv(self.csv_path, index=False)
+
+    def add(self, rows: Iterable[dict]) -> None:
+        self._rows.extend(rows)
+        self.frame().to_csv(self.csv_path, index=False)
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self._rows)
+        for column in COLUMNS:
+            if column not in frame:
+                frame[column] = np.nan if column in METRIC_NAMES or column == "seconds" else ""
+        return frame[list(COLUMNS) + [c for c in frame.columns if c not in COLUMNS]]
+
+    def case_ids(self) -> set[str]:
+        return {row["case"] for row in self._rows}
+
+
+def summarize(table: pd.DataFrame) -> dict[str, float]:
+    """`<metric>_mean/_std/_median` over all (case, label) rows that succeeded, NaN skipped,
+    plus `<metric>_mean_label<k>` per label, case counts and seconds per case."""
+    ok = table[table["status"] == "ok"]
+    summary: dict[str, float] = {
+        "n_cases": float(table["case"].nunique()),
+        "n_failed_cases": float(table.loc[table["status"] != "ok", "case"].nunique()),
+    }
+    for name in METRIC_NAMES:
+        values = pd.to_numeric(ok[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
+        summary[f"{name}_mean"] = _nan_stat(values, "mean")
+        summary[f"{name}_std"] = _nan_stat(values, "std")
+        summary[f"{name}_median"] = _nan_stat(values, "median")
+        if ok["label"].nunique() > 1:
+            for label, group in ok.groupby("label"):
+                label_values = pd.to_numeric(group[name], errors="coerce")
+                summary[f"{name}_mean_label{label}"] = _nan_stat(label_values, "mean")
+    seconds = table.drop_duplicates("case")["seconds"]
+    summary["seconds_per_case"] = _nan_stat(pd.to_numeric(seconds, errors="coerce"), "mean")
+    return summary
+
+
+def _nan_stat(values: pd.Series, how: str) -> float:
+    finite = values.dropna()
+    if finite.empty:
+        return math.nan
+    if how == "std":
+        return float(finite.std(ddof=0))
+    return float(getattr(finite, how)())
+
+
+def case_scores(table: pd.DataFrame, metric: str = "dsc") -> pd.Series:
+    """Mean of `metric` over labels per successful case (for best/worst case selection)."""
+    ok = table[table["status"] == "ok"]
+    return ok.groupby("case")[metric].mean().dropna()
+
+
+def console_table(table: pd.DataFrame) -> str:
+    """The per-case table as aligned text with the headline metrics."""
+    columns = ["case", "label", *HEADLINE, "status"]
+    shown = table[columns].copy()
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")

@@ -1,0 +1,1 @@
+"""Hydra multirun: the parent run, reuse across jobs, the end-of-sweep comparison."""

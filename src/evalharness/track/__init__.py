@@ -1,0 +1,1 @@
+"""Every MLflow call: stores, runs, params, tables, figures, tags."""
