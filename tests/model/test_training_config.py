@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURE
 
 from evalharness.errors import SourceError
 from evalharness.model.safe_pickle import load_data_pickle
@@ -18,7 +18,7 @@ from evalharness.model.training_config import (
     training_config_from_params,
 )
 
-RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
+RUN = FIXTURE / "training_run"
 EXPECTED = {
     "patch_size": [48, 48, 32],
     "patch_overlap": 0.5,
