@@ -132,6 +132,11 @@ def test_issue_dynunet_shares_weights_that_the_file_stores_once() -> None:
     assert len(network.state_dict()) == 116 and len(load_file(str(path))) == 59
     alias = network.state_dict()["skip_layers.downsample.conv1.conv.weight"]
     assert alias.data_ptr() == network.state_dict()["input_block.conv1.conv.weight"].data_ptr()
+    # a model.arch in place of the metadata restores the aliases too
+    arch = {"_target_": "monai.networks.nets.DynUNet", **_DYNUNET, "out_channels": 3}
+    arch.update(filters=[4, 8, 16, 32], res_block=True)
+    x, fastmonai_output = _reference(ISSUE_DYNUNET)
+    assert torch.equal(_forward(load_model_file(path, arch=arch).network, x), fastmonai_output)
 
 
 @pytest.mark.parametrize("weights", ["best_weights.pth", "best_weights_with_opt.pth"])
