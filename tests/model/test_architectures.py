@@ -1,6 +1,6 @@
 """Every segmentation architecture fastMONAI 0.12 exports loads as fastMONAI loads it.
 
-The files under tests/data/fastmonai-0.12-architectures/ were written by a real fastMONAI 0.12
+The files under tests/fixtures/fastmonai-0.12-architectures/ were written by a real fastMONAI 0.12
 (see its README): each loads here and gives outputs equal to the network fastMONAI itself
 rebuilt (its `reference.safetensors`) and to the same MONAI network built and loaded by hand.
 Tampered files fail with one line naming the file and the reason.
@@ -25,7 +25,7 @@ from evalharness.model.architectures import DynUNetDSAdapter, normalize_monai_kw
 from evalharness.model.loaders import load_model_file, load_state_dict_with_metadata
 from evalharness.model.training_config import read_safetensors_metadata
 
-EXPORTS = REPO / "tests" / "data" / "fastmonai-0.12-architectures"
+EXPORTS = REPO / "tests" / "fixtures" / "fastmonai-0.12-architectures"
 ISSUE_DYNUNET = EXPORTS / "dynunet_res_block"
 _DYNUNET = dict(
     spatial_dims=3,
