@@ -102,6 +102,7 @@ class InferenceConfig:
 class OutputConfig:
     save_predictions: bool = False
     plots: bool = True
+    gallery_k: int = 3  # worst cases per label in the gallery (plots/gallery/); 0: none
 
 
 @dataclass
@@ -248,5 +249,7 @@ def validate(cfg: Any) -> None:
     spacing = c["preprocessing"]["target_spacing"]
     if spacing is not None and (len(spacing) != 3 or any(s <= 0 for s in spacing)):
         raise ConfigError(f"preprocessing.target_spacing={spacing}: expected 3 values > 0 mm")
+    if c["output"]["gallery_k"] < 0:
+        raise ConfigError(f"output.gallery_k={c['output']['gallery_k']}: expected >= 0 (cases)")
     if data["limit"] is not None and data["limit"] < 1:
         raise ConfigError(f"data.limit={data['limit']}: expected >= 1")

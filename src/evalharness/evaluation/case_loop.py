@@ -32,6 +32,7 @@ from evalharness.predict.pipeline import (
 )
 from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.score.table import CaseTable, failure_rows
+from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
 
@@ -48,10 +49,12 @@ class CaseSink(Protocol):
 
 @dataclass
 class Extremes:
-    """The predictions of the best and worst case by mean DSC, kept for overlay plots."""
+    """The predictions of the best and worst case by mean DSC, kept for overlay plots, and
+    the planes of the k worst cases per label for the gallery."""
 
     best: tuple[float, Case, np.ndarray] | None = None
     worst: tuple[float, Case, np.ndarray] | None = None
+    worst_cases: WorstCases = field(default_factory=lambda: WorstCases(0))
 
     def offer(self, case: Case, prediction: np.ndarray, rows: list[dict]) -> None:
         scores = [row["dsc"] for row in rows if row.get("status") == "ok"]
@@ -73,6 +76,7 @@ class LoopOptions:
     predictions_dir: Path | None = None
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
+    gallery_k: int = 3  # worst cases per label kept for the gallery
 
 
 def run_cases(
@@ -88,7 +92,7 @@ def run_cases(
     labels = sorted(k for k in ev.dataset.label_names if k != 0)
     labels = labels or foreground_labels(ev.dataset, ev.n_output_channels)
     allowed = {0, *labels}  # label values a ground truth may hold
-    extremes = Extremes()
+    extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
 
     def submit(pool: ThreadPoolExecutor, index: int) -> Future[CaseInputs] | None:
         if not options.prefetch or index >= len(cases):
@@ -114,6 +118,11 @@ def run_cases(
                 rows = _score(inputs, prediction.labels, labels)
                 case_findings = _probe(ev, inputs, prediction.labels)
                 extremes.offer(case, prediction.labels, rows)
+                if inputs.gt_labels is not None:
+                    spacing_mm = inputs.prepared.native.spacing_mm
+                    extremes.worst_cases.offer(
+                        case, prediction.labels, inputs.gt_labels, spacing_mm, rows
+                    )
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
                 message = one_line(error)
