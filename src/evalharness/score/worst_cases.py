@@ -65,21 +65,37 @@ def largest_error(reference: np.ndarray, prediction: np.ndarray) -> tuple[tuple[
     The voxel is the one of the largest 26-connected component of ``reference XOR prediction``
     nearest that component's centre of mass (so it lies on the error even when the component
     is curved). Without error: the reference's centre (size 0); both empty: the volume centre.
+    Work is done inside the bounding box of the error (or of the reference).
     """
     error = reference ^ prediction
-    if error.any():
-        region = keep_largest_component(error)
-        return _nearest_to_centroid(region), int(np.count_nonzero(region))
-    if reference.any():
-        return _nearest_to_centroid(reference), 0
+    box = _bounding_box(error)
+    if box is not None:
+        region = keep_largest_component(error[box])
+        return _nearest_to_centroid(region, box), int(np.count_nonzero(region))
+    box = _bounding_box(reference)
+    if box is not None:
+        return _nearest_to_centroid(reference[box], box), 0
     return tuple(int(n // 2) for n in reference.shape), 0
 
 
-def _nearest_to_centroid(mask: np.ndarray) -> tuple[int, ...]:
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Smallest box (slices) holding every True voxel of `mask` [X, Y, Z]; None if empty."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
+def _nearest_to_centroid(mask: np.ndarray, box: tuple[slice, ...]) -> tuple[int, ...]:
+    """Voxel of `mask` (cut out of the volume at `box`) nearest its centroid, in volume
+    coordinates."""
     coords = np.argwhere(mask)
     centroid = coords.mean(axis=0)
     nearest = coords[np.argmin(((coords - centroid) ** 2).sum(axis=1))]
-    return tuple(int(c) for c in nearest)
+    return tuple(int(c + s.start) for c, s in zip(nearest, box, strict=True))
 
 
 class WorstCases:
