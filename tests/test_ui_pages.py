@@ -308,6 +308,7 @@ def test_sweep_page_shows_best_ties_and_cost_figure() -> None:
             "dsc_mean": [0.71, 0.70, math.nan],
             "dsc_mean_ci95_low": [0.6, 0.6, math.nan],
             "dsc_mean_ci95_high": [0.8, 0.8, math.nan],
+            "n_failed_cases": [0.0, 1.0, math.nan],
             "error": ["", "", "patch too large"],
         }
     )
@@ -340,6 +341,7 @@ def test_sweep_page_shows_best_ties_and_cost_figure() -> None:
     assert "Settings tied with the best: overlap=0.5" in page and "dsc_mean_ci95_low" in page
     assert page.index("Accuracy against cost") < page.index("compare_dsc.png")
     assert "patch too large" in page and "0.620" in page
+    assert '<td class="num">1</td>' in page and "1.000" not in page  # counts without decimals
     without = sweep_page(
         "Sweep s", {}, table, {k: v for k, v in stats.items() if k != "tied_with_best"}
     )

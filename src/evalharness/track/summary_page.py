@@ -184,7 +184,7 @@ def _case_table(per_case: pd.DataFrame) -> str:
     rows = []
     for record in per_case[columns].to_dict("records"):
         bad = record.get("status") not in ("ok", "no_label")
-        cells = "".join(_cell(record[c]) for c in columns)
+        cells = "".join(_cell(record[c], _digits(c)) for c in columns)
         rows.append(f"{_row_start('bad' if bad else '')}{cells}</tr>")
     return _table(columns, rows)
 
@@ -244,7 +244,7 @@ def _comparison_table(table: pd.DataFrame, primary: str, best: str, tied: set) -
         setting = record.get("setting")
         kind = "best" if setting == best else "tied" if setting in tied else ""
         kind = kind or ("bad" if record.get("status") not in ("finished", "skipped") else "")
-        cells = "".join(_cell(record[c]) for c in columns)
+        cells = "".join(_cell(record[c], _digits(c)) for c in columns)
         rows.append(f"{_row_start(kind)}{cells}</tr>")
     return _table(columns, rows)
 
@@ -306,11 +306,18 @@ def _figure(figure: Figure) -> str:
     )
 
 
-def _cell(value: Any) -> str:
+def _digits(column: str) -> int:
+    """Decimals shown in `column`: none for counts, two for seconds, else three."""
+    if column.startswith(("n_", "cache.")) or column == "label":
+        return 0
+    return 2 if column.startswith("seconds") else 3
+
+
+def _cell(value: Any, digits: int = 3) -> str:
     if isinstance(value, bool) or value is None:
         return f"<td>{_e('' if value is None else str(value).lower())}</td>"
     if isinstance(value, (int, float)):
-        return _num_cell(value, 0 if isinstance(value, int) else 3)
+        return _num_cell(value, 0 if isinstance(value, int) else digits)
     return f"<td>{_e(str(value))}</td>"
 
 
