@@ -1,4 +1,5 @@
-"""The end of an evaluation: summary metrics, tables and plots to MLflow, a summary on screen."""
+"""The end of an evaluation: summary metrics, tables, plots, the gallery of the worst cases and
+the summary page to MLflow, a summary on screen."""
 
 from __future__ import annotations
 
