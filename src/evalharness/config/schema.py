@@ -96,6 +96,7 @@ class InferenceConfig:
 class OutputConfig:
     save_predictions: bool = False
     plots: bool = True
+    gallery_k: int = 3  # worst cases per label in the gallery (plots/gallery/); 0: none
 
 
 @dataclass(frozen=True)

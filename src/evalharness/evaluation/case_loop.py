@@ -32,6 +32,7 @@ from evalharness.predict.pipeline import (
 )
 from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.score.table import CaseTable, failure_rows
+from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
 
@@ -59,10 +60,12 @@ class ScoredCase:
 
 @dataclass
 class Extremes:
-    """The best and worst case by mean DSC, kept in memory for overlay plots."""
+    """The best and worst case by mean DSC, kept in memory for overlay plots, and the planes
+    of the k worst cases per label for the gallery."""
 
     best: ScoredCase | None = None
     worst: ScoredCase | None = None
+    worst_cases: WorstCases = field(default_factory=lambda: WorstCases(0))
 
     def offer(self, inputs: CaseInputs, prediction: np.ndarray, rows: list[dict]) -> None:
         scores = [row["dsc"] for row in rows if row.get("status") == "ok"]
@@ -90,6 +93,7 @@ class LoopOptions:
     predictions_dir: Path | None = None
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
+    gallery_k: int = 3  # worst cases per label kept for the gallery
 
 
 def run_cases(
@@ -104,7 +108,7 @@ def run_cases(
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
-    extremes = Extremes()
+    extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
 
     def submit(pool: ThreadPoolExecutor, index: int) -> Future[CaseInputs] | None:
         if not options.prefetch or index >= len(cases):
@@ -130,6 +134,11 @@ def run_cases(
                 rows = _score(inputs, prediction.labels, labels)
                 case_findings = _probe(ev, inputs, prediction.labels)
                 extremes.offer(inputs, prediction.labels, rows)
+                if inputs.gt_labels is not None:
+                    spacing_mm = inputs.prepared.native.spacing_mm
+                    extremes.worst_cases.offer(
+                        case, prediction.labels, inputs.gt_labels, spacing_mm, rows
+                    )
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
                 message = one_line(error)

@@ -1,10 +1,12 @@
-"""The end of an evaluation: summary metrics, tables and plots to MLflow, a summary on screen."""
+"""The end of an evaluation: summary metrics, tables, plots, the gallery of the worst cases and
+the summary page to MLflow, a summary on screen."""
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,42 @@ import pandas as pd
 from evalharness.checks.mismatches import Mismatch, summary_line
 from evalharness.data.nifti_io import load_volume
 from evalharness.evaluation.case_loop import Extremes
+from evalharness.evaluation.plan import Evaluation
 from evalharness.score.table import case_scores, console_table, summarize
+from evalharness.score.worst_cases import CaseSlices, with_image
 from evalharness.track import tracking
+from evalharness.track.pages import headline_first, log_run_summary
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the summary page says about the run besides its results."""
+
+    title: str = "Evaluation"
+    facts: Mapping[str, str] = field(default_factory=dict)
+    findings: Sequence[Mismatch] = ()
+    label_names: Mapping[int, str] = field(default_factory=dict)
+
+
+def run_context(ev: Evaluation, dataset_name: str) -> RunContext:
+    """The page context of evaluation `ev` on the dataset input named `dataset_name`."""
+    resolved = ev.resolved
+    facts = {
+        "dataset": f"{dataset_name}: {len(ev.dataset.cases)} case(s) in {ev.dataset.root}",
+        "model": resolved.artifact_uri or str(resolved.local_path),
+        "loader": ev.loaded.loader,
+        "device": str(ev.device),
+        "settings": ", ".join(f"{k}={v}" for k, v in ev.settings.as_params().items()),
+        "configuration hash": ev.config_hash,
+    }
+    if resolved.training_run_id:
+        facts["training run"] = (
+            f"{resolved.training_run_name or ''} {resolved.training_run_id} "
+            f"(experiment {resolved.training_experiment or '?'})"
+        ).strip()
+    return RunContext(f"Evaluation on {dataset_name}", facts, ev.findings, ev.dataset.label_names)
 
 
 def log_results(
@@ -27,20 +61,50 @@ def log_results(
     csv_path: Path,
     plot_dir: Path | None,
     extremes: Extremes,
+    context: RunContext | None = None,
 ) -> dict[str, float]:
-    """Log summary metrics, `per_case.csv`, the `per_case.json` table and plots; return the
+    """Log summary metrics (headline first), `per_case.csv`, the `per_case.json` table, plots,
+    the gallery of the worst cases, the summary page and the run's description; return the
     summary."""
+    context = context or RunContext()
     summary = summarize(table)
-    tracking.log_metrics(client, run_id, summary)
+    tracking.log_metrics(client, run_id, headline_first(summary))
     tracking.log_file(client, run_id, csv_path)
     tracking.log_table(
         client, run_id, table.astype(object).where(table.notna(), None), "per_case.json"
     )
+    figures: list[Path] = []
+    gallery: list[Path] = []
     if plot_dir is not None:
-        for path in _plots(table, plot_dir, extremes):
+        figures = _plots(table, plot_dir, extremes)
+        for path in figures:
             tracking.log_file(client, run_id, path, "plots")
+        gallery = _gallery(extremes, plot_dir / "gallery", context.label_names)
+        for path in gallery:
+            tracking.log_file(client, run_id, path, "plots/gallery")
     tracking.set_tags(client, run_id, {"evalharness.failed_cases": int(summary["n_failed_cases"])})
+    findings = [m.as_dict() for m in context.findings]
+    log_run_summary(
+        client, run_id, context.title, context.facts, summary, table, findings, figures, gallery
+    )
     return summary
+
+
+def _gallery(extremes: Extremes, folder: Path, label_names: Mapping[int, str]) -> list[Path]:
+    """Draw the kept worst cases; each kept case's image is read once, one at a time."""
+    from evalharness.plots.gallery import plot_gallery
+
+    by_label = extremes.worst_cases.by_label()
+    by_image: dict[Path, list[tuple[int, int]]] = {}
+    for label, entries in by_label.items():
+        for index, entry in enumerate(entries):
+            by_image.setdefault(entry.case.image, []).append((label, index))
+    filled: dict[int, list[CaseSlices]] = {label: list(e) for label, e in by_label.items()}
+    for path, places in by_image.items():
+        image = load_volume(path)[0][0]
+        for label, index in places:
+            filled[label][index] = with_image(filled[label][index], image)
+    return plot_gallery(filled, folder, label_names) if by_image else []
 
 
 def _plots(table: pd.DataFrame, plot_dir: Path, extremes: Extremes) -> list[Path]:
