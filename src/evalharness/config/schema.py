@@ -23,6 +23,8 @@ SPLIT_METHODS = ("decathlon", "sklearn", "file", "all")
 CASE_ERROR_POLICIES = ("continue", "stop")
 MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
+RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
+DEFAULT_RESTORE = "bspline"
 
 
 @dataclass
@@ -96,6 +98,7 @@ class InferenceConfig:
     keep_largest_component: bool | None = None
     threshold: float | None = None
     max_device_memory_mb: float | None = None
+    restore: str = DEFAULT_RESTORE
 
 
 @dataclass
@@ -226,6 +229,7 @@ def validate(cfg: Any) -> None:
     _choice("data.name", data["name"], DATA_LAYOUTS)
     _choice("data.split.method", data["split"]["method"], SPLIT_METHODS)
     _choice("inference.device", inference["device"], DEVICES)
+    _choice("inference.restore", inference["restore"], RESTORE_METHODS)
     _choice("run.on_case_error", c["run"]["on_case_error"], CASE_ERROR_POLICIES)
     _choice("checks.on_mismatch", c["checks"]["on_mismatch"], MISMATCH_POLICIES)
     _choice("demo.size", c["demo"]["size"], DEMO_SIZES)

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from evalharness.config.schema import (
     AGGREGATIONS,
+    DEFAULT_RESTORE,
     _choice,
     check_overlap,
     check_patch_size,
@@ -67,6 +68,7 @@ class EffectiveSettings:
     device: str
     amp: bool
     tta: Any
+    restore: str = DEFAULT_RESTORE  # how predictions go back to the native grid (restore.py)
 
     def as_params(self) -> dict[str, Any]:
         """Flat JSON-friendly dict, logged as `effective.<name>` params."""
@@ -142,6 +144,7 @@ def resolve_settings(
         device=str(cfg.inference.device),
         amp=bool(cfg.inference.amp),
         tta=_lookup(cfg, "inference.tta"),
+        restore=str(cfg.inference.restore),
     )
     return settings, assumed, origins
 
