@@ -244,12 +244,13 @@ def methods() -> dict[str, Callable[[torch.Tensor, PreparedImage, float], np.nda
 def score(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> dict[str, float]:
     """Means over foreground labels of dsc, hd95_mm, nsd_1mm; sums of lost reference
     components and predicted components."""
-    rows, lost, predicted = [], 0, 0
+    rows, lost, predicted, reference = [], 0, 0, 0
     for k in range(1, n_labels + 1):
         rows.append(label_metrics(pred == k, gt == k, NATIVE_SPACING_MM))
         components, n = ndimage.label(gt == k, structure=CONNECTIVITY_26)
         touched = np.unique(components[(pred == k) & (components > 0)])
         lost += n - touched.size
+        reference += n
         predicted += ndimage.label(pred == k, structure=CONNECTIVITY_26)[1]
     return {
         "dsc": float(np.mean([r["dsc"] for r in rows])),
@@ -257,6 +258,7 @@ def score(pred: np.ndarray, gt: np.ndarray, n_labels: int) -> dict[str, float]:
         "nsd_1mm": float(np.mean([r["nsd_1mm"] for r in rows])),
         "lost": lost,
         "pred_cc": predicted,
+        "ref_cc": reference,
     }
 
 
@@ -280,14 +282,20 @@ def run(reference: str, temperature_mm: float, repeats: int) -> dict[str, dict]:
             per_case[case.name] = {**score(pred, case.gt, n_labels), "seconds": min(seconds)}
         keys = ("dsc", "hd95_mm", "nsd_1mm", "seconds")
         mean = {k: float(np.mean([c[k] for c in per_case.values()])) for k in keys}
-        mean |= {k: int(sum(c[k] for c in per_case.values())) for k in ("lost", "pred_cc")}
+        mean |= {
+            k: int(sum(c[k] for c in per_case.values())) for k in ("lost", "pred_cc", "ref_cc")
+        }
         out[name] = {"mean": mean, "cases": per_case}
     return out
 
 
 def print_table(reference: str, results: dict[str, dict]) -> None:
-    print(f"\nreference {reference}: means over {len(next(iter(results.values()))['cases'])} cases")
+    n_cases = len(next(iter(results.values()))["cases"])
     header = ("DSC", 8), ("HD95 mm", 9), ("NSD 1mm", 9), ("lost", 6), ("pred cc", 8), ("s/case", 8)
+    n_reference = next(iter(results.values()))["mean"]["ref_cc"]
+    print(
+        f"\nreference {reference}: means over {n_cases} cases; {n_reference} reference components"
+    )
     print(f"{'method':<22}" + "".join(f"{name:>{width}}" for name, width in header))
     for name, result in results.items():
         m = result["mean"]

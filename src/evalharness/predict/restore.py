@@ -122,8 +122,12 @@ def _interpolate_axis(values: torch.Tensor, dim: int, line: np.ndarray, order: i
         index = index_of((first + tap).astype(np.int64), 0, size - 1)
         index_t = torch.as_tensor(index, dtype=torch.long, device=values.device)
         weight = torch.as_tensor(weights[:, tap], dtype=values.dtype, device=values.device)
-        term = values.index_select(dim, index_t) * weight.view(shape)
-        out = term if out is None else out.add_(term)
+        taken = values.index_select(dim, index_t)
+        out = (
+            taken.mul_(weight.view(shape))
+            if out is None
+            else out.addcmul_(taken, weight.view(shape))
+        )
     return out
 
 
