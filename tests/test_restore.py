@@ -28,6 +28,7 @@ from evalharness.predict.preprocess import (
     restores_by_voxels,
 )
 from evalharness.predict.restore import (
+    METHODS,
     _bspline_coefficients_torch,
     _resample_general,
     bspline_coefficients,
@@ -175,6 +176,7 @@ def test_one_channel_models_threshold_in_every_method() -> None:
 
 
 def test_restore_setting_is_validated_logged_and_hashed() -> None:
+    assert tuple(METHODS) == RESTORE_METHODS  # what validation accepts is what exists
     with pytest.raises(ConfigError, match=r"inference\.restore='nearest'.*probabilities, labels"):
         validate(compose_config("inference.restore=nearest"))
     cfg = compose_config()

@@ -5,8 +5,8 @@ Each method takes class probabilities [K, X', Y', Z'] on the model grid and retu
 
 - ``probabilities``: class probabilities resampled linearly to the native grid, then decoded
   (`preprocess.restore_to_native`). Keeps the sub-voxel boundary position soft probabilities
-  carry; thin parts whose probability falls below their neighbours' between voxel centres are
-  lost.
+  carry; cuts thin parts, where the interpolated probability sags below the decision between
+  voxel centres.
 - ``labels``: decoded on the model grid, then restored by shape, as fastMONAI's
   ``label_interpolation='shape'`` (``vision_inference._resize_labels``): each label's signed
   distance to its edge (mm) is resampled with cubic B-spline interpolation and every native
@@ -108,26 +108,22 @@ def _interpolate_axis(values: torch.Tensor, dim: int, line: np.ndarray, order: i
     size = values.shape[dim]
     floor = np.floor(line)
     if order == 1:
-        weights, first, index_of = _linear_weights(line - floor), floor, np.clip
+        weights, first = _linear_weights(line - floor), floor
     else:
         weights, first = _bspline_weights(line - floor), floor - 1
-
-        def index_of(index: np.ndarray, low: int, high: int) -> np.ndarray:
-            return _mirror(index, high + 1)
-
+    index = (first[:, None] + np.arange(weights.shape[1])).astype(np.int64)  # [n, taps]
+    index = np.clip(index, 0, size - 1) if order == 1 else _mirror(index, size)
     shape = [1] * values.ndim
     shape[dim] = -1
     out = None
     for tap in range(weights.shape[1]):
-        index = index_of((first + tap).astype(np.int64), 0, size - 1)
-        index_t = torch.as_tensor(index, dtype=torch.long, device=values.device)
+        index_t = torch.as_tensor(index[:, tap], device=values.device)
         weight = torch.as_tensor(weights[:, tap], dtype=values.dtype, device=values.device)
         taken = values.index_select(dim, index_t)
-        out = (
-            taken.mul_(weight.view(shape))
-            if out is None
-            else out.addcmul_(taken, weight.view(shape))
-        )
+        if out is None:
+            out = taken.mul_(weight.view(shape))
+        else:
+            out.addcmul_(taken, weight.view(shape))
     return out
 
 
@@ -171,8 +167,8 @@ def _resample_general(
     order: int,
     fill: torch.Tensor,
 ) -> torch.Tensor:
-    """`resample_channels` for rotated grids: SciPy's `map_coordinates` (no prefilter: the
-    caller's values are already what `order` needs), in slabs along native X."""
+    """`resample_channels` for rotated grids: SciPy's `map_coordinates` on the CPU (no
+    prefilter: the caller's values are already what `order` needs), in slabs along native X."""
     source = values.float().cpu().numpy()
     sizes = np.asarray(source.shape[1:], dtype=np.float64)
     out = np.empty((source.shape[0], *native_shape_vox), dtype=np.float32)
@@ -264,7 +260,7 @@ def restore_by_bspline(probs: torch.Tensor, prepared: PreparedImage, threshold: 
     """Probabilities resampled with cubic B-splines, then decoded (module doc, ``bspline``);
     native voxels beyond the model grid are background, as in ``probabilities``. The
     interpolant can leave [0, 1] near a jump (by up to 11 % of it along an edge, a third at a
-    corner); class weights still sum to 1, so argmax and thresholds stay meaningful."""
+    corner); the interpolated class probabilities still sum to 1 at every voxel."""
     outside = torch.zeros(probs.shape[0])
     if probs.shape[0] > 1:
         outside[0] = 1.0
@@ -282,7 +278,7 @@ METHODS: dict[str, Callable[[torch.Tensor, PreparedImage, float], torch.Tensor]]
     "labels": restore_by_labels,
     "bspline": restore_by_bspline,
 }
-assert tuple(METHODS) == RESTORE_METHODS, "config/schema.py lists the methods for validation"
+"""By `inference.restore` value; config/schema.py's `RESTORE_METHODS` lists the same names."""
 
 
 @torch.inference_mode()
