@@ -95,6 +95,7 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
         ("patch.overlap=1.5", "patch.overlap"),
         ("patch.size=[0,48,32]", "patch.size"),
         ("inference.aggregation=median", "inference.aggregation"),
+        ("inference.restore=nearest", "inference.restore"),
     ],
 )
 def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sqlite_uri) -> None:

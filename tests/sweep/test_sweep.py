@@ -297,6 +297,28 @@ def test_failed_job_fails_the_parent_and_the_others_finish(store: Store, tmp_pat
     assert parent.data.metrics["n_settings"] == 2 and parent.data.metrics["n_failed_settings"] == 1
 
 
+def test_sweep_over_the_restore_method_compares_each_method(store: Store, tmp_path) -> None:
+    """`inference.restore` sweeps like any post-forward setting: one child per method, each
+    logging `effective.restore` and its own configuration hash, one comparison row each."""
+    methods = ("probabilities", "labels", "bspline")
+    result = sweep(
+        store, "restore", "restore", "output.plots=false", f"inference.restore={','.join(methods)}"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    client, parents, children = runs(store, "restore")
+    assert parents[0].info.status == "FINISHED"
+    assert {c.data.params["effective.restore"]: c.info.status for c in children} == dict.fromkeys(
+        methods, "FINISHED"
+    )
+    assert len({c.data.tags["evalharness.config_hash"] for c in children}) == 3
+    table = artifact_table(client, parents[0].info.run_id, "comparison.csv", tmp_path)
+    rows = table.set_index("inference.restore")
+    assert set(rows.index) == set(methods) and set(rows["status"]) == {"finished"}
+    assert set(rows["setting"]) == {f"restore={m}" for m in methods}
+    assert rows["dsc_mean"].between(0, 1).all() and rows["hd95_mm_mean"].notna().all()
+    assert rows["dsc_mean"].nunique() > 1  # the demo's grids are resampled: methods differ
+
+
 def test_submitit_local_runs_jobs_in_other_processes(store: Store) -> None:
     result = sweep(
         store,

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from evalharness.config.rules import DEFAULT_RESTORE
+
 T = TypeVar("T")
 
 
@@ -90,6 +92,7 @@ class InferenceConfig:
     keep_largest_component: bool | None = None
     threshold: float | None = None
     max_device_memory_mb: float | None = None
+    restore: str = DEFAULT_RESTORE  # probabilities | labels | bspline (rules.RESTORE_METHODS)
 
 
 @dataclass(frozen=True)

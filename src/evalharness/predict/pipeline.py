@@ -16,20 +16,16 @@ import numpy as np
 import torch
 
 from evalharness.checks.probes import header_check
+from evalharness.config.rules import DEFAULT_RESTORE
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
-from evalharness.predict.preprocess import (
-    PreparedImage,
-    PreprocessSettings,
-    prepare_image,
-    restore_to_native,
-    restores_by_voxels,
-)
-from evalharness.predict.sliding_window import decode, sliding_window_probs
+from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
+from evalharness.predict.restore import restore_labels
+from evalharness.predict.sliding_window import sliding_window_probs
 from evalharness.score.metrics import case_metrics
 
 log = logging.getLogger(__name__)
@@ -124,7 +120,7 @@ def predict(
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
 ) -> CasePrediction:
-    """Sliding-window probabilities, decoded to labels on the native grid (`native_labels`),
+    """Sliding-window probabilities, restored and decoded to native-grid labels (`native_labels`),
     post-processed (keep-largest-component for up to two classes).
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
@@ -140,7 +136,7 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
-    labels = native_labels(probs, prepared, settings.threshold)
+    labels = native_labels(probs, prepared, settings.threshold, settings.restore)
     del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)
@@ -152,15 +148,13 @@ def predict(
     )
 
 
-def native_labels(probs: torch.Tensor, prepared: PreparedImage, threshold: float) -> np.ndarray:
+def native_labels(
+    probs: torch.Tensor, prepared: PreparedImage, threshold: float, restore: str = DEFAULT_RESTORE
+) -> np.ndarray:
     """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
-    [K, X', Y', Z'] on the model grid. Decoding is per voxel, so where restoring only moves
-    voxels (`restores_by_voxels`) the labels are moved instead of the probabilities: the same
-    result for a fraction of the bytes. Intermediate volumes are dropped as soon as used."""
-    if restores_by_voxels(prepared):
-        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
-    native_probs = restore_to_native(probs, prepared)
-    return decode(native_probs, threshold).cpu().numpy()
+    [K, X', Y', Z'] on the model grid, restored by the `inference.restore` method (`restore.py`;
+    where restoring only moves voxels, the decoded labels are moved: exact for every method)."""
+    return restore_labels(probs, prepared, restore, threshold)
 
 
 def window_probs(
