@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from evalharness.errors import ConfigError
+from evalharness.score.options import MISSING_POLICIES
 
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
@@ -99,6 +100,20 @@ class InferenceConfig:
 
 
 @dataclass
+class MetricsConfig:
+    missing: str = "worst"
+    lesion_wise: bool = False
+    lesion_min_iou: float = 0.0
+    min_lesion_mm3: float = 0.0
+    lesion_size_bins_mm3: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
+    calibration: bool = False
+    calibration_bins: int = 15
+    calibration_margin_vox: int = 4
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+
+
+@dataclass
 class OutputConfig:
     save_predictions: bool = False
     plots: bool = True
@@ -137,6 +152,7 @@ class EvalConfig:
     preprocessing: PreprocessingConfig = MISSING
     patch: PatchConfig = MISSING
     inference: InferenceConfig = MISSING
+    metrics: MetricsConfig = MISSING
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
@@ -160,6 +176,7 @@ def register_configs() -> None:
         ("preprocessing", PreprocessingConfig),
         ("patch", PatchConfig),
         ("inference", InferenceConfig),
+        ("metrics", MetricsConfig),
     ):
         store.store(name=f"{group}_schema", node=node)
 
@@ -250,3 +267,26 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"preprocessing.target_spacing={spacing}: expected 3 values > 0 mm")
     if data["limit"] is not None and data["limit"] < 1:
         raise ConfigError(f"data.limit={data['limit']}: expected >= 1")
+    check_metrics(c["metrics"])
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    """The ``metrics`` group: one line per rule, naming the key."""
+    _choice("metrics.missing", metrics["missing"], MISSING_POLICIES)
+    if not 0.0 <= metrics["lesion_min_iou"] <= 1.0:
+        raise ConfigError(f"metrics.lesion_min_iou={metrics['lesion_min_iou']}: expected [0, 1]")
+    if metrics["min_lesion_mm3"] < 0:
+        raise ConfigError(f"metrics.min_lesion_mm3={metrics['min_lesion_mm3']}: expected >= 0")
+    bins = list(metrics["lesion_size_bins_mm3"])
+    if any(b <= 0 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:], strict=False)):
+        raise ConfigError(
+            f"metrics.lesion_size_bins_mm3={bins}: expected increasing volumes > 0 (mm³)"
+        )
+    if metrics["calibration_bins"] < 2:
+        raise ConfigError(f"metrics.calibration_bins={metrics['calibration_bins']}: expected >= 2")
+    if metrics["calibration_margin_vox"] < 0:
+        margin = metrics["calibration_margin_vox"]
+        raise ConfigError(f"metrics.calibration_margin_vox={margin}: expected >= 0 voxels")
+    if metrics["bootstrap_resamples"] < 100:
+        resamples = metrics["bootstrap_resamples"]
+        raise ConfigError(f"metrics.bootstrap_resamples={resamples}: expected >= 100")

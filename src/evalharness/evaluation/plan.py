@@ -88,6 +88,7 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
             "settings": settings.as_params(),
             "model": resolved.sha256,
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
+            "metrics": OmegaConf.to_container(cfg.metrics, resolve=True),  # rows differ by it
         }
     )
     return Plan(resolved, settings, assumed, dataset, config_hash)

@@ -36,6 +36,7 @@ from evalharness.evaluation.case_loop import LoopOptions, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_params, run_tags
 from evalharness.predict.pipeline import load_case_inputs
+from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
@@ -53,6 +54,11 @@ class Outcome:
     code: int
     run_id: str | None
     skipped: bool = False
+
+
+def metric_options(cfg: DictConfig) -> MetricOptions:
+    """The ``metrics`` group as the frozen options the scoring takes."""
+    return MetricOptions.from_mapping(OmegaConf.to_container(cfg.metrics, resolve=True))
 
 
 def tracking_uri_of(cfg: DictConfig) -> str:
@@ -188,13 +194,16 @@ def _evaluate(
         predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
         skip_cases=table.case_ids(),
         max_device_memory_mb=cfg.inference.max_device_memory_mb,
+        metrics=metric_options(cfg),  # issue 14: the metrics group reaches scoring
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
     extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
     frame = table.frame()
     plot_dir = output_dir / "plots" if cfg.output.plots else None
-    summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
+    summary = log_results(
+        client, run_id, frame, table.csv_path, plot_dir, extremes, options.metrics
+    )
     tracking.finish(client, run_id, "FINISHED")
     shown = None if cfg.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)

@@ -31,6 +31,7 @@ from evalharness.predict.preprocess import (
 )
 from evalharness.predict.sliding_window import decode, sliding_window_probs
 from evalharness.score.metrics import case_metrics
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class CasePrediction:
     labels: np.ndarray
     n_channels: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+    """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
 
 
 def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
@@ -123,9 +126,11 @@ def predict(
     device: torch.device,
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
+    keep_probabilities: bool = False,
 ) -> CasePrediction:
     """Sliding-window probabilities, decoded to labels on the native grid (`native_labels`),
-    post-processed (keep-largest-component for up to two classes).
+    post-processed (keep-largest-component for up to two classes). `keep_probabilities` also
+    returns the native-grid probabilities (one more volume-sized buffer per channel).
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
     go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
@@ -140,7 +145,14 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
-    labels = native_labels(probs, prepared, settings.threshold)
+    kept = None
+    if keep_probabilities:
+        native_probs = restore_to_native(probs, prepared)
+        labels = decode(native_probs, settings.threshold).cpu().numpy()
+        kept = native_probs.float().cpu().numpy()
+        del native_probs
+    else:
+        labels = native_labels(probs, prepared, settings.threshold)
     del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)
@@ -149,6 +161,7 @@ def predict(
         labels=labels,
         n_channels=n_channels,
         timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
+        probabilities=kept,
     )
 
 
@@ -231,7 +244,9 @@ def metric_rows(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
+    options: MetricOptions = DEFAULT_OPTIONS,
+    probabilities: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per foreground label: case, label, every metric, status ok."""
-    rows = case_metrics(prediction, gt_labels, spacing_mm, labels)
+    """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
+    rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
     return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]
