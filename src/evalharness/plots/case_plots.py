@@ -52,6 +52,10 @@ METRICS: dict[str, MetricInfo] = {
     "precision": MetricInfo("Precision (0–1)", (0.0, 1.0)),
     "assd_mm": MetricInfo("ASSD (mm)", higher_is_better=False),
     "nsd": MetricInfo("NSD (0–1)", (0.0, 1.0)),
+    "lesion_f1": MetricInfo("Lesion-wise F1 (0–1)", (0.0, 1.0)),
+    "lesion_dsc": MetricInfo("Lesion-wise DSC (BraTS 2023, 0–1)", (0.0, 1.0)),
+    "ece": MetricInfo("Expected calibration error (0–1)", (0.0, 1.0), higher_is_better=False),
+    "brier": MetricInfo("Brier score (0–1)", (0.0, 1.0), higher_is_better=False),
 }
 
 
