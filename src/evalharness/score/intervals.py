@@ -16,6 +16,7 @@ independent, are never split. Undefined (NaN) values are skipped, as in the mean
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -79,9 +80,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return [float(v) for v in adjusted]
 
 
+@functools.lru_cache(maxsize=8)
 def _draws(n: int, resamples: int, seed: int) -> np.ndarray:
-    """Indices [resamples, n] of `resamples` bootstrap samples of n cases."""
-    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    """Indices [resamples, n] of `resamples` bootstrap samples of n cases (read-only; cached:
+    every interval of one summary resamples the same cases the same way)."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    draws.flags.writeable = False
+    return draws
 
 
 def _percentiles(statistics: np.ndarray) -> tuple[float, float]:
