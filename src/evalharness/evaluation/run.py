@@ -194,7 +194,7 @@ def _evaluate(
         predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
         skip_cases=table.case_ids(),
         max_device_memory_mb=cfg.inference.max_device_memory_mb,
-        metrics=metric_options(cfg),  # issue 14: the metrics group reaches scoring
+        metrics=metric_options(cfg),
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
