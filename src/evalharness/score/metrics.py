@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from evalharness.score import calibration, lesions
 from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 METRIC_NAMES: tuple[str, ...] = (
@@ -145,8 +146,6 @@ def case_metrics(
     ``options.lesion_wise`` the lesion-wise columns, with ``options.calibration`` and
     `probabilities` [K, X, Y, Z] (K = 1: sigmoid of label 1; else softmax, channel k = label
     k) ``ece`` and ``brier``."""
-    from evalharness.score import calibration, lesions
-
     pred, gt = np.asarray(pred_labels), np.asarray(gt_labels)
     _check_same_shape(pred, gt)
     rows = []
