@@ -137,7 +137,20 @@ def test_grid_sweep_has_parent_children_and_comparison(store: Store, grid, tmp_p
     assert math.isclose(parent.data.metrics["best_dsc_mean"], best["dsc_mean"])
     assert [t["n_cases"] for t in stats["tests"]] == [N_CASES] * 3
     assert all(0 < t["p_value"] <= 1 for t in stats["tests"])
+    ordered = sorted(stats["tests"], key=lambda t: t["p_value"])  # Holm: step-down, monotone
+    assert [t["p_holm"] for t in ordered] == sorted(t["p_holm"] for t in ordered)
+    assert all(t["p_holm"] >= t["p_value"] for t in ordered)
+    assert stats["tied_with_best"][0] == best["setting"]
+    tied = set(stats["tied_with_best"]) - {best["setting"]}
+    assert tied == {t["setting"] for t in stats["tests"] if t["p_holm"] >= 0.05}
+    assert parent.data.tags["evalharness.tied_with_best"] == "; ".join(stats["tied_with_best"])
+    assert parent.data.metrics["n_tied_with_best"] == len(stats["tied_with_best"])
     assert "Best by dsc_mean" in grid.stdout and "Wilcoxon" in grid.stdout
+    assert "Tied with the best (Holm-adjusted p >= 0.05)" in grid.stdout
+    for child in children:  # each setting's run logs its intervals and the metric contract
+        metrics = child.data.metrics
+        assert metrics["dsc_mean_ci95_low"] <= metrics["dsc_mean"] <= metrics["dsc_mean_ci95_high"]
+        assert child.data.params["metrics.missing"] == "worst"
 
 
 def test_grid_sweep_loads_each_case_once(store: Store, grid) -> None:

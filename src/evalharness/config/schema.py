@@ -96,6 +96,20 @@ class InferenceConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    missing: str = "worst"  # nan | worst: a distance where one side is empty (README: Metrics)
+    lesion_wise: bool = False
+    lesion_min_iou: float = 0.0
+    min_lesion_mm3: float = 0.0
+    lesion_size_bins_mm3: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
+    calibration: bool = False
+    calibration_bins: int = 15
+    calibration_margin_vox: int = 4
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     save_predictions: bool = False
     plots: bool = True
@@ -135,6 +149,7 @@ class EvalConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
@@ -149,6 +164,7 @@ GROUPS: dict[str, type] = {
     "preprocessing": PreprocessingConfig,
     "patch": PatchConfig,
     "inference": InferenceConfig,
+    "metrics": MetricsConfig,
 }
 """The config groups with options in ``conf/`` (each option file includes its typed base)."""
 

@@ -24,6 +24,7 @@ from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
 from evalharness.predict.pipeline import (
     CaseInputs,
+    CasePrediction,
     check_inputs,
     load_case_inputs,
     metric_rows,
@@ -31,6 +32,7 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
+from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable, failure_rows
 from evalharness.score.worst_cases import WorstCases
 
@@ -94,6 +96,7 @@ class LoopOptions:
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
     gallery_k: int = 3  # worst cases per label kept for the gallery
+    metrics: MetricOptions = field(default_factory=MetricOptions)
 
 
 def run_cases(
@@ -130,8 +133,9 @@ def run_cases(
                     ev.device,
                     ev.n_output_channels,
                     options.max_device_memory_mb,
+                    keep_probabilities=options.metrics.calibration,
                 )
-                rows = _score(inputs, prediction.labels, labels)
+                rows = _score(inputs, prediction, labels, options.metrics)
                 case_findings = _probe(ev, inputs, prediction.labels)
                 extremes.offer(inputs, prediction.labels, rows)
                 if inputs.gt_labels is not None:
@@ -160,12 +164,22 @@ def run_cases(
     return extremes
 
 
-def _score(inputs: CaseInputs, prediction: np.ndarray, labels: list[int]) -> list[dict]:
+def _score(
+    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricOptions
+) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:
         return [{"case": case_id, "label": k, "status": "no_label", "error": ""} for k in labels]
     spacing_mm = inputs.prepared.native.spacing_mm
-    return metric_rows(case_id, prediction, inputs.gt_labels, spacing_mm, labels)
+    return metric_rows(
+        case_id,
+        prediction.labels,
+        inputs.gt_labels,
+        spacing_mm,
+        labels,
+        options,
+        prediction.probabilities,
+    )
 
 
 def _probe(ev: Evaluation, inputs: CaseInputs, prediction: np.ndarray) -> list[Mismatch]:

@@ -37,6 +37,7 @@ from evalharness.evaluation.case_loop import LoopOptions, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.predict.pipeline import load_case_inputs
+from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
@@ -197,6 +198,7 @@ def _evaluate(
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
         gallery_k=config.output.gallery_k,
+        metrics=MetricOptions.from_mapping(as_dict(config.metrics)),
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
@@ -204,7 +206,9 @@ def _evaluate(
     frame = table.frame()
     plot_dir = output_dir / "plots" if config.output.plots else None
     context = run_context(ev, cases.name)
-    summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes, context)
+    summary = log_results(
+        client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
+    )
     tracking.finish(client, run_id, "FINISHED")
     shown = None if config.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)

@@ -23,10 +23,16 @@ from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
-from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
+from evalharness.predict.preprocess import (
+    PreparedImage,
+    PreprocessSettings,
+    prepare_image,
+    restore_to_native,
+)
 from evalharness.predict.restore import restore_labels
 from evalharness.predict.sliding_window import sliding_window_probs
 from evalharness.score.metrics import case_metrics
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,8 @@ class CasePrediction:
     labels: np.ndarray
     n_channels: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+    """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
 
 
 def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
@@ -119,9 +127,12 @@ def predict(
     device: torch.device,
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
+    keep_probabilities: bool = False,
 ) -> CasePrediction:
     """Sliding-window probabilities, restored and decoded to native-grid labels (`native_labels`),
-    post-processed (keep-largest-component for up to two classes).
+    post-processed (keep-largest-component for up to two classes). `keep_probabilities` also
+    returns the native-grid probabilities, restored linearly (one more volume-sized buffer per
+    channel).
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
     go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
@@ -136,6 +147,11 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
+    kept = None
+    if keep_probabilities:
+        native_probs = restore_to_native(probs, prepared)
+        kept = native_probs.float().cpu().numpy()
+        del native_probs
     labels = native_labels(probs, prepared, settings.threshold, settings.restore)
     del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
     if settings.keep_largest_component and n_channels <= 2:
@@ -145,6 +161,7 @@ def predict(
         labels=labels,
         n_channels=n_channels,
         timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
+        probabilities=kept,
     )
 
 
@@ -238,7 +255,9 @@ def metric_rows(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
+    options: MetricOptions = DEFAULT_OPTIONS,
+    probabilities: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per foreground label: case, label, every metric, status ok."""
-    rows = case_metrics(prediction, gt_labels, spacing_mm, labels)
+    """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
+    rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
     return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]

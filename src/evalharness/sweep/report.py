@@ -86,12 +86,14 @@ def _log_comparison(
             f"{t['setting']}: {describe_test(t)}" for t in stats["tests"]
         )
         or "none",
+        "evalharness.tied_with_best": "; ".join(stats["tied_with_best"]) or "none",
     }
     tracking.set_tags(client, parent, tags)
     metrics = {
         "n_settings": stats["n_settings"],
         "n_failed_settings": stats["n_failed"],
         "n_skipped_settings": stats["n_skipped"],
+        "n_tied_with_best": len(stats["tied_with_best"]),
     }
     if best:
         metrics[f"best_{stats['primary_metric']}"] = best["value"]

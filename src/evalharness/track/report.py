@@ -17,12 +17,23 @@ from evalharness.checks.mismatches import Mismatch, summary_line
 from evalharness.data.nifti_io import load_volume
 from evalharness.evaluation.case_loop import Extremes
 from evalharness.evaluation.plan import Evaluation
-from evalharness.score.table import case_scores, console_table, summarize
+from evalharness.score.calibration import BINS_COLUMN, pooled_bins
+from evalharness.score.intervals import MIN_CASES
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
+from evalharness.score.table import HEADLINE, case_scores, console_table, summarize
 from evalharness.score.worst_cases import CaseSlices, with_image
 from evalharness.track import tracking
 from evalharness.track.pages import headline_first, log_run_summary
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
+OPTIONAL_MEANS = ("lesion_f1_mean", "lesion_dsc_mean", "ece_mean", "brier_mean")
+
+
+def describe_mean(summary: dict[str, float], key: str) -> str:
+    """``0.812 [0.754, 0.861]``, or ``0.812 [interval undefined]`` (fewer than 3 cases)."""
+    low, high = summary.get(f"{key}_ci95_low", np.nan), summary.get(f"{key}_ci95_high", np.nan)
+    interval = f"[{low:.3f}, {high:.3f}]" if np.isfinite(low) else "[interval undefined]"
+    return f"{summary[key]:.3f} {interval}"
 
 
 @dataclass(frozen=True)
@@ -62,12 +73,13 @@ def log_results(
     plot_dir: Path | None,
     extremes: Extremes,
     context: RunContext | None = None,
+    options: MetricOptions = DEFAULT_OPTIONS,
 ) -> dict[str, float]:
-    """Log summary metrics (headline first), `per_case.csv`, the `per_case.json` table, plots,
-    the gallery of the worst cases, the summary page and the run's description; return the
-    summary."""
+    """Log summary metrics (headline first, with intervals and undefined counts),
+    `per_case.csv`, the `per_case.json` table, plots, the gallery of the worst cases, the
+    summary page and the run's description; return the summary."""
     context = context or RunContext()
-    summary = summarize(table)
+    summary = summarize(table, options)
     tracking.log_metrics(client, run_id, headline_first(summary))
     tracking.log_file(client, run_id, csv_path)
     tracking.log_table(
@@ -76,7 +88,7 @@ def log_results(
     figures: list[Path] = []
     gallery: list[Path] = []
     if plot_dir is not None:
-        figures = _plots(table, plot_dir, extremes)
+        figures = _plots(table, plot_dir, extremes, summary)
         for path in figures:
             tracking.log_file(client, run_id, path, "plots")
         gallery = _gallery(extremes, plot_dir / "gallery", context.label_names)
@@ -107,14 +119,25 @@ def _gallery(extremes: Extremes, folder: Path, label_names: Mapping[int, str]) -
     return plot_gallery(filled, folder, label_names) if by_image else []
 
 
-def _plots(table: pd.DataFrame, plot_dir: Path, extremes: Extremes) -> list[Path]:
+def _plots(
+    table: pd.DataFrame, plot_dir: Path, extremes: Extremes, summary: dict[str, float]
+) -> list[Path]:
     from evalharness.plots import case_plots as plots
+    from evalharness.plots.reliability import plot_reliability
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     plot_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     if (table["status"] == "ok").any():
-        paths.append(plots.plot_metric_distribution(table, plot_dir / "metrics.png"))
+        metrics = [*HEADLINE, *(m for m in ("lesion_f1", "lesion_dsc") if m in table)]
+        path = plot_dir / "metrics.png"
+        paths.append(plots.plot_metric_distribution(table, path, metrics, summary))
+    if BINS_COLUMN in table:
+        ok = table[table["status"] == "ok"]
+        bins = {label: pooled_bins(group[BINS_COLUMN]) for label, group in ok.groupby("label")}
+        bins = {label: b for label, b in bins.items() if b is not None}
+        if bins:
+            paths.append(plot_reliability(bins, plot_dir / "reliability.png"))
     for kind in ("best", "worst"):
         entry = getattr(extremes, kind)
         if entry is None:
@@ -140,10 +163,21 @@ def print_summary(
 ) -> None:
     """Per-case table, means, worst case, the checks (None: not shown) and the UI command."""
     print("\nPer-case results:\n" + console_table(table))
-    headline = ", ".join(
-        f"{k} {summary[k]:.3f}" for k in HEADLINE_METRICS if np.isfinite(summary.get(k, np.nan))
-    )
-    print(f"\nMean over cases: {headline}")
+    print("\nMean over cases [95% bootstrap interval over cases]:")
+    shown = [*HEADLINE_METRICS, *(k for k in OPTIONAL_MEANS if k in summary)]
+    for key in shown:
+        if np.isfinite(summary.get(key, np.nan)):
+            print(f"  {key:<16} {describe_mean(summary, key)}")
+    if not np.isfinite(summary.get("dsc_mean_ci95_low", np.nan)):
+        print(f"  (intervals undefined: fewer than {MIN_CASES} cases with a value)")
+    undefined = {
+        k.removeprefix("n_undefined_"): int(v)
+        for k, v in summary.items()
+        if k.startswith("n_undefined_") and v
+    }
+    if undefined:
+        counts = ", ".join(f"{name} {n}" for name, n in undefined.items())
+        print(f"Undefined (NaN, left out of the means): {counts}")
     scores = case_scores(table)
     if not scores.empty:
         print(f"Worst case: {scores.idxmin()} (DSC {scores.min():.3f})")
