@@ -3,6 +3,7 @@ window, TTA, decoding, and the whole path on the real fastMONAI 0.12 fixture."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torchio as tio
 from conftest import FIXTURE
 
-from evalharness.config.rules import overlap_to_voxels
+from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, write_nifti
@@ -292,8 +293,9 @@ def test_more_than_255_classes_survive_predict_and_the_saved_prediction(tmp_path
 
 @pytest.mark.parametrize("target_spacing_mm", [None, (1.0, 1.0, 1.0)])
 def test_predict_can_keep_the_native_probabilities(tmp_path, target_spacing_mm):
-    """`keep_probabilities` (calibration) returns [K, X, Y, Z] native-grid probabilities whose
-    decoding is the returned labels, and leaves the labels as they are without it."""
+    """`keep_probabilities` (calibration) returns [K, X, Y, Z] native-grid probabilities,
+    restored linearly: with ``inference.restore=probabilities`` their decoding is the returned
+    labels; with any method the labels are those `predict` gives without them."""
     rng = np.random.default_rng(0)
     image_path = tmp_path / "image.nii.gz"
     affine = np.diag([-1.5, 1.0, 2.0, 1.0])  # not RAS, anisotropic: restoring really resamples
@@ -303,7 +305,7 @@ def test_predict_can_keep_the_native_probabilities(tmp_path, target_spacing_mm):
         apply_reorder=True, target_spacing_mm=target_spacing_mm, normalization=(),
         padding_mode=0, patch_size_vox=(8, 8, 8), overlap=0, aggregation="crop",
         keep_largest_component=False, threshold=0.5, batch_size=1, device="cpu", amp=False,
-        tta=False,
+        tta=False, restore="probabilities",
     )  # fmt: skip
     prepared = prepare_image(image_path, preprocess_settings(settings))
     plain = predict(model, prepared, settings, CPU, n_output_channels=3)
@@ -313,3 +315,8 @@ def test_predict_can_keep_the_native_probabilities(tmp_path, target_spacing_mm):
     np.testing.assert_allclose(kept.probabilities.sum(axis=0), 1.0, atol=1e-5)
     np.testing.assert_array_equal(kept.labels, decode(torch.from_numpy(kept.probabilities)))
     np.testing.assert_array_equal(kept.labels, plain.labels)
+    default = dataclasses.replace(settings, restore=DEFAULT_RESTORE)
+    labels = predict(model, prepared, default, CPU, n_output_channels=3, keep_probabilities=True)
+    np.testing.assert_array_equal(
+        labels.labels, predict(model, prepared, default, CPU, n_output_channels=3).labels
+    )
