@@ -115,6 +115,7 @@ class SweepConfig:
     resume: bool = True
     primary_metric: str = "dsc_mean"
     cache_mb: float = 2048.0  # in-process cache of the model and preprocessed cases; 0: off
+    share_forward: bool = True  # reuse patch outputs across settings differing after them
 
 
 @dataclass(frozen=True)

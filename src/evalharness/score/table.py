@@ -49,7 +49,8 @@ class CaseTable:
 
 def summarize(table: pd.DataFrame) -> dict[str, float]:
     """`<metric>_mean/_std/_median` over all (case, label) rows that succeeded, NaN skipped,
-    plus `<metric>_mean_label<k>` per label, case counts and seconds per case."""
+    plus `<metric>_mean_label<k>` per label, case counts, seconds per case (what each costs the
+    setting alone) and seconds paid per case (what the sweep spent on it)."""
     ok = table[table["status"] == "ok"]
     summary: dict[str, float] = {
         "n_cases": float(table["case"].nunique()),
@@ -64,8 +65,12 @@ def summarize(table: pd.DataFrame) -> dict[str, float]:
             for label, group in ok.groupby("label"):
                 label_values = pd.to_numeric(group[name], errors="coerce")
                 summary[f"{name}_mean_label{label}"] = _nan_stat(label_values, "mean")
-    seconds = table.drop_duplicates("case")["seconds"]
+    per_case = table.drop_duplicates("case")
+    seconds = per_case["seconds"]
     summary["seconds_per_case"] = _nan_stat(pd.to_numeric(seconds, errors="coerce"), "mean")
+    if "seconds_paid" in per_case:  # tables of earlier versions lack it
+        paid = pd.to_numeric(per_case["seconds_paid"], errors="coerce")
+        summary["seconds_per_case_paid"] = _nan_stat(paid, "mean")
     return summary
 
 
