@@ -63,6 +63,7 @@ class DataConfig:
     case_column: str | None = None
     labels: Any = None
     limit: int | None = None
+    shard: str | None = None  # "k/n": every n-th case of the split from the k-th (stable order)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 

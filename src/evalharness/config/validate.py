@@ -36,6 +36,8 @@ def validate(config: EvalConfig) -> None:
         rules.normalization_specs("preprocessing.normalization", config.preprocessing.normalization)
     if data.limit is not None and (isinstance(data.limit, bool) or data.limit < 1):
         raise ConfigError(f"data.limit={data.limit!r}: expected a positive integer or null")
+    if data.shard is not None:
+        rules.shard("data.shard", data.shard)
     named = [key for key in rules.MODEL_RUN_KEYS if getattr(config.model, key)]
     if len(named) > 1:
         raise ConfigError(f"model: set only one of run_id, uri, run_name (got {named})")

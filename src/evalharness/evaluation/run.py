@@ -60,6 +60,7 @@ class Outcome:
     code: int
     run_id: str | None
     skipped: bool = False
+    case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
 
 
 def tracking_uri_of(tracking_uri: str | None) -> str:
@@ -78,6 +79,7 @@ class _LazyRun:
         if parent is not None:
             self.tags["mlflow.parentRunId"] = parent
         self.run_id: str | None = None
+        self.case_ids: tuple[str, ...] = ()  # set once the cases are listed
 
     def ensure(self) -> str:
         if self.run_id is None:
@@ -119,7 +121,7 @@ def evaluate(
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
         tracking.finish(client, run.ensure(), "FAILED", message)
-        return Outcome(EXIT_ERROR, run.run_id)
+        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
     except KeyboardInterrupt:
         tracking.finish(client, run.ensure(), "KILLED", "interrupted")
         raise
@@ -167,6 +169,7 @@ def _evaluate(
 ) -> Outcome:
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
     planned = plan(config, uri)
+    run.case_ids = tuple(c.case_id for c in planned.dataset.cases)
     client = run.client
     earlier = tracking.runs_with_tag(
         client, run.experiment_id, "evalharness.config_hash", planned.config_hash
@@ -175,7 +178,7 @@ def _evaluate(
     if skip_finished and finished:
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
-        return Outcome(EXIT_OK, done, skipped=True)
+        return Outcome(EXIT_OK, done, skipped=True, case_ids=run.case_ids)
     ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
@@ -222,7 +225,8 @@ def _evaluate(
     tracking.finish(client, run_id, "FINISHED")
     shown = None if config.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)
-    return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
+    code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
+    return Outcome(code, run_id, case_ids=run.case_ids)
 
 
 def _outputs_for(config: EvalConfig, ev: Evaluation, cache: SweepCache | None) -> OutputsFor | None:

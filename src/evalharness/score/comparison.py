@@ -26,7 +26,24 @@ from evalharness.score.metrics import LOWER_IS_BETTER, METRIC_NAMES
 
 STATISTICS = ("mean", "std", "median")
 COUNTS = ("n_cases", "n_failed_cases", "seconds_per_case")
-CACHE_COUNTERS = ("cache.model_loads", "cache.model_hits", "cache.case_loads", "cache.case_hits")
+COSTS = (
+    "seconds_per_case_paid",
+    "forward_passes",
+    "forward_passes_reused",
+    "peak_device_memory_mb",
+)
+"""Per run: what a case costs the sweep, the patch forward passes executed and reused."""
+TOTALS = ("forward_passes", "forward_passes_reused")
+"""Summed on the parent over the settings this sweep evaluated (skipped ones ran earlier)."""
+CACHE_COUNTERS = (
+    "cache.model_loads",
+    "cache.model_hits",
+    "cache.case_loads",
+    "cache.case_hits",
+    "cache.patch_stores",
+    "cache.patch_hits",
+)
+SHARD_KEY = "data.shard"
 SCORED = ("finished", "skipped", "cases_failed")
 """Job statuses whose runs hold results (`failed`: the evaluation stopped with an error)."""
 
@@ -42,6 +59,8 @@ class JobRecord:
     code: int  # the evaluation's exit code (1 for a job that raised)
     run_id: str | None
     error: str = ""
+    shard: str = ""  # data.shard of the job ("k/n"), "" when the sweep does not shard
+    cases: list[str] = field(default_factory=list)  # its case ids, when it got to list them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,10 +116,97 @@ def base_metric(metric: str) -> str | None:
 def compare(
     records: Sequence[JobRecord], runs: Mapping[str, RunData], primary_metric: str
 ) -> Comparison:
-    """Table (one row per setting), long per-case table and statistics of a sweep."""
+    """Table (one row per setting), long per-case table and statistics of a sweep; the shards
+    of a setting are merged into one row first (`merge_shards`)."""
+    records, runs = merge_shards(records, runs)
     table = comparison_table(records, runs)
     long = per_case_long(records, runs)
-    return Comparison(table, long, statistics(table, long, primary_metric))
+    stats = statistics(table, long, primary_metric)
+    stats["totals"] = totals(table)
+    return Comparison(table, long, stats)
+
+
+def merge_shards(
+    records: Sequence[JobRecord], runs: Mapping[str, RunData]
+) -> tuple[list[JobRecord], dict[str, RunData]]:
+    """One record (and run) per setting: the jobs of a setting that differ only in
+    ``data.shard`` become one, whose per-case table is the union of theirs and whose metrics
+    are computed from that union (never an average of averages). The cases of a shard that did
+    not score them (it failed) are rows with status ``missing``, so they count as failed cases
+    and never vanish; the row's status is then ``cases_failed`` (``failed`` if no shard
+    scored)."""
+    groups: dict[str, list[JobRecord]] = {}
+    for record in records:
+        groups.setdefault(record.setting if record.shard else f"\0{record.num}", []).append(record)
+    merged_records, merged_runs = [], dict(runs)
+    for key, group in groups.items():
+        if key.startswith("\0"):
+            merged_records.extend(group)
+            continue
+        record, data = _merge_group(sorted(group, key=lambda r: r.num), runs)
+        merged_records.append(record)
+        merged_runs[record.run_id or ""] = data
+    return merged_records, merged_runs
+
+
+def _merge_group(group: list[JobRecord], runs: Mapping[str, RunData]) -> tuple[JobRecord, RunData]:
+    from evalharness.score.table import summarize
+
+    frames, notes, scored = [], [], 0
+    for record in group:
+        data = runs.get(record.run_id or "")
+        table = data.per_case if data is not None and record.status in SCORED else None
+        done = set() if table is None else set(table["case"])
+        if table is not None:
+            frames.append(table)
+            scored += 1
+        missing = [case for case in record.cases if case not in done]
+        if record.status not in SCORED:
+            notes.append(f"shard {record.shard}: {record.error or record.status}")
+            if not record.cases:
+                notes.append(f"shard {record.shard}: its cases are unknown (it failed first)")
+        if missing:
+            frames.append(_missing_rows(missing, f"shard {record.shard} did not score it"))
+    union = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if not union.empty:
+        union = union.sort_values(["case", "label"], kind="stable", ignore_index=True)
+    metrics: dict[str, float] = summarize(union) if scored else {}
+    datas = [runs[r.run_id] for r in group if r.run_id in runs]
+    for name in (*TOTALS, *CACHE_COUNTERS):
+        metrics[name] = float(sum(d.metrics.get(name, 0.0) for d in datas))
+    metrics["peak_device_memory_mb"] = max(
+        (d.metrics.get("peak_device_memory_mb", math.nan) for d in datas), default=math.nan
+    )
+    statuses = {r.status for r in group}
+    failed = bool(statuses - {"finished", "skipped"})
+    status = (
+        ("failed" if not scored else "cases_failed")
+        if failed
+        else "skipped"
+        if statuses == {"skipped"}
+        else "finished"
+    )
+    mismatch = any(
+        d.tags.get("evalharness.preprocessing_mismatch", "").lower() == "true" for d in datas
+    )
+    record = JobRecord(
+        num=group[0].num,
+        setting=group[0].setting,
+        params={k: v for k, v in group[0].params.items() if k != SHARD_KEY},
+        status=status,
+        code=max(r.code for r in group),
+        run_id=",".join(r.run_id or "-" for r in group),
+        error="; ".join(notes),
+        shard=",".join(r.shard for r in group),
+        cases=sorted({c for r in group for c in r.cases}),
+    )
+    tags = {"evalharness.preprocessing_mismatch": str(mismatch).lower()}
+    return record, RunData(metrics, tags, union if not union.empty else None)
+
+
+def _missing_rows(cases: Sequence[str], why: str) -> pd.DataFrame:
+    """Per-case rows of cases no shard scored: status ``missing``, metrics NaN."""
+    return pd.DataFrame({"case": list(cases), "label": -1, "status": "missing", "error": why})
 
 
 def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) -> pd.DataFrame:
@@ -114,14 +220,29 @@ def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) 
         row: dict[str, Any] = {"setting": record.setting}
         row |= {key: record.params.get(key, "") for key in param_keys}
         row |= {"status": record.status, "run_id": record.run_id or ""}
+        if any(r.shard for r in records):
+            row["shards"] = record.shard
         for name in METRIC_NAMES:
             for stat in STATISTICS:
                 row[f"{name}_{stat}"] = metrics.get(f"{name}_{stat}", math.nan)
-        row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *CACHE_COUNTERS)}
+        row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *COSTS, *CACHE_COUNTERS)}
         row["preprocessing_mismatch"] = tags.get("evalharness.preprocessing_mismatch", "")
         row["error"] = record.error or tags.get("evalharness.error", "") or _cases_note(record)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def totals(table: pd.DataFrame) -> dict[str, float]:
+    """`TOTALS` summed over the settings this sweep evaluated (not the skipped ones)."""
+    ran = (
+        table[table["status"].isin(["finished", "cases_failed", "failed"])] if len(table) else table
+    )
+    return {
+        name: float(pd.to_numeric(ran[name], errors="coerce").fillna(0).sum())
+        if name in ran
+        else 0.0
+        for name in TOTALS
+    }
 
 
 def _cases_note(record: JobRecord) -> str:
@@ -221,11 +342,17 @@ def report(comparison: Comparison) -> str:
     primary = stats["primary_metric"]
     columns = ["setting", "status"]
     columns += [c for c in (primary, "dsc_mean", "hd95_mm_mean") if c in table and c not in columns]
-    columns += ["n_failed_cases", "seconds_per_case", "cache.case_loads"]
+    columns += ["n_failed_cases", "seconds_per_case", "seconds_per_case_paid", "forward_passes"]
     shown = table[[c for c in dict.fromkeys(columns) if c in table]]
-    counts = [c for c in ("n_failed_cases", "cache.case_loads") if c in shown]
+    counts = [c for c in ("n_failed_cases", "forward_passes") if c in shown]
     shown = shown.astype(dict.fromkeys(counts, "Int64"))
     lines = [shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    total = stats.get("totals")
+    if total:
+        lines.append(
+            f"Forward passes: {total['forward_passes']:.0f} executed, "
+            f"{total['forward_passes_reused']:.0f} reused"
+        )
     best = stats.get("best")
     if best is None:
         lines.append(f"Best setting: none ({stats.get('note', 'no results')})")

@@ -74,6 +74,10 @@ def _log_comparison(
     write_json(stats_path, json.loads(json.dumps(stats), parse_constant=lambda _: None))  # NaN
     tracking.log_file(client, parent, csv_path)
     tracking.log_file(client, parent, stats_path)
+    if "shards" in table.columns:  # sharded settings: their merged per-case tables
+        merged_path = sweep_dir / "per_case_merged.csv"
+        comparison.per_case_long.to_csv(merged_path, index=False)
+        tracking.log_file(client, parent, merged_path)
     if state.plots:
         for path in _plots(comparison, state.primary_metric, sweep_dir / "plots", final):
             tracking.log_file(client, parent, path, "plots")
@@ -91,6 +95,7 @@ def _log_comparison(
         "n_settings": stats["n_settings"],
         "n_failed_settings": stats["n_failed"],
         "n_skipped_settings": stats["n_skipped"],
+        **stats["totals"],
     }
     if best:
         metrics[f"best_{stats['primary_metric']}"] = best["value"]
