@@ -123,7 +123,39 @@ def compare(
     long = per_case_long(records, runs)
     stats = statistics(table, long, primary_metric)
     stats["totals"] = totals(table)
+    stats["pareto"] = pareto_front(table, primary_metric)
     return Comparison(table, long, stats)
+
+
+def pareto_front(table: pd.DataFrame, metric: str, cost: str = "seconds_per_case") -> list[dict]:
+    """The Pareto-optimal settings by `metric` (in its `direction`) against `cost` (lower is
+    better): those no other scored setting beats on one while at least matching on the other.
+    Sorted by cost; each entry: setting, the metric's value, the cost."""
+    if len(table) == 0 or metric not in table or cost not in table:
+        return []
+    scored = table[table["status"].isin(SCORED)]
+    value = pd.to_numeric(scored[metric], errors="coerce")
+    price = pd.to_numeric(scored[cost], errors="coerce")
+    keep = np.isfinite(value) & np.isfinite(price)
+    how = direction(metric)
+    good = {"max": value, "min": -value, "min_abs": -value.abs()}[how][keep]
+    price = price[keep]
+    front = []
+    for index in good.index:
+        dominated = (
+            (good >= good[index])
+            & (price <= price[index])
+            & ((good > good[index]) | (price < price[index]))
+        ).any()
+        if not dominated:
+            front.append(
+                {
+                    "setting": scored.at[index, "setting"],
+                    metric: float(value[index]),
+                    cost: float(price[index]),
+                }
+            )
+    return sorted(front, key=lambda entry: (entry[cost], entry["setting"]))
 
 
 def merge_shards(
@@ -353,6 +385,12 @@ def report(comparison: Comparison) -> str:
             f"Forward passes: {total['forward_passes']:.0f} executed, "
             f"{total['forward_passes_reused']:.0f} reused"
         )
+    if stats.get("pareto"):
+        lines.append(f"Pareto-optimal by {primary} against seconds per case (cheapest first):")
+        lines += [
+            f"  {p['setting']}: {p[primary]:.4f} at {p['seconds_per_case']:.3f} s/case"
+            for p in stats["pareto"]
+        ]
     best = stats.get("best")
     if best is None:
         lines.append(f"Best setting: none ({stats.get('note', 'no results')})")

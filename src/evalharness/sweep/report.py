@@ -118,4 +118,7 @@ def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> l
     ]
     paths.append(comparison_plots.plot_case_setting_heatmap(long, main, heatmap))
     paths.append(comparison_plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
+    front = [entry["setting"] for entry in comparison.stats.get("pareto", [])]
+    cost_path = folder / f"cost_{primary}.png"
+    paths.append(comparison_plots.plot_accuracy_cost(comparison.table, primary, front, cost_path))
     return paths
