@@ -20,6 +20,7 @@ from evalharness.errors import ConfigError, DataError
 from evalharness.evaluation.run import evaluate
 from evalharness.score.comparison import JobRecord, RunData, compare
 from evalharness.score.metrics import METRIC_NAMES
+from evalharness.score.shards import merge_shards
 
 
 def _cases(ids: list[str]) -> list[Case]:
@@ -69,7 +70,7 @@ def test_merged_shards_equal_the_unsharded_evaluation(inputs, tmp_path: Path) ->
         assert 0 < len(cases) < len(whole_cases)
         runs[run_id] = data
         records.append(JobRecord(k, "all", {}, "finished", 0, run_id, shard=f"{k}/2", cases=cases))
-    merged = compare(records, runs, "dsc_mean")
+    merged = compare(*merge_shards(records, runs), "dsc_mean")
     [row] = merged.table.to_dict("records")
     assert row["status"] == "finished" and row["shards"] == "0/2,1/2"
     for name in [f"{m}_{s}" for m in METRIC_NAMES for s in ("mean", "std", "median")]:
@@ -86,7 +87,7 @@ def test_merged_shards_equal_the_unsharded_evaluation(inputs, tmp_path: Path) ->
         records[0],
         JobRecord(1, "all", {}, "failed", 1, None, "boom", "1/2", records[1].cases),
     ]
-    broken = compare(failed, runs, "dsc_mean")
+    broken = compare(*merge_shards(failed, runs), "dsc_mean")
     [row] = broken.table.to_dict("records")
     assert row["status"] == "cases_failed"
     assert "shard 1/2: boom" in row["error"]

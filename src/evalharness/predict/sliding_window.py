@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -121,7 +121,14 @@ class _Forwards:
     """The flip outputs of each patch batch: from the store where it holds them, else from the
     model, counted (`ForwardCounts`) and collected for the store while they fit its capacity."""
 
-    def __init__(self, flips, n_batches: int, outputs: OutputStore | None, counts, device):
+    def __init__(
+        self,
+        flips: list[tuple[int, ...]],
+        n_batches: int,
+        outputs: OutputStore | None,
+        counts: ForwardCounts | None,
+        device: torch.device,
+    ) -> None:
         self.flips, self.outputs, self.device = flips, outputs, device
         self.counts = counts if counts is not None else ForwardCounts()
         self.stored: dict[tuple[int, ...], PatchOutputs] = {}
@@ -136,7 +143,9 @@ class _Forwards:
         self.collected_bytes = 0
         self.n_classes = next((e.n_classes for e in self.stored.values()), None)
 
-    def probs(self, index: int, model, make_batch, autocast) -> torch.Tensor:
+    def probs(
+        self, index: int, model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], autocast
+    ) -> torch.Tensor:
         """Flip-averaged probabilities [B, K', x, y, z] of batch `index`, summed in flip order."""
         total, batch = None, None
         for position, axes in enumerate(self.flips):
@@ -151,9 +160,12 @@ class _Forwards:
                 self._collect(axes, probs)
                 self.seconds[axes] += time.perf_counter() - started
                 self.counts.executed += int(probs.shape[0])
-            total = (
-                probs if position == 0 else total + probs if position == 1 else total.add_(probs)
-            )
+            if position == 0:
+                total = probs  # may be a kept tensor: never modified in place
+            elif position == 1:
+                total = total + probs  # a new tensor, what `add_` on the first would give
+            else:
+                total.add_(probs)
         return total if len(self.flips) == 1 else total.div_(len(self.flips))
 
     def _collect(self, axes: tuple[int, ...], probs: torch.Tensor) -> None:

@@ -16,6 +16,7 @@ from filelock import FileLock
 
 from evalharness.evaluation.run import EXIT_ERROR
 from evalharness.score.comparison import Comparison, RunData, base_metric, compare, describe_test
+from evalharness.score.shards import merge_shards
 from evalharness.score.table import HEADLINE
 from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
 from evalharness.track import tracking
@@ -53,7 +54,7 @@ def refresh(sweep_dir: Path, state: SweepState, final: bool) -> Comparison:
             for r in records
             if r.run_id is not None
         }
-        comparison = compare(records, runs, state.primary_metric)
+        comparison = compare(*merge_shards(records, runs), state.primary_metric)
         _log_comparison(client, state, sweep_dir, comparison, final)
     return comparison
 
