@@ -56,8 +56,12 @@ def hydra_schema(cls: type) -> type:
             specs.append((f.name, kind, dataclasses.field(default_factory=f.default_factory)))
         else:
             specs.append((f.name, kind, dataclasses.field(default=f.default)))
-    _HYDRA_SCHEMAS[cls] = dataclasses.make_dataclass(cls.__name__, specs)
-    return _HYDRA_SCHEMAS[cls]
+    twin = dataclasses.make_dataclass(cls.__name__, specs)
+    # importable by reference (Hydra's launchers pickle the config store into their workers)
+    twin.__module__, twin.__qualname__ = __name__, f"_Hydra{cls.__name__}"
+    setattr(sys.modules[__name__], twin.__qualname__, twin)
+    _HYDRA_SCHEMAS[cls] = twin
+    return twin
 
 
 def register_configs() -> None:

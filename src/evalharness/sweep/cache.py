@@ -142,13 +142,11 @@ class SweepCache:
         with self._lock:
             return Counters(**self._counts)
 
-    def load_model(self, resolved: ResolvedModel, model_cfg: ModelConfig) -> LoadedModel:
+    def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
         """`evaluation.load_resolved_model`, once per artifact checksum and loading options."""
-        options = {k: getattr(model_cfg, k) for k in ("arch", "allow_globals", "trust_pickle")}
+        options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
         key = ("model", resolved.sha256, stable_hash(options))
-        return self._get(
-            key, "model", lambda: load_resolved_model(resolved, model_cfg), _model_nbytes
-        )
+        return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
     def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
         """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""
