@@ -145,7 +145,9 @@ def _metric(workdir: Path, run_name: str, metric: str) -> float:
     return float(run.data.metrics[metric])
 
 
-def measure_sharing(size: str, workdir: Path, overrides: list[str]) -> dict:
+def measure_sharing(
+    size: str, workdir: Path, overrides: list[str], names: list[str] | None = None
+) -> dict:
     """Forward passes and seconds of each sharing sweep against its single evaluations."""
     base = [
         f"demo.size={size}",
@@ -159,6 +161,8 @@ def measure_sharing(size: str, workdir: Path, overrides: list[str]) -> dict:
     warm_up_s = run_seconds([*base, *WARM_UP, f"hydra.run.dir={workdir / 'runs/warm_up'}"], workdir)
     result: dict = {"mode": "sharing", "size": size, "warm_up_seconds": round(warm_up_s, 2)}
     for name, swept in SHARING_SWEEPS.items():
+        if names and name not in names:
+            continue
         seconds, passes = [], []
         for index, values in enumerate(itertools.product(*swept.values())):
             run_name = f"{name}_single_{index}"
@@ -193,13 +197,19 @@ def measure_sharing(size: str, workdir: Path, overrides: list[str]) -> dict:
 
 def _run(args: argparse.Namespace, workdir: Path) -> dict:
     if args.mode == "sharing":
-        return measure_sharing(args.size, workdir, args.override)
+        return measure_sharing(args.size, workdir, args.override, args.sweep)
     return measure(args.k, args.size, workdir, args.repeats, args.override)
 
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("reuse", "sharing"), default="reuse")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        choices=sorted(SHARING_SWEEPS),
+        help="--mode sharing: only these",
+    )
     parser.add_argument("--k", type=int, default=4, help="number of settings (a grid)")
     parser.add_argument("--size", choices=("demo", "tiny"), default="demo", help="demo.size")
     parser.add_argument("--repeats", type=int, default=1)
@@ -218,7 +228,7 @@ def main() -> dict:
         with tempfile.TemporaryDirectory(prefix="bench_sweep_") as tmp:
             result = _run(args, Path(tmp))
     if args.mode == "sharing":
-        for name in SHARING_SWEEPS:
+        for name in [n for n in SHARING_SWEEPS if n in result]:
             for key, value in result[name].items():
                 print(f"{name}.{key:<28}  {value}")
         if args.json:
