@@ -18,7 +18,7 @@ import torch
 
 from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.mismatches import Mismatch
-from evalharness.config.schema import EvalConfig, ModelConfig
+from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
@@ -86,6 +86,7 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
             "settings": settings.as_params(),
             "model": resolved.sha256,
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
+            "metrics": as_dict(config.metrics),  # the rows differ by it
         }
     )
     return Plan(resolved, settings, assumed, dataset, config_hash)

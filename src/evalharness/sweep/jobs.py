@@ -18,10 +18,11 @@ SHARABLE_KEYS = frozenset(
         "inference.keep_largest_component",
         "inference.threshold",
         "inference.tta",
+        "inference.restore",
     }
 )
 """Swept keys whose settings can share forward passes: what they change happens after them
-(TTA: the identity flip and any flip two settings both use)."""
+(TTA: the identity flip and any flip two settings both use); every ``metrics.*`` key too."""
 
 
 @dataclass(frozen=True)
@@ -69,5 +70,5 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
 
 def shares_forward(config: EvalConfig, swept_keys: tuple[str, ...]) -> bool:
     """Keep patch outputs for reuse: sharing on, a budget, and a sharable key swept."""
-    sharable = SHARABLE_KEYS.intersection(swept_keys)
+    sharable = [k for k in swept_keys if k in SHARABLE_KEYS or k.startswith("metrics.")]
     return bool(config.sweep.share_forward and config.sweep.cache_mb > 0 and sharable)
