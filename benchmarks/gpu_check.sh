@@ -4,7 +4,9 @@
 #   1. bench_inference.py --device cuda, 320x320x110 (3 repeats): overhead ratio, metrics ratio;
 #   2. bench_inference.py --device cuda --shape 512,512,300 (1 repeat, no metric benchmark):
 #      peak host and device memory;
-#   3. bench_sweep.py --k 4 on the tiny demo with inference.device=cuda: sweep_reuse_ratio.
+#   3. bench_sweep.py --k 4 on the tiny demo with inference.device=cuda: sweep_reuse_ratio;
+#   4. bench_sweep.py --mode sharing on the tiny demo on CUDA: forward_passes_ratio and
+#      sweep_cost_ratio of the 8-setting and the overlap x aggregation sweeps (issue 13).
 # Needs the project's dependencies with a CUDA build of torch. Writes the JSON files to OUT_DIR
 # (default: a new temporary folder) and prints each benchmark's table.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]
@@ -34,6 +36,9 @@ step "inference, 512x512x300 (peak memory)" 130 \
 step "sweep, K=4, tiny demo" 80 \
     python benchmarks/bench_sweep.py --k 4 --size tiny --override inference.device=cuda \
     --json "$out/sweep_cuda.json"
+step "sweep sharing, 8 + 4 settings, tiny demo" 240 \
+    python benchmarks/bench_sweep.py --mode sharing --size tiny --override inference.device=cuda \
+    --json "$out/sharing_cuda.json"
 uptime
 echo "JSON in $out"
 exit "$failed"

@@ -463,3 +463,46 @@ def test_best_setting_follows_the_metric_direction() -> None:
     by_rve = compare(records, runs_data, "rve_mean")
     assert by_rve.stats["best"]["setting"] == "a"  # |-0.05| < |0.2|
     assert by_rve.stats["test_metric"] == "|rve|"
+
+
+def test_sharing_sweep_pays_each_patch_once_and_merges_shards(store: Store, tmp_path) -> None:
+    """aggregation=hann,crop over two shards: crop re-blends hann's patch outputs (one set of
+    forward passes for the group), each setting is one merged row over the 4 cases, the parent
+    shows the totals, the merged per-case table and the accuracy-against-cost figure. Run again,
+    every job is skipped and nothing is recomputed."""
+    overrides = ("inference.aggregation=hann,crop", "data.shard=0/2,1/2", "data.split.method=all")
+    result = sweep(store, "sharing", "sharing1", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, parents, children = runs(store, "sharing")
+    assert len(children) == 4
+    by_name = {c.info.run_name: c.data.metrics for c in children}
+    hann = [by_name[f"aggregation=hann,shard={k}/2"] for k in range(2)]
+    crop = [by_name[f"aggregation=crop,shard={k}/2"] for k in range(2)]
+    patches = sum(m["forward_passes"] for m in hann)
+    assert patches > 0 and all(m["forward_passes_reused"] == 0 for m in hann)
+    assert [m["forward_passes"] for m in crop] == [0, 0]
+    assert [m["forward_passes_reused"] for m in crop] == [m["forward_passes"] for m in hann]
+    parent = parents[0]
+    assert parent.data.metrics["forward_passes"] == patches
+    assert parent.data.metrics["forward_passes_reused"] == patches
+    table = artifact_table(client, parent.info.run_id, "comparison.csv", tmp_path)
+    assert sorted(table["setting"]) == ["aggregation=crop", "aggregation=hann"]
+    assert set(table["shards"]) == {"0/2,1/2"} and set(table["n_cases"]) == {N_CASES}
+    merged = artifact_table(client, parent.info.run_id, "per_case_merged.csv", tmp_path)
+    assert merged.groupby("setting")["case"].nunique().to_dict() == {
+        "aggregation=crop": N_CASES,
+        "aggregation=hann": N_CASES,
+    }
+    stats_path = client.download_artifacts(
+        parent.info.run_id, "comparison_stats.json", str(tmp_path)
+    )
+    stats = json.loads(Path(stats_path).read_text())
+    assert stats["pareto"] and {p["setting"] for p in stats["pareto"]} <= set(table["setting"])
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert "plots/cost_dsc_mean.png" in plots
+    assert "Pareto-optimal by dsc_mean" in result.stdout
+    again = sweep(store, "sharing", "sharing2", "output.plots=false", *overrides)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped: this setting already finished") == 4
+    _, parents, children = runs(store, "sharing")
+    assert len(children) == 4 and parents[1].data.metrics["forward_passes"] == 0

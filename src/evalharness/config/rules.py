@@ -143,3 +143,14 @@ def positive_mb(key: str, value: float | None) -> float | None:
     if value is not None and not value > 0:
         raise ConfigError(f"{key}={value}: expected > 0 (MB) or null")
     return value
+
+
+def shard(key: str, value: Any) -> tuple[int, int]:
+    """``"k/n"`` with whole numbers 0 <= k < n, as (k, n)."""
+    text = str(value).strip()
+    index, slash, count = text.partition("/")
+    if slash and index.strip().isdigit() and count.strip().isdigit():
+        k, n = int(index), int(count)
+        if 0 <= k < n:
+            return k, n
+    raise ConfigError(f"{key}={value!r}: expected k/n with whole numbers 0 <= k < n, e.g. 0/4")

@@ -65,6 +65,7 @@ class DataConfig:
     case_column: str | None = None
     labels: Any = None
     limit: int | None = None
+    shard: str | None = None  # "k/n": every n-th case of the split from the k-th (stable order)
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
@@ -133,6 +134,7 @@ class SweepConfig:
     resume: bool = True
     primary_metric: str = "dsc_mean"
     cache_mb: float = 2048.0  # in-process cache of the model and preprocessed cases; 0: off
+    share_forward: bool = True  # reuse patch outputs across settings differing after them
 
 
 @dataclass(frozen=True)

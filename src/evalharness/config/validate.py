@@ -38,6 +38,8 @@ def validate(config: EvalConfig) -> None:
         rules.normalization_specs("preprocessing.normalization", config.preprocessing.normalization)
     if data.limit is not None and (isinstance(data.limit, bool) or data.limit < 1):
         raise ConfigError(f"data.limit={data.limit!r}: expected a positive integer or null")
+    if data.shard is not None:
+        rules.shard("data.shard", data.shard)
     if config.output.gallery_k < 0:
         raise ConfigError(f"output.gallery_k={config.output.gallery_k}: expected >= 0 (cases)")
     check_metrics(config.metrics)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from evalharness.config import rules
 from evalharness.config.schema import DataConfig, SplitConfig
 from evalharness.errors import ConfigError, DataError
 
@@ -92,6 +93,8 @@ def load_dataset(data_cfg: DataConfig) -> Dataset:
     cases = cases[: data_cfg.limit]
     if not cases:
         raise DataError(f"data.split.method={method}: no cases in the split of {folder}")
+    if data_cfg.shard is not None:
+        cases = shard_cases(cases, *rules.shard("data.shard", data_cfg.shard))
     return Dataset(
         cases=tuple(cases),
         label_names=_label_names(label_names, data_cfg.labels),
@@ -110,6 +113,20 @@ def monai_training_indices(n: int) -> list[int]:
     indices = np.arange(n)
     np.random.RandomState(MONAI_SEED % MONAI_MAX_SEED).shuffle(indices)
     return indices[int(n * MONAI_VAL_FRAC) :].tolist()
+
+
+def shard_cases(cases: Sequence[Case], index: int, count: int) -> list[Case]:
+    """Shard `index` of `count` (``data.shard=<index>/<count>``): every `count`-th case by case
+    id from the `index`-th, in split order. Sorting by id first makes the shards the same
+    whatever order the split lists its cases in, so n shards are a partition of the split."""
+    ranked = sorted(range(len(cases)), key=lambda i: cases[i].case_id)
+    chosen = set(ranked[index::count])
+    picked = [case for i, case in enumerate(cases) if i in chosen]
+    if not picked:
+        raise DataError(
+            f"data.shard={index}/{count}: no cases in this shard (the split has {len(cases)})"
+        )
+    return picked
 
 
 def case_id_of(path: Path) -> str:

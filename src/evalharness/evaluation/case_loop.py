@@ -22,6 +22,7 @@ from evalharness.checks.probes import mirror_probe, spacing_check
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.pipeline import (
     CaseInputs,
     CasePrediction,
@@ -37,6 +38,8 @@ from evalharness.score.table import CaseTable, failure_rows
 from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
+OutputsFor = Callable[[Case, PreprocessSettings], OutputStore]
+"""The store of a case's patch outputs shared with the other settings of its sweep group."""
 
 
 class CaseSink(Protocol):
@@ -105,8 +108,16 @@ def run_cases(
     sink: CaseSink,
     options: LoopOptions,
     load_inputs: InputLoader = load_case_inputs,
+    outputs_for: OutputsFor | None = None,
+    counts: ForwardCounts | None = None,
 ) -> Extremes:
-    """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish."""
+    """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish.
+
+    `outputs_for` gives each case the store of patch outputs shared within a sweep group;
+    `counts` adds up the run's forward passes. Each row's ``seconds`` is what the case costs
+    this setting alone: the time it took here plus the measured time of the forward passes it
+    reused; ``seconds_paid`` is the time it took here.
+    """
     pre = preprocess_settings(ev.settings)
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     labels = list(ev.labels)
@@ -122,6 +133,7 @@ def run_cases(
         upcoming = submit(loader, 0)
         for index, case in enumerate(tqdm(cases, desc="cases", unit="case", file=sys.stderr)):
             started = time.perf_counter()
+            case_counts = ForwardCounts()
             pending, upcoming = upcoming, submit(loader, index + 1)
             try:
                 inputs = pending.result() if pending else load_inputs(case, pre)
@@ -134,6 +146,8 @@ def run_cases(
                     ev.n_output_channels,
                     options.max_device_memory_mb,
                     keep_probabilities=options.metrics.calibration,
+                    outputs=outputs_for(case, pre) if outputs_for else None,
+                    counts=case_counts,
                 )
                 rows = _score(inputs, prediction, labels, options.metrics)
                 case_findings = _probe(ev, inputs, prediction.labels)
@@ -153,9 +167,17 @@ def run_cases(
                     sink.case_done(table)
                     stop = f"case {case.case_id}: {message} (run.on_case_error=stop)"
                     raise CaseError(stop) from error
-            seconds = time.perf_counter() - started
+            paid = time.perf_counter() - started
+            cost = {
+                "seconds": paid + case_counts.reused_forward_s,
+                "seconds_paid": paid,
+                "forward_passes": case_counts.executed,
+                "forward_passes_reused": case_counts.reused,
+            }
+            if counts is not None:
+                counts.add(case_counts)
             flags = ",".join(m.key for m in case_findings)
-            table.add([{**row, "seconds": seconds, "flags": flags} for row in rows])
+            table.add([{**row, **cost, "flags": flags} for row in rows])
             sink.case_done(table)
             if case_findings:
                 if options.warn:

@@ -31,12 +31,15 @@ from evalharness.checks.mismatches import (
     report_tags,
 )
 from evalharness.config.schema import EvalConfig, MlflowConfig, as_dict
+from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.errors import ConfigError, HarnessError, one_line
-from evalharness.evaluation.case_loop import LoopOptions, run_cases
+from evalharness.evaluation.case_loop import LoopOptions, OutputsFor, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
-from evalharness.predict.pipeline import load_case_inputs
+from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
+from evalharness.predict.patch_outputs import ForwardCounts
+from evalharness.predict.pipeline import forward_key, load_case_inputs
 from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
@@ -59,6 +62,7 @@ class Outcome:
     code: int
     run_id: str | None
     skipped: bool = False
+    case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
 
 
 def tracking_uri_of(tracking_uri: str | None) -> str:
@@ -77,6 +81,7 @@ class _LazyRun:
         if parent is not None:
             self.tags["mlflow.parentRunId"] = parent
         self.run_id: str | None = None
+        self.case_ids: tuple[str, ...] = ()  # set once the cases are listed
 
     def ensure(self) -> str:
         if self.run_id is None:
@@ -91,10 +96,13 @@ def evaluate(
     skip_finished: bool = False,
     cache: SweepCache | None = None,
     complete: ConfigCompletion | None = None,
+    share_forward: bool = False,
 ) -> Outcome:
     """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
 
-    `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep.
+    `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep;
+    with `share_forward` also the per-patch model outputs (settings differing only after the
+    forward passes reuse them).
     `complete`, given by a client such as the demo, fills in the configuration once it has
     been validated and the store is known (the demo builds its training run there).
     """
@@ -109,13 +117,13 @@ def evaluate(
         if complete is not None:
             validate(config)
             config = complete(config, uri)
-        return _evaluate(config, uri, output_dir, run, skip_finished, cache)
+        return _evaluate(config, uri, output_dir, run, skip_finished, cache, share_forward)
     except HarnessError as error:
         message = one_line(error)
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
         tracking.finish(client, run.ensure(), "FAILED", message)
-        return Outcome(EXIT_ERROR, run.run_id)
+        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
     except KeyboardInterrupt:
         tracking.finish(client, run.ensure(), "KILLED", "interrupted")
         raise
@@ -159,9 +167,11 @@ def _evaluate(
     run: _LazyRun,
     skip_finished: bool,
     cache: SweepCache | None,
+    share_forward: bool = False,
 ) -> Outcome:
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
     planned = plan(config, uri)
+    run.case_ids = tuple(c.case_id for c in planned.dataset.cases)
     client = run.client
     earlier = tracking.runs_with_tag(
         client, run.experiment_id, "evalharness.config_hash", planned.config_hash
@@ -170,7 +180,7 @@ def _evaluate(
     if skip_finished and finished:
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
-        return Outcome(EXIT_OK, done, skipped=True)
+        return Outcome(EXIT_OK, done, skipped=True, case_ids=run.case_ids)
     ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
@@ -202,17 +212,41 @@ def _evaluate(
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
-    extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
+    counts = ForwardCounts()
+    reset_peak_memory(ev.device)
+    extremes = run_cases(
+        ev,
+        table,
+        sink,
+        options,
+        cache.load_inputs if cache else load_case_inputs,
+        _outputs_for(config, ev, cache) if share_forward else None,
+        counts,
+    )
     frame = table.frame()
     plot_dir = output_dir / "plots" if config.output.plots else None
     context = run_context(ev, cases.name)
     summary = log_results(
         client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
     )
+    cost = {**counts.as_metrics(), "peak_device_memory_mb": peak_memory_mb(ev.device)}
+    tracking.log_metrics(client, run_id, cost)
+    print(f"forward passes: {counts.executed} executed, {counts.reused} reused")
     tracking.finish(client, run_id, "FINISHED")
     shown = None if config.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)
-    return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
+    code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
+    return Outcome(code, run_id, case_ids=run.case_ids)
+
+
+def _outputs_for(config: EvalConfig, ev: Evaluation, cache: SweepCache | None) -> OutputsFor | None:
+    """The case -> patch-output store of this setting's forward key in the sweep cache."""
+    if cache is None:
+        return None
+    options = {k: getattr(config.model, k) for k in ("arch", "allow_globals", "trust_pickle")}
+    model_key = stable_hash({"sha256": ev.resolved.sha256, "options": options})
+    key = forward_key(model_key, ev.settings, ev.device)
+    return lambda case, pre: cache.patch_outputs(case, pre, key)
 
 
 class _MlflowSink:

@@ -160,6 +160,58 @@ def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> P
     return _save(fig, path)
 
 
+def plot_accuracy_cost(
+    table: pd.DataFrame, metric: str, pareto: list[str], path: Path, cost: str = "seconds_per_case"
+) -> Path:
+    """The primary metric of each setting against its cost per case; the Pareto-optimal
+    settings (`pareto`) marked and joined cheapest first, every point named.
+
+    Args:
+        table: the comparison table (columns ``setting``, `metric`, `cost`).
+        metric: a summary metric such as ``dsc_mean``.
+        pareto: the settings on the front (`score.comparison.pareto_front`).
+
+    Returns:
+        `path`. Size: 7 x 5 in at `DPI`.
+    """
+    value = pd.to_numeric(table[metric], errors="coerce") if metric in table else pd.Series()
+    price = pd.to_numeric(table[cost], errors="coerce") if cost in table else pd.Series()
+    shown = pd.DataFrame({"setting": table.get("setting"), "v": value, "c": price}).dropna()
+    shown = shown[np.isfinite(shown["v"]) & np.isfinite(shown["c"])]
+    fig = _figure(7.0, 5.0)
+    ax = fig.subplots()
+    if shown.empty:
+        _no_values(ax)
+    else:
+        on_front = shown["setting"].isin(pareto)
+        rest, front = shown[~on_front], shown[on_front].sort_values("c")
+        ax.scatter(rest["c"], rest["v"], color="0.55", s=36, label="other settings", zorder=3)
+        ax.plot(
+            front["c"],
+            front["v"],
+            color="tab:red",
+            marker="o",
+            markersize=8,
+            linewidth=1.5,
+            label="Pareto-optimal",
+            zorder=4,
+        )
+        for row in shown.itertuples():
+            ax.annotate(
+                str(row.setting),
+                (row.c, row.v),
+                textcoords="offset points",
+                xytext=(5, 4),
+                fontsize=7,
+            )
+        ax.legend(loc="best", fontsize=8)
+    ax.set_xlabel(f"{cost.replace('_', ' ')} (s, what the setting costs alone)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against cost per case")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 

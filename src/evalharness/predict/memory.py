@@ -93,3 +93,32 @@ def plan_for(
     cpu_free = host_available_bytes()
     device_free = cpu_free if device.type == "cpu" else int(torch.cuda.mem_get_info(device)[0])
     return plan_buffers(device, needed, device_free, cpu_free, limit_mb)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak: CUDA's allocator peak, else the process's resident peak
+    (Linux: writing 5 to ``/proc/self/clear_refs`` resets VmHWM; elsewhere it is kept)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak since the process started
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """MiB: CUDA's allocator peak on `device`, else the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MB
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / MB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # Linux: KiB

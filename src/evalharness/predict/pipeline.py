@@ -11,18 +11,20 @@ import logging
 import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from evalharness.checks.probes import header_check
-from evalharness.config.rules import DEFAULT_RESTORE
-from evalharness.config.settings import EffectiveSettings
+from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
+from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import (
     PreparedImage,
     PreprocessSettings,
@@ -128,6 +130,8 @@ def predict(
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
     keep_probabilities: bool = False,
+    outputs: OutputStore | None = None,
+    counts: ForwardCounts | None = None,
 ) -> CasePrediction:
     """Sliding-window probabilities, restored and decoded to native-grid labels (`native_labels`),
     post-processed (keep-largest-component for up to two classes). `keep_probabilities` also
@@ -136,6 +140,7 @@ def predict(
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
     go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
+    `outputs` and `counts`: reuse of patch outputs and forward-pass counters (`sliding_window`).
     """
     t0 = time.perf_counter()
     shape = prepared.tensor.shape
@@ -144,7 +149,8 @@ def predict(
     )
     if plan.warning:
         log.warning(plan.warning)
-    probs = _sliding_window(model, prepared, settings, device, plan.device)
+    share = {"outputs": outputs, "counts": counts}
+    probs = _sliding_window(model, prepared, settings, device, plan.device, share)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
     kept = None
@@ -180,6 +186,8 @@ def window_probs(
     settings: EffectiveSettings,
     device: torch.device,
     buffer_device: torch.device | None = None,
+    outputs: OutputStore | None = None,
+    counts: ForwardCounts | None = None,
 ) -> torch.Tensor:
     """Class probabilities [K, X', Y', Z'] on the model grid: the sliding window with the
     effective settings (aggregation buffers on `buffer_device`, default `device`)."""
@@ -194,6 +202,8 @@ def window_probs(
         amp=settings.amp,
         tta=settings.tta,
         buffer_device=buffer_device,
+        outputs=outputs,
+        counts=counts,
     )
 
 
@@ -203,9 +213,10 @@ def _sliding_window(
     settings: EffectiveSettings,
     device: torch.device,
     buffers: torch.device,
+    share: dict[str, Any],
 ) -> torch.Tensor:
     """`window_probs`; CUDA out of memory with the buffers on the GPU retries on the CPU."""
-    run = functools.partial(window_probs, model, prepared, settings, device)
+    run = functools.partial(window_probs, model, prepared, settings, device, **share)
     try:
         return run(buffers)
     except torch.cuda.OutOfMemoryError as error:
@@ -261,3 +272,21 @@ def metric_rows(
     """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
     rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
     return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]
+
+
+def forward_key(model_key: str, settings: EffectiveSettings, device: torch.device) -> str:
+    """What decides a case's per-patch model outputs besides the case and its preprocessing
+    (patch size is in the case key too): the model (`model_key`: checksum and loading options),
+    the patch grid, the batch size (a patch's output may depend on its batch at float
+    precision: not assumed otherwise), the device and the precision. Aggregation, flips,
+    keep-largest and threshold are not in it: they are what the settings sharing it vary."""
+    return stable_hash(
+        {
+            "model": model_key,
+            "patch_size_vox": list(settings.patch_size_vox),
+            "overlap_vox": list(overlap_to_voxels(settings.overlap, settings.patch_size_vox)),
+            "batch_size": settings.batch_size,
+            "device": str(device),
+            "amp": bool(settings.amp and device.type == "cuda"),
+        }
+    )

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from evalharness.config.rules import overlap_to_voxels
 from evalharness.errors import ConfigError
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore, PatchOutputs
 
 NORMALIZE_SLAB_VOXELS = 1 << 20  # voxels of the summed blending weights built at a time
 # The 8 mirror flips of [X, Y, Z] as sets of spatial axes, identity first.
@@ -96,26 +98,95 @@ def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     return [()] + [axes for axes in dict.fromkeys(sets) if axes]
 
 
-def _patch_probs(
-    model: torch.nn.Module, batch: torch.Tensor, flips: list[tuple[int, ...]], autocast
+def _flip_probs(
+    model: torch.nn.Module, batch: torch.Tensor, axes: tuple[int, ...], autocast
 ) -> tuple[torch.Tensor, int]:
-    """(float32 probabilities [B, K, x, y, z] (softmax, or sigmoid for 1 channel), flip-averaged;
-    K). Of K = 2 classes only class 1's comes back, [B, 1, x, y, z]: sigmoid(l1 - l0), which is
-    its softmax; class 0's is 1 minus it, so blending one channel instead of two suffices."""
-    total = None
-    for axes in flips:
-        dims = [a + 2 for a in axes]
-        with autocast:
-            logits = model(batch.flip(dims) if dims else batch)
-        logits = logits.float()
-        n_classes = logits.shape[1]
-        if n_classes == 2:
-            probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
-        else:
-            probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
-        probs = probs.flip(dims) if dims else probs
-        total = probs if total is None else total.add_(probs)
-    return (total if len(flips) == 1 else total.div_(len(flips))), n_classes
+    """(float32 probabilities [B, K', x, y, z] of the batch mirrored along `axes`, flipped back;
+    K). Softmax, or sigmoid for 1 channel. Of K = 2 classes only class 1's comes back (K' = 1):
+    sigmoid(l1 - l0), which is its softmax; class 0's is 1 minus it, so blending one channel
+    instead of two suffices. A fresh tensor that nothing modifies afterwards (it may be kept)."""
+    dims = [a + 2 for a in axes]
+    with autocast:
+        logits = model(batch.flip(dims) if dims else batch)
+    logits = logits.float()
+    n_classes = logits.shape[1]
+    if n_classes == 2:
+        probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
+    else:
+        probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
+    return (probs.flip(dims) if dims else probs), n_classes
+
+
+class _Forwards:
+    """The flip outputs of each patch batch: from the store where it holds them, else from the
+    model, counted (`ForwardCounts`) and collected for the store while they fit its capacity."""
+
+    def __init__(
+        self,
+        flips: list[tuple[int, ...]],
+        n_batches: int,
+        outputs: OutputStore | None,
+        counts: ForwardCounts | None,
+        device: torch.device,
+    ) -> None:
+        self.flips, self.outputs, self.device = flips, outputs, device
+        self.counts = counts if counts is not None else ForwardCounts()
+        self.stored: dict[tuple[int, ...], PatchOutputs] = {}
+        if outputs is not None:
+            for axes in flips:
+                entry = outputs.get(axes)
+                if entry is not None and len(entry.batches) == n_batches:
+                    self.stored[axes] = entry
+        collect = outputs is not None and len(self.stored) < len(flips)
+        self.fresh = {a: [] for a in flips if a not in self.stored} if collect else None
+        self.seconds = dict.fromkeys(flips, 0.0)
+        self.collected_bytes = 0
+        self.n_classes = next((e.n_classes for e in self.stored.values()), None)
+
+    def probs(
+        self, index: int, model: torch.nn.Module, make_batch: Callable[[], torch.Tensor], autocast
+    ) -> torch.Tensor:
+        """Flip-averaged probabilities [B, K', x, y, z] of batch `index`, summed in flip order."""
+        total, batch = None, None
+        for position, axes in enumerate(self.flips):
+            entry = self.stored.get(axes)
+            if entry is not None:
+                probs = entry.batches[index].to(self.device)
+                self.counts.reused += int(probs.shape[0])
+            else:
+                batch = make_batch() if batch is None else batch
+                started = time.perf_counter()
+                probs, self.n_classes = _flip_probs(model, batch, axes, autocast)
+                self._collect(axes, probs)
+                self.seconds[axes] += time.perf_counter() - started
+                self.counts.executed += int(probs.shape[0])
+            if position == 0:
+                total = probs  # may be a kept tensor: never modified in place
+            elif position == 1:
+                total = total + probs  # a new tensor, what `add_` on the first would give
+            else:
+                total.add_(probs)
+        return total if len(self.flips) == 1 else total.div_(len(self.flips))
+
+    def _collect(self, axes: tuple[int, ...], probs: torch.Tensor) -> None:
+        if self.fresh is None:
+            return
+        kept = probs.to("cpu")  # the same tensor on a CPU device: never modified (see above)
+        self.collected_bytes += kept.element_size() * kept.nelement()
+        if self.collected_bytes > self.outputs.capacity_bytes:
+            self.fresh = None  # this case's patches do not fit: recomputed by the next setting
+            return
+        self.fresh[axes].append(kept)
+
+    def finish(self) -> None:
+        """Hand the collected entries to the store; count the reused ones' measured seconds."""
+        for entry in self.stored.values():
+            self.counts.reused_forward_s += entry.forward_s
+        if self.fresh is None or self.outputs is None:
+            return
+        for axes, batches in self.fresh.items():
+            outputs = PatchOutputs(int(self.n_classes), tuple(batches), self.seconds[axes])
+            self.outputs.put(axes, outputs)
 
 
 def _region(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
@@ -178,6 +249,8 @@ def sliding_window_probs(
     amp: bool = False,
     tta: bool | Sequence[Sequence[int]] = False,
     buffer_device: torch.device | str | None = None,
+    outputs: OutputStore | None = None,
+    counts: ForwardCounts | None = None,
 ) -> torch.Tensor:
     """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `buffer_device`.
 
@@ -190,6 +263,9 @@ def sliding_window_probs(
     list of spatial-axis sets (0, 1, 2 of [X, Y, Z]); the identity is always included.
     `buffer_device` (default `device`) holds the volume and the aggregation buffers; a volume
     too large for the GPU keeps them on the CPU and sends each batch of patches to `device`.
+    `outputs` (a sweep's store for this case and forward key) supplies the patch outputs it
+    holds per flip and receives those computed here; `counts` adds the patch forward passes
+    executed and reused (one per patch and flip).
     """
     if model.training:
         raise ValueError("sliding_window_probs: call model.eval() first")
@@ -205,22 +281,28 @@ def sliding_window_probs(
     volume = image.to(device=buffers, dtype=torch.float32)
     window = None if aggregation == "crop" else blending_window(patch, aggregation, buffers)
     out = blended = None
-    for first in range(0, len(starts), batch_size):
+    n_batches = -(-len(starts) // batch_size)
+    forwards = _Forwards(flips, n_batches, outputs, counts, device)
+    for index, first in enumerate(range(0, len(starts), batch_size)):
         regions = [_region(start, start + patch) for start in starts[first : first + batch_size]]
-        batch = torch.stack([volume[r] for r in regions]).to(device)
-        probs, n_classes = _patch_probs(model, batch, flips, autocast)
-        probs = probs.to(buffers)
+
+        def make_batch(regions=regions) -> torch.Tensor:
+            return torch.stack([volume[r] for r in regions]).to(device)
+
+        probs = forwards.probs(index, model, make_batch, autocast).to(buffers)
+        n_classes = int(forwards.n_classes)
         if out is None:
             out = torch.empty((n_classes, *shape), dtype=torch.float32, device=buffers)
             blended = out[1:] if n_classes == 2 else out  # class 0 of 2: filled in at the end
             blended.zero_()
-        for index, (region, patch_probs) in enumerate(zip(regions, probs, strict=True)):
+        for offset, (region, patch_probs) in enumerate(zip(regions, probs, strict=True)):
             if window is None:
-                start = starts[first + index]
+                start = starts[first + offset]
                 volume_region, patch_region = _crop_regions(start, patch, shape, overlap_vox // 2)
                 blended[volume_region] = patch_probs[patch_region]
             else:
                 blended[region].addcmul_(patch_probs, window)
+    forwards.finish()
     if window is not None:
         _divide_by_window_sum(blended, starts, shape, patch, aggregation, window)
     if out.shape[0] == 2:

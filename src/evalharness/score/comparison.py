@@ -40,7 +40,24 @@ LOWER_IS_BETTER_ANY = LOWER_IS_BETTER | LOWER_IS_BETTER_LESION | frozenset(CALIB
 ALPHA = 0.05
 """Significance level of the Holm-adjusted paired tests (`tied_with_best`)."""
 COUNTS = ("n_cases", "n_failed_cases", "seconds_per_case")
-CACHE_COUNTERS = ("cache.model_loads", "cache.model_hits", "cache.case_loads", "cache.case_hits")
+COSTS = (
+    "seconds_per_case_paid",
+    "forward_passes",
+    "forward_passes_reused",
+    "peak_device_memory_mb",
+)
+"""Per run: what a case costs the sweep, the patch forward passes executed and reused."""
+TOTALS = ("forward_passes", "forward_passes_reused")
+"""Summed on the parent over the settings this sweep evaluated (skipped ones ran earlier)."""
+CACHE_COUNTERS = (
+    "cache.model_loads",
+    "cache.model_hits",
+    "cache.case_loads",
+    "cache.case_hits",
+    "cache.patch_stores",
+    "cache.patch_hits",
+)
+SHARD_KEY = "data.shard"
 SCORED = ("finished", "skipped", "cases_failed")
 """Job statuses whose runs hold results (`failed`: the evaluation stopped with an error)."""
 
@@ -56,6 +73,8 @@ class JobRecord:
     code: int  # the evaluation's exit code (1 for a job that raised)
     run_id: str | None
     error: str = ""
+    shard: str = ""  # data.shard of the job ("k/n"), "" when the sweep does not shard
+    cases: list[str] = field(default_factory=list)  # its case ids, when it got to list them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,10 +130,45 @@ def base_metric(metric: str) -> str | None:
 def compare(
     records: Sequence[JobRecord], runs: Mapping[str, RunData], primary_metric: str
 ) -> Comparison:
-    """Table (one row per setting), long per-case table and statistics of a sweep."""
+    """Table (one row per setting), long per-case table and statistics of a sweep (merge a
+    setting's shards first: `score.shards.merge_shards`)."""
     table = comparison_table(records, runs)
     long = per_case_long(records, runs)
-    return Comparison(table, long, statistics(table, long, primary_metric))
+    stats = statistics(table, long, primary_metric)
+    stats["totals"] = totals(table)
+    stats["pareto"] = pareto_front(table, primary_metric)
+    return Comparison(table, long, stats)
+
+
+def pareto_front(table: pd.DataFrame, metric: str, cost: str = "seconds_per_case") -> list[dict]:
+    """The Pareto-optimal settings by `metric` (in its `direction`) against `cost` (lower is
+    better): those no other scored setting beats on one while at least matching on the other.
+    Sorted by cost; each entry: setting, the metric's value, the cost."""
+    if len(table) == 0 or metric not in table or cost not in table:
+        return []
+    scored = table[table["status"].isin(SCORED)]
+    value = pd.to_numeric(scored[metric], errors="coerce")
+    price = pd.to_numeric(scored[cost], errors="coerce")
+    keep = np.isfinite(value) & np.isfinite(price)
+    how = direction(metric)
+    good = {"max": value, "min": -value, "min_abs": -value.abs()}[how][keep]
+    price = price[keep]
+    front = []
+    for index in good.index:
+        dominated = (
+            (good >= good[index])
+            & (price <= price[index])
+            & ((good > good[index]) | (price < price[index]))
+        ).any()
+        if not dominated:
+            front.append(
+                {
+                    "setting": scored.at[index, "setting"],
+                    metric: float(value[index]),
+                    cost: float(price[index]),
+                }
+            )
+    return sorted(front, key=lambda entry: (entry[cost], entry["setting"]))
 
 
 def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) -> pd.DataFrame:
@@ -130,17 +184,32 @@ def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) 
         row: dict[str, Any] = {"setting": record.setting}
         row |= {key: record.params.get(key, "") for key in param_keys}
         row |= {"status": record.status, "run_id": record.run_id or ""}
+        if any(r.shard for r in records):
+            row["shards"] = record.shard
         for name in present:
             for stat in STATISTICS:
                 row[f"{name}_{stat}"] = metrics.get(f"{name}_{stat}", math.nan)
             for bound in ("low", "high"):
                 key = f"{name}_mean_ci95_{bound}"
                 row[key] = metrics.get(key, math.nan)
-        row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *CACHE_COUNTERS)}
+        row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *COSTS, *CACHE_COUNTERS)}
         row["preprocessing_mismatch"] = tags.get("evalharness.preprocessing_mismatch", "")
         row["error"] = record.error or tags.get("evalharness.error", "") or _cases_note(record)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def totals(table: pd.DataFrame) -> dict[str, float]:
+    """`TOTALS` summed over the settings this sweep evaluated (not the skipped ones)."""
+    ran = (
+        table[table["status"].isin(["finished", "cases_failed", "failed"])] if len(table) else table
+    )
+    return {
+        name: float(pd.to_numeric(ran[name], errors="coerce").fillna(0).sum())
+        if name in ran
+        else 0.0
+        for name in TOTALS
+    }
 
 
 def _cases_note(record: JobRecord) -> str:
@@ -264,11 +333,23 @@ def report(comparison: Comparison) -> str:
     primary = stats["primary_metric"]
     columns = ["setting", "status"]
     columns += [c for c in (primary, "dsc_mean", "hd95_mm_mean") if c in table and c not in columns]
-    columns += ["n_failed_cases", "seconds_per_case", "cache.case_loads"]
+    columns += ["n_failed_cases", "seconds_per_case", "seconds_per_case_paid", "forward_passes"]
     shown = table[[c for c in dict.fromkeys(columns) if c in table]]
-    counts = [c for c in ("n_failed_cases", "cache.case_loads") if c in shown]
+    counts = [c for c in ("n_failed_cases", "forward_passes") if c in shown]
     shown = shown.astype(dict.fromkeys(counts, "Int64"))
     lines = [shown.to_string(index=False, float_format=lambda v: f"{v:.3f}")]
+    total = stats.get("totals")
+    if total:
+        lines.append(
+            f"Forward passes: {total['forward_passes']:.0f} executed, "
+            f"{total['forward_passes_reused']:.0f} reused"
+        )
+    if stats.get("pareto"):
+        lines.append(f"Pareto-optimal by {primary} against seconds per case (cheapest first):")
+        lines += [
+            f"  {p['setting']}: {p[primary]:.4f} at {p['seconds_per_case']:.3f} s/case"
+            for p in stats["pareto"]
+        ]
     best = stats.get("best")
     if best is None:
         lines.append(f"Best setting: none ({stats.get('note', 'no results')})")

@@ -65,7 +65,8 @@ def summarize(table: pd.DataFrame, options: MetricOptions = DEFAULT_OPTIONS) -> 
     """`<metric>_mean/_std/_median` over all (case, label) rows that succeeded, NaN skipped,
     with the 95 % bootstrap interval of each mean (`<metric>_mean_ci95_low/_high`,
     `intervals.py`) and `n_undefined_<metric>` (rows where it is NaN); `<metric>_mean_label<k>`
-    and its interval per label; case counts and seconds per case. Fewer than
+    and its interval per label; case counts, seconds per case (what each costs the
+    setting alone) and seconds paid per case (what the sweep spent on it). Fewer than
     `intervals.MIN_CASES` cases: the intervals are NaN and a warning says so."""
     ok = table[table["status"] == "ok"]
     summary: dict[str, float] = {
@@ -85,8 +86,12 @@ def summarize(table: pd.DataFrame, options: MetricOptions = DEFAULT_OPTIONS) -> 
                 key = f"{name}_mean_label{label}"
                 summary[key] = _nan_stat(group[name], "mean")
                 summary |= _interval(key, group["case"], group[name], options)
-    seconds = table.drop_duplicates("case")["seconds"]
+    per_case = table.drop_duplicates("case")
+    seconds = per_case["seconds"]
     summary["seconds_per_case"] = _nan_stat(pd.to_numeric(seconds, errors="coerce"), "mean")
+    if "seconds_paid" in per_case:  # tables of earlier versions lack it
+        paid = pd.to_numeric(per_case["seconds_paid"], errors="coerce")
+        summary["seconds_per_case_paid"] = _nan_stat(paid, "mean")
     n_ok = ok["case"].nunique()
     if n_ok < MIN_CASES:
         log.warning(

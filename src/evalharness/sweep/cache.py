@@ -11,7 +11,13 @@ Keys say exactly what decides a value, so a hit can never serve something stale:
 - model: the artifact's sha256 plus the loading options (arch, allow_globals, trust_pickle);
 - case: its id, both files' paths, sizes and modification times, and every preprocessing
   setting including ``min_shape_vox`` (volumes are padded to the patch size, so another patch
-  size is another entry).
+  size is another entry);
+- patch outputs (forward-pass sharing, `patch_outputs`): the case key, the forward key
+  (`pipeline.forward_key`: model checksum and loading options, patch size, overlap, batch
+  size, device, precision) and the mirror flip. One entry holds every patch of one case under
+  one flip, float32 on the CPU: about (patches x patch voxels x K') x 4 bytes, K' the output
+  channels (1 for two classes) -- for an overlap of half the patch about 8 times the case's
+  probability volume. A case whose entry does not fit the budget is recomputed.
 
 Cached values are shared, never copied: consumers must treat them as read-only (the pipeline
 does). Process-parallel launchers (joblib, submitit) get one cache per worker process.
@@ -35,6 +41,7 @@ from evalharness.data.datasets import Case
 from evalharness.evaluation.plan import load_resolved_model
 from evalharness.model.loaders import LoadedModel
 from evalharness.model.sources import ResolvedModel
+from evalharness.predict.patch_outputs import Flip, PatchOutputs
 from evalharness.predict.pipeline import CaseInputs, load_case_inputs
 from evalharness.predict.preprocess import PreprocessSettings
 
@@ -52,6 +59,8 @@ class Counters:
     model_hits: int = 0
     case_loads: int = 0
     case_hits: int = 0
+    patch_stores: int = 0
+    patch_hits: int = 0
 
     def __sub__(self, other: Counters) -> Counters:
         return Counters(
@@ -65,7 +74,8 @@ class Counters:
     def describe(self) -> str:
         return (
             f"model {self.model_loads} load(s), {self.model_hits} hit(s); "
-            f"cases {self.case_loads} load(s), {self.case_hits} hit(s)"
+            f"cases {self.case_loads} load(s), {self.case_hits} hit(s); "
+            f"patch outputs {self.patch_stores} stored, {self.patch_hits} reused"
         )
 
 
@@ -140,14 +150,14 @@ class SweepCache:
 
     def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
         """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""
-        key = (
-            "case",
-            case.case_id,
-            _file_identity(case.image),
-            _file_identity(case.label),
-            stable_hash(dataclasses.asdict(settings)),
-        )
+        key = ("case", *_case_key(case, settings))
         return self._get(key, "case", lambda: load_case_inputs(case, settings), _inputs_nbytes)
+
+    def patch_outputs(
+        self, case: Case, settings: PreprocessSettings, forward_key: str
+    ) -> CaseOutputs:
+        """The store of this case's patch outputs under `forward_key` (`OutputStore`)."""
+        return CaseOutputs(self, ("patch", *_case_key(case, settings), forward_key))
 
     def _get(
         self, key: Hashable, kind: str, load: Callable[[], T], nbytes: Callable[[T], int]
@@ -164,6 +174,37 @@ class SweepCache:
     def _count(self, name: str) -> None:
         with self._lock:
             self._counts[name] += 1
+
+
+class CaseOutputs:
+    """One case's patch outputs per flip in the sweep cache (`predict.patch_outputs`)."""
+
+    def __init__(self, cache: SweepCache, key: tuple) -> None:
+        self._cache, self._key = cache, key
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self._cache._store.max_bytes
+
+    def get(self, flip: Flip) -> PatchOutputs | None:
+        entry = self._cache._store.get((*self._key, flip))
+        if entry is not None:
+            self._cache._count("patch_hits")
+        return entry
+
+    def put(self, flip: Flip, outputs: PatchOutputs) -> None:
+        self._cache._count("patch_stores")
+        self._cache._store.put((*self._key, flip), outputs, outputs.nbytes)
+
+
+def _case_key(case: Case, settings: PreprocessSettings) -> tuple:
+    """A case's files (path, size, mtime) and its preprocessing settings."""
+    return (
+        case.case_id,
+        _file_identity(case.image),
+        _file_identity(case.label),
+        stable_hash(dataclasses.asdict(settings)),
+    )
 
 
 def _file_identity(path: Path | None) -> tuple[str, int, int] | None:

@@ -16,6 +16,7 @@ memory) is closed as KILLED by the next sweep in its experiment on the same host
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
-from evalharness.score.comparison import JobRecord, report, status_of
+from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
 from evalharness.sweep.report import closing_status, refresh
 from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_json, write_state
 from evalharness.track import tracking
@@ -99,8 +100,12 @@ class SweepCallback(Callback):
             return  # a single run, or the parent could not be created
         hydra_cfg = config.hydra
         num = _num(hydra_cfg)
-        name, values = setting_of(hydra_cfg.overrides.task, self.state.swept_keys, num)
-        record = _record(num, name, values, job_return)
+        unsharded = tuple(k for k in self.state.swept_keys if k != SHARD_KEY)
+        name, values = setting_of(hydra_cfg.overrides.task, unsharded, num)
+        if SHARD_KEY in self.state.swept_keys and not unsharded:
+            name = "all"  # only the shards are swept: one setting
+        shard = setting_of(hydra_cfg.overrides.task, (SHARD_KEY,), num)[1].get(SHARD_KEY, "")
+        record = dataclasses.replace(_record(num, name, values, job_return), shard=shard)
         write_json(self.sweep_dir / STATE_DIR / "jobs" / f"{num:05d}.json", record.to_dict())
         refresh(self.sweep_dir, self.state, final=False)
         if _STOP_REQUESTED.is_set():
@@ -150,7 +155,9 @@ def _record(num: int, setting: str, values: dict[str, str], job_return: JobRetur
         value = job_return.return_value
         if isinstance(value, Outcome):
             status = status_of(value.code, value.skipped)
-            return JobRecord(num, setting, values, status, value.code, value.run_id)
+            return JobRecord(
+                num, setting, values, status, value.code, value.run_id, cases=list(value.case_ids)
+            )
         code = int(value or 0)
         return JobRecord(num, setting, values, status_of(code, False), code, None)
     error = getattr(job_return, "_return_value", None)  # the exception (the property re-raises)

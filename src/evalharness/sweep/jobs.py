@@ -12,6 +12,18 @@ from evalharness.sweep.cache import shared_cache
 from evalharness.sweep.state import read_state, setting_of
 from evalharness.track import tracking
 
+SHARABLE_KEYS = frozenset(
+    {
+        "inference.aggregation",
+        "inference.keep_largest_component",
+        "inference.threshold",
+        "inference.tta",
+        "inference.restore",
+    }
+)
+"""Swept keys whose settings can share forward passes: what they change happens after them
+(TTA: the identity flip and any flip two settings both use); every ``metrics.*`` key too."""
+
 
 @dataclass(frozen=True)
 class Job:
@@ -27,7 +39,9 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
     """Evaluate `config` as job `job` of its sweep, named after its swept overrides.
 
     Skips the setting when a FINISHED run with the same configuration hash exists
-    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics.
+    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. When the
+    sweep varies a key of `SHARABLE_KEYS`, the per-patch model outputs are kept in the cache
+    for the settings that follow (`sweep.share_forward`).
     """
     state = read_state(job.sweep_dir)
     if state is not None and config.mlflow.run_name is None:
@@ -44,6 +58,7 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
         skip_finished=bool(config.sweep.resume),
         cache=cache,
         complete=complete,
+        share_forward=shares_forward(config, state.swept_keys if state else ()),
     )
     used = cache.counters() - before
     print(f"cache: {used.describe()}; {cache.nbytes / 2**20:.1f} MiB held")
@@ -51,3 +66,9 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
         client = tracking.prepare_store(tracking_uri_of(config.mlflow.tracking_uri))
         tracking.log_metrics(client, outcome.run_id, used.as_metrics())
     return outcome
+
+
+def shares_forward(config: EvalConfig, swept_keys: tuple[str, ...]) -> bool:
+    """Keep patch outputs for reuse: sharing on, a budget, and a sharable key swept."""
+    sharable = [k for k in swept_keys if k in SHARABLE_KEYS or k.startswith("metrics.")]
+    return bool(config.sweep.share_forward and config.sweep.cache_mb > 0 and sharable)

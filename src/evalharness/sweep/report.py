@@ -16,6 +16,7 @@ from filelock import FileLock
 
 from evalharness.evaluation.run import EXIT_ERROR
 from evalharness.score.comparison import Comparison, RunData, base_metric, compare, describe_test
+from evalharness.score.shards import merge_shards
 from evalharness.score.table import HEADLINE
 from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
 from evalharness.track import tracking
@@ -54,7 +55,7 @@ def refresh(sweep_dir: Path, state: SweepState, final: bool) -> Comparison:
             for r in records
             if r.run_id is not None
         }
-        comparison = compare(records, runs, state.primary_metric)
+        comparison = compare(*merge_shards(records, runs), state.primary_metric)
         _log_comparison(client, state, sweep_dir, comparison, final)
     return comparison
 
@@ -75,6 +76,10 @@ def _log_comparison(
     write_json(stats_path, json.loads(json.dumps(stats), parse_constant=lambda _: None))  # NaN
     tracking.log_file(client, parent, csv_path)
     tracking.log_file(client, parent, stats_path)
+    if "shards" in table.columns:  # sharded settings: their merged per-case tables
+        merged_path = sweep_dir / "per_case_merged.csv"
+        comparison.per_case_long.to_csv(merged_path, index=False)
+        tracking.log_file(client, parent, merged_path)
     if state.plots:
         for path in _plots(comparison, state.primary_metric, sweep_dir / "plots", final):
             tracking.log_file(client, parent, path, "plots")
@@ -93,6 +98,7 @@ def _log_comparison(
         "n_settings": stats["n_settings"],
         "n_failed_settings": stats["n_failed"],
         "n_skipped_settings": stats["n_skipped"],
+        **stats["totals"],
         "n_tied_with_best": len(stats["tied_with_best"]),
     }
     if best:
@@ -120,4 +126,7 @@ def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> l
     ]
     paths.append(comparison_plots.plot_case_setting_heatmap(long, main, heatmap))
     paths.append(comparison_plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
+    front = [entry["setting"] for entry in comparison.stats.get("pareto", [])]
+    cost_path = folder / f"cost_{primary}.png"
+    paths.append(comparison_plots.plot_accuracy_cost(comparison.table, primary, front, cost_path))
     return paths
