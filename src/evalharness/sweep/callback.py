@@ -129,7 +129,8 @@ class SweepCallback(Callback):
         self.closed = True
         client = tracking.prepare_store(self.state.tracking_uri)
         try:
-            comparison = refresh(self.sweep_dir, self.state, final=True)
+            stopped = _STOP_REQUESTED.is_set()  # SIGTERM: the scheduler's kill follows soon
+            comparison = refresh(self.sweep_dir, self.state, final=True, figures=not stopped)
         except Exception as error:  # the parent must still be closed
             tracking.finish(client, self.state.parent_run_id, "FAILED", f"comparison: {error}")
             raise

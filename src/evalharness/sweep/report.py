@@ -38,14 +38,16 @@ def closing_status(comparison: Comparison, complete: bool) -> tuple[str, str | N
     return "FINISHED", None, 0
 
 
-def refresh(sweep_dir: Path, state: SweepState, final: bool) -> Comparison:
+def refresh(sweep_dir: Path, state: SweepState, final: bool, figures: bool = True) -> Comparison:
     """Recompute the comparison from the job records and log it to the parent run.
 
     Writes ``comparison.csv``, ``comparison_stats.json`` and ``plots/`` (unless
     ``output.plots=false``) in the sweep folder and on the parent. After a job, the primary
     metric's figures are redrawn when the last drawing is older than `REPLOT_AFTER_S` (seconds
     of plotting per job would dominate sweeps of quick jobs); `final` draws every headline
-    metric. Serialised by a file lock (parallel jobs end at the same time).
+    metric; `figures=False` (a sweep stopped by a signal, whose scheduler kills it soon) draws
+    none and logs the tables and the page without them. Serialised by a file lock (parallel
+    jobs end at the same time).
     """
     with FileLock(str(sweep_dir / STATE_DIR / "comparison.lock"), timeout=600):
         client = tracking.prepare_store(state.tracking_uri)
@@ -56,7 +58,7 @@ def refresh(sweep_dir: Path, state: SweepState, final: bool) -> Comparison:
             if r.run_id is not None
         }
         comparison = compare(*merge_shards(records, runs), state.primary_metric)
-        _log_comparison(client, state, sweep_dir, comparison, final)
+        _log_comparison(client, state, sweep_dir, comparison, final, figures)
     return comparison
 
 
@@ -67,7 +69,12 @@ def _run_data(client: Any, run_id: str, scratch: Path) -> RunData:
 
 
 def _log_comparison(
-    client: Any, state: SweepState, sweep_dir: Path, comparison: Comparison, final: bool
+    client: Any,
+    state: SweepState,
+    sweep_dir: Path,
+    comparison: Comparison,
+    final: bool,
+    figures: bool,
 ) -> None:
     table, stats, parent = comparison.table, comparison.stats, state.parent_run_id
     csv_path = sweep_dir / "comparison.csv"
@@ -80,7 +87,7 @@ def _log_comparison(
         merged_path = sweep_dir / "per_case_merged.csv"
         comparison.per_case_long.to_csv(merged_path, index=False)
         tracking.log_file(client, parent, merged_path)
-    if state.plots:
+    if state.plots and figures:
         for path in _plots(comparison, state.primary_metric, sweep_dir / "plots", final):
             tracking.log_file(client, parent, path, "plots")
     best = stats["best"] or {}
@@ -105,7 +112,7 @@ def _log_comparison(
         metrics[f"best_{stats['primary_metric']}"] = best["value"]
     tracking.log_metrics(client, parent, metrics)
     facts = {"sweep folder": str(sweep_dir), "swept": ", ".join(state.swept_keys) or "none"}
-    plot_dir = sweep_dir / "plots" if state.plots else None
+    plot_dir = sweep_dir / "plots" if state.plots and figures else None
     title = f"Sweep {sweep_dir.name}"
     log_sweep_summary(client, parent, title, facts, table, stats, plot_dir)
 
