@@ -19,6 +19,7 @@ import torch
 
 from evalharness.config.rules import overlap_to_voxels
 from evalharness.errors import ConfigError
+from evalharness.predict.ensemble import members_of
 
 NORMALIZE_SLAB_VOXELS = 1 << 20  # voxels of the summed blending weights built at a time
 # The 8 mirror flips of [X, Y, Z] as sets of spatial axes, identity first.
@@ -99,23 +100,30 @@ def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
 def _patch_probs(
     model: torch.nn.Module, batch: torch.Tensor, flips: list[tuple[int, ...]], autocast
 ) -> tuple[torch.Tensor, int]:
-    """(float32 probabilities [B, K, x, y, z] (softmax, or sigmoid for 1 channel), flip-averaged;
-    K). Of K = 2 classes only class 1's comes back, [B, 1, x, y, z]: sigmoid(l1 - l0), which is
-    its softmax; class 0's is 1 minus it, so blending one channel instead of two suffices."""
+    """(float32 probabilities [B, K, x, y, z] (softmax, or sigmoid for 1 channel), averaged
+    over the flips and, for an `Ensemble`, its members; K). Of K = 2 classes only class 1's
+    comes back, [B, 1, x, y, z]: sigmoid(l1 - l0), which is its softmax; class 0's is 1 minus
+    it, so blending one channel instead of two suffices. Members run one after another: one
+    member's activations are on the device at a time."""
+    members = members_of(model)
     total = None
     for axes in flips:
         dims = [a + 2 for a in axes]
-        with autocast:
-            logits = model(batch.flip(dims) if dims else batch)
-        logits = logits.float()
-        n_classes = logits.shape[1]
-        if n_classes == 2:
-            probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
-        else:
-            probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
-        probs = probs.flip(dims) if dims else probs
-        total = probs if total is None else total.add_(probs)
-    return (total if len(flips) == 1 else total.div_(len(flips))), n_classes
+        flipped = batch.flip(dims) if dims else batch
+        for member in members:
+            with autocast:
+                logits = member(flipped)
+            logits = logits.float()
+            n_classes = logits.shape[1]
+            if n_classes == 2:
+                probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
+            else:
+                probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
+            del logits
+            probs = probs.flip(dims) if dims else probs
+            total = probs if total is None else total.add_(probs)
+    count = len(flips) * len(members)
+    return (total if count == 1 else total.div_(count)), n_classes
 
 
 def _region(lo: np.ndarray, hi: np.ndarray) -> tuple[slice, ...]:
@@ -181,7 +189,8 @@ def sliding_window_probs(
 ) -> torch.Tensor:
     """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `buffer_device`.
 
-    The model must be in eval mode and on `device`; the volume must be at least one patch in
+    The model (an `Ensemble`: its members' probabilities averaged per patch) must be in eval
+    mode and on `device`; the volume must be at least one patch in
     every axis (`PreprocessSettings.min_shape_vox` pads it). Patches are batched, activated per
     patch (softmax, or sigmoid for one channel) and blended on the device: 'hann', 'average' and
     'gaussian' weight every patch by `blending_window` and divide by the summed weights; 'crop'
