@@ -140,7 +140,7 @@ def _plots(
             paths.append(plot_reliability(bins, plot_dir / "reliability.png"))
     for kind in ("best", "worst"):
         entry = getattr(extremes, kind)
-        if entry is None:
+        if entry is None or not entry.case.image.is_file():  # saved predictions need no image
             continue
         case = entry.case
         image = load_volume(case.image)[0][0]  # the native image: only its model-grid copy was kept
