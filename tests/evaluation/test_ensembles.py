@@ -4,6 +4,7 @@ over run ids still compares the models."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import FIXTURE, REPO
 from mlflow.tracking import MlflowClient
 from tiny import base_overrides, good_case, run_in_process, threshold_model, write_dataset
 
@@ -139,6 +140,17 @@ def test_members_that_disagree_on_training_settings_are_refused(world, tmp_path,
     assert result.run.info.status == "FAILED"
 
 
+def test_members_with_other_outputs_are_refused(world, tmp_path, capsys):
+    two = world.folder / "two_channels.pt"
+    torch.save(torch.nn.Conv3d(1, 2, 1), two)
+    result = evaluate(
+        world, tmp_path, capsys, "model=file", f"model.path=[{world.threshold},{two}]"
+    )
+    (line,) = result.error_lines
+    assert line.startswith("error: model.out_channels: the ensemble's members disagree: 1 (file ")
+    assert f"vs 2 (file {two})" in line
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -181,3 +193,34 @@ def test_a_sweep_over_run_ids_compares_the_models(world, tmp_path):
     (test,) = stats["tests"]  # the paired test of the best against the other model
     assert test["setting"] == f"run_id={ids[1]}"
     assert test["n_cases"] == 3 and test["median_difference"] == 1.0
+
+
+def test_fastmonai_learner_and_callback_run_model_as_an_ensemble(sqlite_uri, tmp_path, capsys):
+    """The earlier fixture's learner and the callback run's safetensors (other weights, the
+    same preprocessing) evaluate together on the fixture's test cases, tagged with both."""
+    learner = FIXTURE / "training_run" / "model" / "best_learner.pkl"
+    callback = (
+        REPO / "tests/fixtures/fastmonai-0.12-callback-run/artifacts/model/best_model.safetensors"
+    )
+    overrides = [
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "model=file",
+        f"model.path=[{learner},{callback}]",
+        "data=decathlon",
+        f"data.root={FIXTURE / 'Task02_HeartSynth'}",
+        "data.split.method=file",
+        "data.split.file=../training_run/split.csv",
+        "inference.device=cpu",
+        "output.plots=false",
+    ]
+    result = run_in_process(sqlite_uri, tmp_path / "out", overrides, capsys)
+    assert result.run.info.status == "FINISHED", result.stderr
+    assert sorted(result.table["case"]) == ["la_001", "la_005"]
+    assert (result.table["dsc"] >= 0.95).all(), result.table
+    tags = result.run.data.tags
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (learner, callback)]
+    assert tags["evalharness.ensemble_sha256"] == ",".join(shas)
+    assert tags["evalharness.ensemble_loaders"] == "fastai_learner,safetensors"
+    # the learner file carries no training configuration: the safetensors metadata gives it
+    assert tags["evalharness.training_config_source"] == "none+safetensors"
+    assert result.run.data.params["effective.patch_size_vox"] == "[48, 48, 32]"
