@@ -230,3 +230,20 @@ def test_prediction_file_names_fastmonai_and_nnunet(tmp_path):
     shutil.copy(tmp_path / "b.nii.gz", tmp_path / "b_pred.nii.gz")
     with pytest.raises(CaseError, match="case b has two prediction files"):
         prediction_path(tmp_path, "b")
+
+
+def test_images_are_not_needed(sqlite_uri, tmp_path, capsys):
+    """Scoring reads predictions and labels only; the plots skip what needs the image."""
+    root = write_dataset(tmp_path / "data", {f"case{i}": good_case() for i in range(2)})
+    shutil.rmtree(root / "imagesTr")
+    saved = tmp_path / "saved"
+    for i in range(2):
+        write_nifti(saved / f"case{i}_pred.nii.gz", ball(), AFFINE)
+    result = score(
+        sqlite_uri, tmp_path, capsys, root, f"predictions.dir={saved}", "output.plots=true"
+    )
+    assert result.outcome.code == 0, result.stderr
+    assert (result.table["status"] == "ok").all() and (result.table["dsc"] == 1.0).all()
+    plots = {a.path for a in _client(sqlite_uri).list_artifacts(result.run.info.run_id, "plots")}
+    assert "plots/metrics.png" in plots
+    assert not any("overlay" in p for p in plots)

@@ -42,6 +42,7 @@ from evalharness.evaluation.saved import (
     SavedPlan,
     plan_saved,
     run_saved_cases,
+    saved_context,
     saved_tags,
     uses_saved_predictions,
 )
@@ -234,7 +235,7 @@ def _evaluate(
         extremes = run_cases(ev, table, sink, options, loader)
     frame = table.frame()
     plot_dir = output_dir / "plots" if config.output.plots else None
-    context = run_context(ev, cases.name)
+    context = saved_context(planned, cases.name) if saved else run_context(ev, cases.name)
     summary = log_results(
         client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
     )

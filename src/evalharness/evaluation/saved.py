@@ -36,6 +36,7 @@ from evalharness.predict.pipeline import metric_rows
 from evalharness.score.table import CaseTable
 from evalharness.score.worst_cases import WorstCases
 from evalharness.track import tracking
+from evalharness.track.report import RunContext
 
 PREDICTIONS_ARTIFACT = "predictions"
 """Where an evaluation run logs its predictions (`output.save_predictions`)."""
@@ -140,6 +141,19 @@ def saved_tags(planned: SavedPlan) -> dict[str, str]:
         "evalharness.not_applicable": ", ".join(planned.not_applicable) or "none",
         "evalharness.config_hash": planned.config_hash,
     }
+
+
+def saved_context(planned: SavedPlan, dataset_name: str) -> RunContext:
+    """The summary page's context of a scoring run on the dataset input `dataset_name`."""
+    dataset = planned.dataset
+    facts = {
+        "dataset": f"{dataset_name}: {len(dataset.cases)} case(s) in {dataset.root}",
+        "predictions": f"{planned.source} ({planned.folder}); no model",
+        "not applicable": ", ".join(planned.not_applicable) or "none",
+        "configuration hash": planned.config_hash,
+    }
+    title = f"Saved predictions on {dataset_name}"
+    return RunContext(title, facts, planned.findings, planned.dataset.label_names)
 
 
 def run_saved_cases(
