@@ -109,6 +109,7 @@ def test_an_earlier_runs_predictions_score_as_that_run_did(sqlite_uri, tmp_path,
         root,
         f"predictions.run_id={evaluated.run.info.run_id}",
         "inference.tta=true",
+        "metrics.calibration=true",
     )
     assert result.run.info.status == "FINISHED", result.stderr
     columns = ["case", "label", "dsc", "hd95_mm", "sens", "rve", "status"]
@@ -117,7 +118,9 @@ def test_an_earlier_runs_predictions_score_as_that_run_did(sqlite_uri, tmp_path,
     assert tags["evalharness.predictions_source"] == (
         f"predictions.run_id={evaluated.run.info.run_id}"
     )
-    assert tags["evalharness.not_applicable"] == "patch.size, inference.device, inference.tta"
+    assert tags["evalharness.not_applicable"] == (
+        "patch.size, inference.device, inference.tta, metrics.calibration"
+    )
     assert "note: not applicable without a model (scoring saved predictions): patch.size" in (
         result.stderr
     )

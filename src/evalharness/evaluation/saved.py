@@ -22,9 +22,9 @@ from evalharness.config.schema import (
     EvalConfig,
     InferenceConfig,
     ModelConfig,
-    OutputConfig,
     PatchConfig,
     PreprocessingConfig,
+    as_dict,
 )
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
@@ -47,7 +47,8 @@ MODEL_ONLY: dict[str, type] = {
     "inference": InferenceConfig,
 }
 """Config groups whose every key only matters when a model predicts."""
-MODEL_ONLY_KEYS = ("output.save_predictions",)
+MODEL_ONLY_KEYS = ("output.save_predictions", "metrics.calibration")
+"""Keys of other groups that only matter with a model (calibration needs its probabilities)."""
 
 
 def uses_saved_predictions(config: EvalConfig) -> bool:
@@ -79,7 +80,8 @@ def not_applicable(config: EvalConfig) -> tuple[str, ...]:
         ]
     for key in MODEL_ONLY_KEYS:
         group, name = key.split(".")
-        if getattr(getattr(config, group), name) != getattr(OutputConfig(), name):
+        given = getattr(config, group)
+        if getattr(given, name) != getattr(type(given)(), name):
             keys.append(key)
     return tuple(keys)
 
@@ -109,6 +111,7 @@ def plan_saved(config: EvalConfig, tracking_uri: str, scratch: Path) -> SavedPla
             "files": prediction_digests(folder, [c.case_id for c in cases]),
             "labels": list(labels),
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in cases],
+            "metrics": as_dict(config.metrics),  # the rows differ by it
         }
     )
     return SavedPlan(dataset, folder, source, labels, config_hash, not_applicable(config))
