@@ -96,7 +96,8 @@ def with_demo(config: EvalConfig, tracking_uri: str) -> EvalConfig:
         split = dataclasses.replace(split, file=str(demo.split_file))
     data = dataclasses.replace(config.data, root=str(demo.data_root), split=split)
     model = config.model
-    if not any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name")):
+    saved = config.predictions.dir or config.predictions.run_id  # scored without a model
+    if not saved and not any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name")):
         model = dataclasses.replace(model, run_id=demo.run_id)
     return dataclasses.replace(config, data=data, model=model)
 

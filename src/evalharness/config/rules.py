@@ -25,6 +25,8 @@ RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
 DEFAULT_RESTORE = "bspline"
 MODEL_RUN_KEYS = ("run_id", "uri", "run_name")
 """The ways of naming a training run; at most one may be set."""
+MODEL_MEMBER_KEYS = ("run_id", "uri", "path")
+"""The model sources that may list several models: the members of an ensemble."""
 
 
 def choice(key: str, value: Any, allowed: Sequence[str]) -> str:
@@ -32,6 +34,25 @@ def choice(key: str, value: Any, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     return value
+
+
+def model_sources(key: str, value: Any) -> tuple[str, ...]:
+    """The models `value` names: none (null), one (a string or a one-element list) or several
+    (a list: an ensemble)."""
+    if value is None:
+        return ()
+    if isinstance(value, str) and value:
+        return (value,)
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, str)
+        and value
+        and all(isinstance(v, str) and v for v in value)
+    ):
+        return tuple(value)
+    raise ConfigError(
+        f"{key}={value!r}: expected one model or a non-empty list of them (an ensemble)"
+    )
 
 
 def _is_whole(value: Any) -> bool:

@@ -30,11 +30,12 @@ class MlflowConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    run_id: str | None = None
+    # run_id, path and uri: one value, or a list of them for an ensemble (`model.members`)
+    run_id: Any = None
     artifact: str = "model/best_learner.pkl"
     config_artifact: str | None = None
-    path: str | None = None
-    uri: str | None = None
+    path: Any = None
+    uri: Any = None
     tracking_uri: str | None = None
     experiment: str | None = None
     run_name: str | None = None
@@ -118,6 +119,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class PredictionsConfig:
+    """Saved predictions to score instead of running a model (`evaluation.saved`)."""
+
+    dir: str | None = None  # a folder of <case>.nii.gz or <case>_pred.nii.gz
+    run_id: str | None = None  # an earlier evaluation run's logged predictions/
+    tracking_uri: str | None = None  # that run's store (null: mlflow.tracking_uri)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     on_case_error: str = "continue"
     resume: bool = True
@@ -153,6 +163,7 @@ class EvalConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    predictions: PredictionsConfig = field(default_factory=PredictionsConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)

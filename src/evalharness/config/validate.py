@@ -46,6 +46,34 @@ def validate(config: EvalConfig) -> None:
     named = [key for key in rules.MODEL_RUN_KEYS if getattr(config.model, key)]
     if len(named) > 1:
         raise ConfigError(f"model: set only one of run_id, uri, run_name (got {named})")
+    listed = [
+        key
+        for key in rules.MODEL_MEMBER_KEYS
+        if len(rules.model_sources(f"model.{key}", getattr(config.model, key))) > 1
+    ]
+    if len(listed) > 1:
+        raise ConfigError(
+            f"model: only one of run_id, uri, path may list an ensemble (got {listed})"
+        )
+    _saved_predictions(config)
+
+
+def _saved_predictions(config: EvalConfig) -> None:
+    """`predictions.dir` or `predictions.run_id`, not both, and no model beside them."""
+    saved = config.predictions
+    given = [f"predictions.{key}" for key in ("dir", "run_id") if getattr(saved, key)]
+    if len(given) > 1:
+        raise ConfigError(f"predictions: set one of dir, run_id (got {', '.join(given)})")
+    model = [
+        f"model.{key}"
+        for key in ("run_id", "uri", "path", "run_name")
+        if getattr(config.model, key)
+    ]
+    if given and model:
+        raise ConfigError(
+            f"{given[0]}: scores saved predictions without a model; unset {', '.join(model)} "
+            "(or unset predictions.* to evaluate the model)"
+        )
 
 
 def check_metrics(metrics: MetricsConfig) -> None:

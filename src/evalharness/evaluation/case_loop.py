@@ -1,18 +1,19 @@
 """The loop over cases: predict, score and probe each one, the next one loading meanwhile.
 
 Each finished case reaches the `CaseSink` at once (the shell mirrors it to MLflow), so a killed
-process loses no finished case.
+process loses no finished case. `loop_cases` is the loop itself (prefetch, failures, timing,
+the table); `run_cases` runs it with a model, `evaluation.saved` with saved predictions.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -38,6 +39,10 @@ from evalharness.score.table import CaseTable, failure_rows
 from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
+T = TypeVar("T")
+CaseStep = Callable[[T, ForwardCounts], tuple[list[dict], list[Mismatch]]]
+"""A loaded case and its forward-pass counter -> (its metric rows, its findings); `CaseError`
+fails the case."""
 OutputsFor = Callable[[Case, PreprocessSettings], OutputStore]
 """The store of a case's patch outputs shared with the other settings of its sweep group."""
 
@@ -72,18 +77,26 @@ class Extremes:
     worst: ScoredCase | None = None
     worst_cases: WorstCases = field(default_factory=lambda: WorstCases(0))
 
-    def offer(self, inputs: CaseInputs, prediction: np.ndarray, rows: list[dict]) -> None:
+    def offer(
+        self,
+        case: Case,
+        prediction: np.ndarray,
+        reference: np.ndarray | None,
+        spacing_mm: tuple[float, float, float],
+        rows: list[dict],
+    ) -> None:
+        """Keep the case if it is the best or worst so far, and offer it to the gallery."""
+        if reference is not None:
+            self.worst_cases.offer(case, prediction, reference, spacing_mm, rows)
         scores = [row["dsc"] for row in rows if row.get("status") == "ok"]
         finite = [s for s in scores if np.isfinite(s)]
-        if not finite or inputs.gt_labels is None:
+        if not finite or reference is None:
             return
         score = float(np.mean(finite))
         inside = self.best is not None and self.worst is not None
         if inside and self.worst.score <= score <= self.best.score:
             return  # neither extreme: do not keep its volumes
-        entry = ScoredCase(
-            score, inputs.case, prediction, inputs.gt_labels, inputs.prepared.native.spacing_mm
-        )
+        entry = ScoredCase(score, case, prediction, reference, spacing_mm)
         if self.best is None or score > self.best.score:
             self.best = entry
         if self.worst is None or score < self.worst.score:
@@ -114,20 +127,60 @@ def run_cases(
     """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish.
 
     `outputs_for` gives each case the store of patch outputs shared within a sweep group;
-    `counts` adds up the run's forward passes. Each row's ``seconds`` is what the case costs
-    this setting alone: the time it took here plus the measured time of the forward passes it
-    reused; ``seconds_paid`` is the time it took here.
+    `counts` adds up the run's forward passes.
     """
     pre = preprocess_settings(ev.settings)
-    cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
     extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
 
-    def submit(pool: ThreadPoolExecutor, index: int) -> Future[CaseInputs] | None:
+    def step(inputs: CaseInputs, case_counts: ForwardCounts) -> tuple[list[dict], list[Mismatch]]:
+        check_inputs(inputs, ev.n_input_channels, allowed)
+        case = inputs.case
+        prediction = predict(
+            ev.model,
+            inputs.prepared,
+            ev.settings,
+            ev.device,
+            ev.n_output_channels,
+            options.max_device_memory_mb,
+            keep_probabilities=options.metrics.calibration,
+            outputs=outputs_for(case, pre) if outputs_for else None,
+            counts=case_counts,
+        )
+        rows = _score(inputs, prediction, labels, options.metrics)
+        case_findings = _probe(ev, inputs, prediction.labels)
+        native = inputs.prepared.native
+        extremes.offer(inputs.case, prediction.labels, inputs.gt_labels, native.spacing_mm, rows)
+        _save_prediction(options, sink, inputs.case, inputs, prediction.labels)
+        return rows, case_findings
+
+    cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
+    load = lambda case: load_inputs(case, pre)  # noqa: E731
+    loop_cases(cases, labels, table, sink, options, load, step, counts)
+    return extremes
+
+
+def loop_cases(
+    cases: Sequence[Case],
+    labels: Sequence[int],
+    table: CaseTable,
+    sink: CaseSink,
+    options: LoopOptions,
+    load: Callable[[Case], T],
+    step: CaseStep,
+    counts: ForwardCounts | None = None,
+) -> None:
+    """`load` each case (the next one on a thread meanwhile, `options.prefetch`), `step` it,
+    and add its rows to `table`; a `CaseError` gives the case failure rows over `labels`
+    (`options.on_case_error=stop`: and ends the loop). Each row's ``seconds`` is what the case
+    costs this setting alone: the time it took here plus the measured time of the forward
+    passes it reused; ``seconds_paid`` is the time it took here; `counts` sums the cases'."""
+
+    def submit(pool: ThreadPoolExecutor, index: int) -> Future[T] | None:
         if not options.prefetch or index >= len(cases):
             return None
-        return pool.submit(load_inputs, cases[index], pre)
+        return pool.submit(load, cases[index])
 
     with ThreadPoolExecutor(max_workers=1) as loader:
         upcoming = submit(loader, 0)
@@ -136,31 +189,10 @@ def run_cases(
             case_counts = ForwardCounts()
             pending, upcoming = upcoming, submit(loader, index + 1)
             try:
-                inputs = pending.result() if pending else load_inputs(case, pre)
-                check_inputs(inputs, ev.n_input_channels, allowed)
-                prediction = predict(
-                    ev.model,
-                    inputs.prepared,
-                    ev.settings,
-                    ev.device,
-                    ev.n_output_channels,
-                    options.max_device_memory_mb,
-                    keep_probabilities=options.metrics.calibration,
-                    outputs=outputs_for(case, pre) if outputs_for else None,
-                    counts=case_counts,
-                )
-                rows = _score(inputs, prediction, labels, options.metrics)
-                case_findings = _probe(ev, inputs, prediction.labels)
-                extremes.offer(inputs, prediction.labels, rows)
-                if inputs.gt_labels is not None:
-                    spacing_mm = inputs.prepared.native.spacing_mm
-                    extremes.worst_cases.offer(
-                        case, prediction.labels, inputs.gt_labels, spacing_mm, rows
-                    )
-                _save_prediction(options, sink, case, inputs, prediction.labels)
+                rows, case_findings = step(pending.result() if pending else load(case), case_counts)
             except CaseError as error:
                 message = one_line(error)
-                rows = failure_rows(case.case_id, labels, message, 0.0)
+                rows = failure_rows(case.case_id, list(labels), message, 0.0)
                 case_findings = list(error.findings)
                 if options.on_case_error == "stop":
                     table.add(rows)
@@ -183,7 +215,6 @@ def run_cases(
                 if options.warn:
                     _warn(case_findings)
                 sink.findings(case_findings)
-    return extremes
 
 
 def _score(

@@ -22,15 +22,26 @@ from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
+from evalharness.errors import ConfigError
 from evalharness.model.loaders import LoadedModel, load_model_file
+from evalharness.model.members import (
+    agreed_training_config,
+    check_agreement,
+    member_configs,
+    member_name,
+)
 from evalharness.model.sources import ResolvedModel, resolve_model
+from evalharness.model.training_config import TrainingConfig
+from evalharness.predict.ensemble import Ensemble
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
 
 @dataclass
 class Evaluation:
-    """The resolved inputs of one evaluation (one configuration, one model, one case list)."""
+    """The resolved inputs of one evaluation (one configuration, one model or ensemble, one
+    case list). `resolved` and `loaded` are the first member; `members` and `loaded_members`
+    all of them (one for a single model)."""
 
     resolved: ResolvedModel
     loaded: LoadedModel
@@ -43,21 +54,29 @@ class Evaluation:
     config_hash: str
     labels: tuple[int, ...]  # the foreground labels scored (`foreground_labels`)
     n_input_channels: int = 1
+    members: tuple[ResolvedModel, ...] = ()
+    loaded_members: tuple[LoadedModel, ...] = ()
+    network: torch.nn.Module | None = None  # what the sliding window runs (an Ensemble or not)
+    training: TrainingConfig | None = None  # the members' agreed training configuration
 
     @property
     def model(self) -> torch.nn.Module:
-        return self.loaded.network
+        return self.network if self.network is not None else self.loaded.network
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What decides an evaluation's configuration hash, found without loading the model."""
+    """What decides an evaluation's configuration hash, found without loading the model.
+    `resolved` is the first member of `members` (one model, or an ensemble's); `training` is
+    their agreed training configuration."""
 
     resolved: ResolvedModel
     settings: EffectiveSettings
     assumed: dict[str, Any]
     dataset: Dataset
     config_hash: str
+    members: tuple[ResolvedModel, ...] = ()
+    training: TrainingConfig | None = None
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
@@ -78,31 +97,46 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
     cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
     validate(config)
     cache_dir = Path(config.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
-    resolved = resolve_model(config.model, tracking_uri, cache_dir)
-    settings, assumed, _ = resolve_settings(config, resolved.training_config.values)
+    members = tuple(
+        resolve_model(member, tracking_uri, cache_dir) for member in member_configs(config.model)
+    )
+    check_agreement(members)
+    training = agreed_training_config(members)
+    settings, assumed, _ = resolve_settings(config, training.values)
     dataset = load_dataset(config.data)
+    shas = [m.sha256 for m in members]
     config_hash = stable_hash(
         {
             "settings": settings.as_params(),
-            "model": resolved.sha256,
+            "model": shas[0] if len(shas) == 1 else shas,  # a single model: hashed as before
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
             "metrics": as_dict(config.metrics),  # the rows differ by it
         }
     )
-    return Plan(resolved, settings, assumed, dataset, config_hash)
+    return Plan(members[0], settings, assumed, dataset, config_hash, members, training)
 
 
 def prepare(
     config: EvalConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
 ) -> Evaluation:
     """After `plan(config, ...)`: load the model, probe its channels on the device and run the
-    config checks. `load_model` is the injection point for a sweep's shared model cache."""
-    loaded = load_model(planned.resolved, config.model)
-    training = planned.resolved.training_config
+    config checks. `load_model` is the injection point for a sweep's shared model cache.
+    An ensemble's members are loaded, moved to the device and probed one by one; they must
+    have the same input and output channels."""
+    members = planned.members or (planned.resolved,)
+    training = planned.training or planned.resolved.training_config
     settings = planned.settings
     device = resolve_device(settings.device)
-    loaded.network.to(device).eval()
-    n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
+    loaded_members = []
+    channels: list[tuple[int, int]] = []
+    for resolved, member_config in zip(members, member_configs(config.model), strict=True):
+        loaded = load_model(resolved, member_config)
+        loaded.network.to(device).eval()
+        channels.append(probe_channels(loaded.network, settings.patch_size_vox, device))
+        loaded_members.append(loaded)
+    _check_channels(members, channels)
+    n_in, n_out = channels[0]
+    networks = [m.network for m in loaded_members]
     findings = config_mismatches(
         settings,
         training.values,
@@ -114,7 +148,7 @@ def prepare(
     )
     return Evaluation(
         resolved=planned.resolved,
-        loaded=loaded,
+        loaded=loaded_members[0],
         settings=settings,
         assumed=planned.assumed,
         dataset=planned.dataset,
@@ -124,7 +158,26 @@ def prepare(
         config_hash=planned.config_hash,
         labels=tuple(foreground_labels(planned.dataset, n_out)),
         n_input_channels=n_in,
+        members=members,
+        loaded_members=tuple(loaded_members),
+        network=Ensemble(networks).eval() if len(networks) > 1 else networks[0],
+        training=training,
     )
+
+
+def _check_channels(members: tuple[ResolvedModel, ...], channels: list[tuple[int, int]]) -> None:
+    """Every member must take the first member's input channels and give its outputs."""
+    for member, (n_in, n_out) in zip(members[1:], channels[1:], strict=True):
+        for key, first, value in (
+            ("in_channels", channels[0][0], n_in),
+            ("out_channels", channels[0][1], n_out),
+        ):
+            if value != first:
+                raise ConfigError(
+                    f"model.{key}: the ensemble's members disagree: {first} "
+                    f"({member_name(members[0])}) vs {value} ({member_name(member)}); "
+                    "expected members with the same inputs and outputs"
+                )
 
 
 def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
@@ -147,8 +200,28 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.model_downloaded": str(resolved.downloaded).lower(),
         "evalharness.model_loader": ev.loaded.loader,
         "evalharness.trust_pickle": str(bool(config.model.trust_pickle)).lower(),
-        "evalharness.training_config_source": resolved.training_config.source,
+        "evalharness.training_config_source": (ev.training or resolved.training_config).source,
         "evalharness.assumed": ", ".join(sorted(ev.assumed)) or "none",
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
+        **ensemble_tags(ev),
     }
+
+
+def ensemble_tags(ev: Evaluation) -> dict[str, str]:
+    """`evalharness.ensemble_size` always; for an ensemble every member's run id, model URI,
+    sha256 and loader, comma-separated in member order (the single-model tags describe the
+    first member)."""
+    members = ev.members or (ev.resolved,)
+    tags = {"evalharness.ensemble_size": str(len(members))}
+    if len(members) > 1:
+        loaded = ev.loaded_members or (ev.loaded,)
+        tags |= {
+            "evalharness.ensemble_run_ids": ",".join(m.training_run_id or "" for m in members),
+            "evalharness.ensemble_model_uris": ",".join(
+                m.artifact_uri or str(m.local_path) for m in members
+            ),
+            "evalharness.ensemble_sha256": ",".join(m.sha256 for m in members),
+            "evalharness.ensemble_loaders": ",".join(m.loader for m in loaded),
+        }
+    return tags

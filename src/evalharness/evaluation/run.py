@@ -5,6 +5,8 @@ look for earlier runs of the same hash (skip a finished one in a sweep, before t
 loaded; resume the finished cases of a killed or failed one) → prepare (load the model, probe
 its channels, config checks) → create the run → cases → results. Any failure marks the run
 FAILED with the reason as the tag `evalharness.error`, and keeps every case already written.
+Scoring saved predictions (`predictions.*`, `evaluation.saved`) takes the same path with a
+model-free plan and no prepare step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 from mlflow.entities import Run
 from requests import RequestException
@@ -37,6 +40,14 @@ from evalharness.errors import ConfigError, HarnessError, one_line
 from evalharness.evaluation.case_loop import LoopOptions, OutputsFor, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
+from evalharness.evaluation.saved import (
+    SavedPlan,
+    plan_saved,
+    run_saved_cases,
+    saved_context,
+    saved_tags,
+    uses_saved_predictions,
+)
 from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import forward_key, load_case_inputs
@@ -170,7 +181,11 @@ def _evaluate(
     share_forward: bool = False,
 ) -> Outcome:
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
-    planned = plan(config, uri)
+    saved = uses_saved_predictions(config)
+    if saved:
+        planned = plan_saved(config, uri, output_dir / "saved_predictions")
+    else:
+        planned = plan(config, uri)
     run.case_ids = tuple(c.case_id for c in planned.dataset.cases)
     client = run.client
     earlier = tracking.runs_with_tag(
@@ -181,15 +196,25 @@ def _evaluate(
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
         return Outcome(EXIT_OK, done, skipped=True, case_ids=run.case_ids)
-    ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
+    if saved:
+        ev: Evaluation | SavedPlan = planned
+        params, tags = tracking.flatten(as_dict(config)), saved_tags(planned)
+        if planned.not_applicable:
+            print(
+                "note: not applicable without a model (scoring saved predictions): "
+                + ", ".join(planned.not_applicable),
+                file=sys.stderr,
+            )
+    else:
+        ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
+        params, tags = run_params(config, ev), run_tags(config, ev)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
         previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
     run_id = run.ensure()
-    tags = run_tags(config, ev)
     if resumed_from:
         tags["evalharness.resumed_from"] = resumed_from
-    tracking.log_params(client, run_id, run_params(config, ev))
+    tracking.log_params(client, run_id, params)
     tracking.set_tags(client, run_id, tags)
     tracking.log_text(client, run_id, config_yaml(config), "config.yaml")
     data = config.data
@@ -204,7 +229,9 @@ def _evaluate(
         on_case_error=config.run.on_case_error,
         prefetch=config.run.prefetch,
         warn=config.checks.on_mismatch != "ignore",
-        predictions_dir=output_dir / "predictions" if config.output.save_predictions else None,
+        predictions_dir=(
+            output_dir / "predictions" if config.output.save_predictions and not saved else None
+        ),
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
         gallery_k=config.output.gallery_k,
@@ -213,27 +240,32 @@ def _evaluate(
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
     counts = ForwardCounts()
-    reset_peak_memory(ev.device)
-    extremes = run_cases(
-        ev,
-        table,
-        sink,
-        options,
-        cache.load_inputs if cache else load_case_inputs,
-        _outputs_for(config, ev, cache) if share_forward else None,
-        counts,
-    )
+    if saved:
+        extremes = run_saved_cases(planned, table, sink, options)
+    else:
+        reset_peak_memory(ev.device)
+        extremes = run_cases(
+            ev,
+            table,
+            sink,
+            options,
+            cache.load_inputs if cache else load_case_inputs,
+            _outputs_for(config, ev, cache) if share_forward else None,
+            counts,
+        )
     frame = table.frame()
     plot_dir = output_dir / "plots" if config.output.plots else None
-    context = run_context(ev, cases.name)
+    context = saved_context(planned, cases.name) if saved else run_context(ev, cases.name)
     summary = log_results(
         client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
     )
-    cost = {**counts.as_metrics(), "peak_device_memory_mb": peak_memory_mb(ev.device)}
+    device = ev.device if not saved else torch.device("cpu")
+    cost = {**counts.as_metrics(), "peak_device_memory_mb": peak_memory_mb(device)}
     tracking.log_metrics(client, run_id, cost)
     print(f"forward passes: {counts.executed} executed, {counts.reused} reused")
     tracking.finish(client, run_id, "FINISHED")
-    shown = None if config.checks.on_mismatch == "ignore" else ev.findings
+    quiet = config.checks.on_mismatch == "ignore" or (saved and not ev.findings)
+    shown = None if quiet else ev.findings  # saved: no training configuration to agree with
     print_summary(frame, summary, run_id, uri, shown)
     code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
     return Outcome(code, run_id, case_ids=run.case_ids)
@@ -244,7 +276,8 @@ def _outputs_for(config: EvalConfig, ev: Evaluation, cache: SweepCache | None) -
     if cache is None:
         return None
     options = {k: getattr(config.model, k) for k in ("arch", "allow_globals", "trust_pickle")}
-    model_key = stable_hash({"sha256": ev.resolved.sha256, "options": options})
+    shas = [member.sha256 for member in (ev.members or (ev.resolved,))]  # every ensemble member
+    model_key = stable_hash({"sha256": shas, "options": options})
     key = forward_key(model_key, ev.settings, ev.device)
     return lambda case, pre: cache.patch_outputs(case, pre, key)
 
@@ -252,7 +285,7 @@ def _outputs_for(config: EvalConfig, ev: Evaluation, cache: SweepCache | None) -
 class _MlflowSink:
     """Mirrors the case loop to the run: the table after each case, findings, predictions."""
 
-    def __init__(self, client: Any, run_id: str, ev: Evaluation) -> None:
+    def __init__(self, client: Any, run_id: str, ev: Evaluation | SavedPlan) -> None:
         self.client, self.run_id, self.ev = client, run_id, ev
 
     def case_done(self, table: CaseTable) -> None:
@@ -272,7 +305,7 @@ class _MlflowSink:
         tracking.set_tags(self.client, self.run_id, report_tags(report))
 
 
-def _check_config(policy: str, ev: Evaluation, sink: _MlflowSink) -> None:
+def _check_config(policy: str, ev: Evaluation | SavedPlan, sink: _MlflowSink) -> None:
     """Show config-level mismatches; with checks.on_mismatch=error stop before inference."""
     if ev.findings and policy != "ignore":
         table = format_table(ev.findings, color=sys.stderr.isatty())

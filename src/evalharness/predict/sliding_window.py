@@ -20,6 +20,7 @@ import torch
 
 from evalharness.config.rules import overlap_to_voxels
 from evalharness.errors import ConfigError
+from evalharness.predict.ensemble import members_of
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore, PatchOutputs
 
 NORMALIZE_SLAB_VOXELS = 1 << 20  # voxels of the summed blending weights built at a time
@@ -101,20 +102,30 @@ def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
 def _flip_probs(
     model: torch.nn.Module, batch: torch.Tensor, axes: tuple[int, ...], autocast
 ) -> tuple[torch.Tensor, int]:
-    """(float32 probabilities [B, K', x, y, z] of the batch mirrored along `axes`, flipped back;
-    K). Softmax, or sigmoid for 1 channel. Of K = 2 classes only class 1's comes back (K' = 1):
-    sigmoid(l1 - l0), which is its softmax; class 0's is 1 minus it, so blending one channel
-    instead of two suffices. A fresh tensor that nothing modifies afterwards (it may be kept)."""
+    """(float32 probabilities [B, K', x, y, z] of the batch mirrored along `axes`, flipped back,
+    averaged over the members of an `Ensemble`; K). Softmax, or sigmoid for 1 channel. Of K = 2
+    classes only class 1's comes back (K' = 1): sigmoid(l1 - l0), which is its softmax; class
+    0's is 1 minus it, so blending one channel instead of two suffices. Members run one after
+    another: one member's activations are on the device at a time. A fresh tensor that nothing
+    modifies afterwards (it may be kept)."""
     dims = [a + 2 for a in axes]
-    with autocast:
-        logits = model(batch.flip(dims) if dims else batch)
-    logits = logits.float()
-    n_classes = logits.shape[1]
-    if n_classes == 2:
-        probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
-    else:
-        probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
-    return (probs.flip(dims) if dims else probs), n_classes
+    flipped = batch.flip(dims) if dims else batch
+    members = members_of(model)
+    total = None
+    for member in members:
+        with autocast:
+            logits = member(flipped)
+        logits = logits.float()
+        n_classes = logits.shape[1]
+        if n_classes == 2:
+            probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
+        else:
+            probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
+        del logits
+        total = probs if total is None else total.add_(probs)
+    if len(members) > 1:
+        total = total.div_(len(members))
+    return (total.flip(dims) if dims else total), n_classes
 
 
 class _Forwards:
@@ -159,7 +170,7 @@ class _Forwards:
                 probs, self.n_classes = _flip_probs(model, batch, axes, autocast)
                 self._collect(axes, probs)
                 self.seconds[axes] += time.perf_counter() - started
-                self.counts.executed += int(probs.shape[0])
+                self.counts.executed += int(probs.shape[0]) * len(members_of(model))
             if position == 0:
                 total = probs  # may be a kept tensor: never modified in place
             elif position == 1:
@@ -254,7 +265,8 @@ def sliding_window_probs(
 ) -> torch.Tensor:
     """image [C, X, Y, Z] → class probabilities [K, X, Y, Z] float32 on `buffer_device`.
 
-    The model must be in eval mode and on `device`; the volume must be at least one patch in
+    The model (an `Ensemble`: its members' probabilities averaged per patch) must be in eval
+    mode and on `device`; the volume must be at least one patch in
     every axis (`PreprocessSettings.min_shape_vox` pads it). Patches are batched, activated per
     patch (softmax, or sigmoid for one channel) and blended on the device: 'hann', 'average' and
     'gaussian' weight every patch by `blending_window` and divide by the summed weights; 'crop'

@@ -143,7 +143,8 @@ class SweepCache:
             return Counters(**self._counts)
 
     def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-        """`evaluation.load_resolved_model`, once per artifact checksum and loading options."""
+        """`evaluation.load_resolved_model`, once per artifact checksum and loading options
+        (an ensemble: once per member)."""
         options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
         key = ("model", resolved.sha256, stable_hash(options))
         return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)

@@ -111,12 +111,16 @@ def _gallery(extremes: Extremes, folder: Path, label_names: Mapping[int, str]) -
     for label, entries in by_label.items():
         for index, entry in enumerate(entries):
             by_image.setdefault(entry.case.image, []).append((label, index))
-    filled: dict[int, list[CaseSlices]] = {label: list(e) for label, e in by_label.items()}
+    filled: dict[int, list[CaseSlices | None]] = {label: list(e) for label, e in by_label.items()}
     for path, places in by_image.items():
-        image = load_volume(path)[0][0]
+        image = load_volume(path)[0][0] if path.is_file() else None  # saved predictions: optional
         for label, index in places:
-            filled[label][index] = with_image(filled[label][index], image)
-    return plot_gallery(filled, folder, label_names) if by_image else []
+            entry = filled[label][index]
+            filled[label][index] = (
+                None if image is None or entry is None else with_image(entry, image)
+            )
+    drawn = {label: [e for e in entries if e is not None] for label, entries in filled.items()}
+    return plot_gallery(drawn, folder, label_names) if any(drawn.values()) else []
 
 
 def _plots(
@@ -140,7 +144,7 @@ def _plots(
             paths.append(plot_reliability(bins, plot_dir / "reliability.png"))
     for kind in ("best", "worst"):
         entry = getattr(extremes, kind)
-        if entry is None:
+        if entry is None or not entry.case.image.is_file():  # saved predictions need no image
             continue
         case = entry.case
         image = load_volume(case.image)[0][0]  # the native image: only its model-grid copy was kept

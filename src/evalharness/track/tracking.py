@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -274,3 +275,15 @@ def _download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -
     target = scratch / "previous" / run_id
     target.mkdir(parents=True, exist_ok=True)
     return client.download_artifacts(run_id, artifact, str(target))
+
+
+def download_folder(client: MlflowClient, run_id: str, folder: str, scratch: Path) -> Path | None:
+    """The run's artifact folder `folder` (its files), downloaded afresh under `scratch`; None
+    when the run has no file there."""
+    if not any(not a.is_dir for a in client.list_artifacts(run_id, folder)):
+        return None
+    target = scratch / run_id
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    return Path(client.download_artifacts(run_id, folder, str(target)))
