@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evalharness.predict.ensemble import Ensemble, activate
-from evalharness.predict.sliding_window import _patch_probs, sliding_window_probs
+from evalharness.predict.sliding_window import _flip_probs, sliding_window_probs
 
 
 def conv(seed: int, channels: int) -> torch.nn.Module:
@@ -30,7 +30,7 @@ def test_patch_probabilities_are_the_members_probabilities_averaged(channels: in
     members = [conv(0, channels), conv(1, channels), conv(2, channels)]
     batch = torch.randn(2, 1, 8, 6, 4) * 3
     with torch.inference_mode():
-        probs, n_classes = _patch_probs(Ensemble(members), batch, [()], nullcontext())
+        probs, n_classes = _flip_probs(Ensemble(members), batch, (), nullcontext())
     expected = by_hand(members, batch)
     assert n_classes == channels
     # two classes: only class 1's probability is blended (class 0's is 1 minus it)
@@ -46,7 +46,8 @@ def test_flips_and_members_are_averaged_together() -> None:
     batch = torch.randn(1, 1, 6, 6, 6)
     flips = [(), (0,)]
     with torch.inference_mode():
-        probs, _ = _patch_probs(Ensemble(members), batch, flips, nullcontext())
+        per_flip = [_flip_probs(Ensemble(members), batch, a, nullcontext())[0] for a in flips]
+    probs = sum(per_flip) / len(flips)  # the window averages the flips (`_Forwards.probs`)
     flipped = by_hand(members, batch.flip(2)).flip(2)
     expected = (by_hand(members, batch) + flipped) / 2
     assert torch.allclose(probs, expected[:, 1:], atol=1e-6)
