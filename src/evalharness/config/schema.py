@@ -19,7 +19,8 @@ from evalharness.errors import ConfigError
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_LAYOUTS = ("demo", "decathlon", "csv")
-SPLIT_METHODS = ("decathlon", "sklearn", "file", "all")
+SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
+MODEL_ROLES = ("best", "final")
 CASE_ERROR_POLICIES = ("continue", "stop")
 MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
@@ -35,7 +36,8 @@ class MlflowConfig:
 @dataclass
 class ModelConfig:
     run_id: str | None = None
-    artifact: str = "model/best_learner.pkl"
+    artifact: str | None = None  # null: discovered among the run's artifacts (model.role)
+    role: str = "best"
     config_artifact: str | None = None
     path: str | None = None
     uri: str | None = None
@@ -225,6 +227,7 @@ def validate(cfg: Any) -> None:
     data, patch, inference = c["data"], c["patch"], c["inference"]
     _choice("data.name", data["name"], DATA_LAYOUTS)
     _choice("data.split.method", data["split"]["method"], SPLIT_METHODS)
+    _choice("model.role", c["model"]["role"], MODEL_ROLES)
     _choice("inference.device", inference["device"], DEVICES)
     _choice("run.on_case_error", c["run"]["on_case_error"], CASE_ERROR_POLICIES)
     _choice("checks.on_mismatch", c["checks"]["on_mismatch"], MISMATCH_POLICIES)

@@ -9,8 +9,11 @@ fail) before a run exists.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evalharness.checks.config_checks import config_mismatches
+from evalharness.checks.leakage import leakage_findings
 from evalharness.checks.mismatches import Mismatch
+from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.config.schema import validate
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.data.datasets import Dataset, load_dataset
-from evalharness.model.loaders import LoadedModel, load_model_file
-from evalharness.model.sources import ResolvedModel, resolve_model
+from evalharness.data.training_split import (
+    TrainingSplit,
+    held_out_cases,
+    read_training_split,
+    used_in_training,
+)
+from evalharness.errors import SourceError
+from evalharness.model.loaders import ARCHITECTURES, LoadedModel, load_model_file
+from evalharness.model.sources import TRAINING_SPLIT_ARTIFACT, ResolvedModel, resolve_model
+from evalharness.model.training_config import read_safetensors_metadata
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -57,19 +70,52 @@ class Plan:
     assumed: dict[str, Any]
     dataset: Dataset
     config_hash: str
+    split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
 
 
 ModelLoader = Callable[[ResolvedModel, dict], LoadedModel]
 
 
 def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options."""
+    """Load the resolved model file with the `model.*` loading options; a safetensors sibling's
+    metadata supplies the architecture of a bare state dict when `model.arch` is unset."""
+    arch = model_cfg["arch"]
+    if arch is None and resolved.sibling_metadata_path is not None:
+        arch = sibling_arch(resolved.sibling_metadata_path)
     return load_model_file(
         resolved.local_path,
-        arch=model_cfg["arch"],
+        arch=arch,
         allow_globals=list(model_cfg["allow_globals"]),
         trust_pickle=bool(model_cfg["trust_pickle"]),
     )
+
+
+def sibling_arch(path: Path) -> dict | None:
+    """A Hydra ``_target_`` mapping rebuilding the architecture named by a fastMONAI
+    safetensors file's ``arch_id``/``arch_kwargs`` (None when it names no known one)."""
+    metadata = read_safetensors_metadata(path) or {}
+    class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", str(metadata.get("arch_id", "")).lower()))
+    if class_name is None:
+        return None
+    try:
+        kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: unreadable arch_kwargs ({error})") from None
+    return {"_target_": f"monai.networks.nets.{class_name}", **kwargs}
+
+
+def training_split_of(resolved: ResolvedModel, method: str) -> TrainingSplit | None:
+    """The training run's split, read from its data/train_val_split.csv; a missing file is an
+    error only for data.split.method=held_out."""
+    if resolved.training_split_path is None:
+        if method == "held_out" and resolved.training_run_id:
+            raise SourceError(
+                f"data.split.method=held_out: training run '{resolved.training_run_id}' has no "
+                f"artifact '{TRAINING_SPLIT_ARTIFACT}' (fastMONAI's MLflow callback logs it)"
+            )
+        return None
+    source = f"runs:/{resolved.training_run_id}/{TRAINING_SPLIT_ARTIFACT}"
+    return read_training_split(resolved.training_split_path, source, resolved.split_version)
 
 
 def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
@@ -81,8 +127,20 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
     cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
+    print(f"model: {resolved.artifact_uri or resolved.local_path} ({resolved.artifact_reason})")
     settings, assumed, _ = resolve_settings(cfg, resolved.training_config.values)
-    dataset = load_dataset(cfg.data)
+    split = training_split_of(resolved, cfg.data.split.method)
+    dataset = load_dataset(cfg.data, partial(held_out_cases, split=split) if split else None)
+    leaks = []
+    if split is not None:
+        matches = used_in_training(dataset.cases, dataset.root, split)
+        leaks = leakage_findings(matches, TRAINING_SPLIT_ARTIFACT)
+        if dataset.split_method == "held_out":
+            print(
+                f"held-out split: {len(dataset.cases)} case(s) that training run "
+                f"{resolved.training_run_id} neither trained nor validated on "
+                f"(split_version {split.version or 'not tagged'})"
+            )
     config_hash = stable_hash(
         {
             "settings": settings.as_params(),
@@ -90,7 +148,7 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
         }
     )
-    return Plan(resolved, settings, assumed, dataset, config_hash)
+    return Plan(resolved, settings, assumed, dataset, config_hash, tuple(leaks))
 
 
 def prepare(
@@ -104,7 +162,8 @@ def prepare(
     device = resolve_device(settings.device)
     loaded.network.to(device).eval()
     n_in, n_out = probe_channels(loaded.network, settings.patch_size_vox, device)
-    findings = config_mismatches(
+    findings = [*planned.split_findings]
+    findings += config_mismatches(
         settings,
         training.values,
         training.source,
@@ -112,6 +171,13 @@ def prepare(
         n_output_channels=n_out,
         dataset_labels=sorted(planned.dataset.label_names),
         output_contract=training.output,
+    )
+    findings += transform_mismatches(
+        training.transforms,
+        settings.normalization,
+        normalization_from_transforms=training.source_of("normalization").endswith(
+            "transformations"
+        ),
     )
     return Evaluation(
         planned.resolved,
@@ -157,11 +223,18 @@ def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.training_run_name": resolved.training_run_name or "",
         "evalharness.training_experiment": resolved.training_experiment or "",
         "evalharness.model_uri": resolved.artifact_uri or str(resolved.local_path),
+        "evalharness.model_artifact": resolved.artifact or str(resolved.local_path),
+        "evalharness.model_artifact_choice": resolved.artifact_reason,
         "evalharness.model_sha256": resolved.sha256,
         "evalharness.model_downloaded": str(resolved.downloaded).lower(),
         "evalharness.model_loader": ev.loaded.loader,
         "evalharness.trust_pickle": str(bool(cfg.model.trust_pickle)).lower(),
         "evalharness.training_config_source": resolved.training_config.source,
+        "evalharness.training_config_fields": ", ".join(
+            f"{k}={v}" for k, v in sorted(resolved.training_config.field_sources.items())
+        )
+        or "all from the source",
+        "evalharness.training_split_version": resolved.split_version or "",
         "evalharness.assumed": ", ".join(sorted(ev.assumed)) or "none",
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
