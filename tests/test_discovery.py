@@ -10,9 +10,10 @@ import torch
 from callback_run import ARTIFACTS, log_callback_run, recorded_artifacts
 from mlflow import MlflowClient
 
+from evalharness.data.training_split import training_split_of
 from evalharness.errors import SourceError
-from evalharness.evaluation.plan import load_resolved_model, sibling_arch, training_split_of
-from evalharness.model.discovery import choose_model_artifact, safetensors_sibling
+from evalharness.evaluation.plan import load_resolved_model
+from evalharness.model.discovery import choose_model_artifact, safetensors_sibling, sibling_arch
 from evalharness.model.loaders import load_model_file
 from evalharness.model.sources import resolve_model
 
@@ -131,21 +132,25 @@ def test_nothing_loadable_lists_what_the_run_holds(runs, tmp_path):
     assert "it has: model/README.txt" in message and "\n" not in message
 
 
+def _split_of(resolved, method: str):
+    return training_split_of(
+        resolved.training_split_path, resolved.training_run_id, resolved.split_version, method
+    )
+
+
 def test_held_out_without_the_split_file_names_the_missing_artifact(runs, tmp_path):
     cfg = {"run_id": runs.full, "artifact": "model/best_model.safetensors"}
     resolved = resolve_model(cfg, runs.uri, tmp_path)
-    assert training_split_of(resolved, "held_out").version == resolved.split_version
+    assert _split_of(resolved, "held_out").version == resolved.split_version
     bare = resolve_model(
         {"path": str(ARTIFACTS / "model" / "best_model.safetensors")}, runs.uri, tmp_path
     )
-    assert training_split_of(bare, "held_out") is None  # no run: load_dataset says so
-    client = MlflowClient(tracking_uri=runs.uri)
+    assert _split_of(bare, "held_out") is None  # no run: load_dataset says so
     lone = log_callback_run(runs.uri, artifacts=["model/best_model.safetensors"])
-    assert client.get_run(lone).info.status == "FINISHED"
     no_split = resolve_model({"run_id": lone}, runs.uri, tmp_path)
-    assert training_split_of(no_split, "all") is None
+    assert _split_of(no_split, "all") is None
     with pytest.raises(SourceError, match=f"training run '{lone}' has no artifact 'data/train_val"):
-        training_split_of(no_split, "held_out")
+        _split_of(no_split, "held_out")
 
 
 def test_model_path_is_tagged_as_such(runs, tmp_path):

@@ -14,7 +14,6 @@ from evalharness.data.training_split import (
     held_out_cases,
     match_case,
     read_training_split,
-    used_in_training,
 )
 from evalharness.errors import ConfigError, DataError
 
@@ -70,7 +69,7 @@ def test_held_out_is_every_listed_case_the_run_did_not_use():
 
 def test_leakage_names_each_used_case_and_its_role():
     dataset = load_dataset({"name": "decathlon", "root": str(HEART), "split": {"method": "all"}})
-    found = leakage_findings(used_in_training(dataset.cases, dataset.root, split()), "split.csv")
+    found = leakage_findings(dataset.cases, dataset.root, split())
     assert [(m.case, m.training, m.severity) for m in found] == [
         ("la_000", "valid", "error"),
         ("la_002", "train", "error"),
@@ -79,7 +78,8 @@ def test_leakage_names_each_used_case_and_its_role():
         ("la_006", "train", "error"),
         ("la_007", "train", "error"),
     ]
-    assert "validated on this case" in found[0].message and "split.csv" in found[0].message
+    assert "validated on this case" in found[0].message
+    assert "data/train_val_split.csv" in found[0].message
 
 
 @pytest.mark.parametrize(

@@ -10,15 +10,18 @@ against it (`evalharness.data.training_split` says how) and each match is an err
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from evalharness.checks.mismatches import LEAKAGE_KEY, SPLIT_SCOPE, Mismatch
-from evalharness.data.training_split import SplitMatch
+from evalharness.data.datasets import Case
+from evalharness.data.training_split import ARTIFACT, TrainingSplit, used_in_training
 
 _USED = {"train": "trained on", "valid": "validated on"}
 
 
-def leakage_findings(matches: Sequence[SplitMatch], source: str) -> list[Mismatch]:
-    """One error per evaluated case that the training run used (`source`: its split file)."""
+def leakage_findings(cases: Sequence[Case], root: Path, split: TrainingSplit) -> list[Mismatch]:
+    """One error per case of `cases` (dataset folder `root`) that the training run used."""
+    matches = used_in_training(cases, root, split)
     return [
         Mismatch(
             SPLIT_SCOPE,
@@ -26,9 +29,17 @@ def leakage_findings(matches: Sequence[SplitMatch], source: str) -> list[Mismatc
             m.role,
             m.matched_by,
             "error",
-            f"the training run {_USED[m.role]} this case (matched by {m.matched_by} in {source}): "
-            "its scores are not a test result",
+            f"the training run {_USED[m.role]} this case (matched by {m.matched_by} in "
+            f"{ARTIFACT}): its scores are not a test result",
             case=m.case.case_id,
         )
         for m in matches
     ]
+
+
+def held_out_line(n_cases: int, run_id: str | None, version: str | None) -> str:
+    """What data.split.method=held_out prints: how many cases, from which split_version."""
+    return (
+        f"held-out split: {n_cases} case(s) that training run {run_id} neither trained nor "
+        f"validated on (split_version {version or 'not tagged'})"
+    )

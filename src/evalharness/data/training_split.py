@@ -23,8 +23,10 @@ from pathlib import Path, PurePosixPath
 import pandas as pd
 
 from evalharness.data.datasets import Case, case_id_of
-from evalharness.errors import DataError
+from evalharness.errors import DataError, SourceError
 
+ARTIFACT = "data/train_val_split.csv"
+"""Where fastMONAI 0.12's MLflow callback logs the split in the training run."""
 _ID_COLUMNS = ("sample_id", "image")
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
@@ -137,3 +139,20 @@ def held_out_cases(cases: list[Case], root: Path, split: TrainingSplit) -> list[
     """The cases the training run neither trained nor validated on, in the dataset's order."""
     used = {m.case.case_id for m in used_in_training(cases, root, split)}
     return [case for case in cases if case.case_id not in used]
+
+
+def training_split_of(
+    path: Path | None, run_id: str | None, version: str | None, method: str
+) -> TrainingSplit | None:
+    """The split a training run logged (`path`: its downloaded CSV, None when it has none).
+
+    No file is fine, except for ``data.split.method=held_out`` on a run: an error naming it.
+    """
+    if path is None:
+        if method == "held_out" and run_id:
+            raise SourceError(
+                f"data.split.method=held_out: training run '{run_id}' has no artifact "
+                f"'{ARTIFACT}' (fastMONAI's MLflow callback logs it)"
+            )
+        return None
+    return read_training_split(path, f"runs:/{run_id}/{ARTIFACT}", version)

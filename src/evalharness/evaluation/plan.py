@@ -9,8 +9,6 @@ fail) before a run exists.
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,22 +19,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evalharness.checks.config_checks import config_mismatches
-from evalharness.checks.leakage import leakage_findings
+from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.config.schema import validate
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.data.datasets import Dataset, load_dataset
-from evalharness.data.training_split import (
-    TrainingSplit,
-    held_out_cases,
-    read_training_split,
-    used_in_training,
-)
-from evalharness.errors import SourceError
-from evalharness.model.loaders import ARCHITECTURES, LoadedModel, load_model_file
-from evalharness.model.sources import TRAINING_SPLIT_ARTIFACT, ResolvedModel, resolve_model
-from evalharness.model.training_config import read_safetensors_metadata
+from evalharness.data.training_split import held_out_cases, training_split_of
+from evalharness.model.discovery import sibling_arch
+from evalharness.model.loaders import LoadedModel, load_model_file
+from evalharness.model.sources import ResolvedModel, resolve_model
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -90,34 +82,6 @@ def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel
     )
 
 
-def sibling_arch(path: Path) -> dict | None:
-    """A Hydra ``_target_`` mapping rebuilding the architecture named by a fastMONAI
-    safetensors file's ``arch_id``/``arch_kwargs`` (None when it names no known one)."""
-    metadata = read_safetensors_metadata(path) or {}
-    class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", str(metadata.get("arch_id", "")).lower()))
-    if class_name is None:
-        return None
-    try:
-        kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{path}: unreadable arch_kwargs ({error})") from None
-    return {"_target_": f"monai.networks.nets.{class_name}", **kwargs}
-
-
-def training_split_of(resolved: ResolvedModel, method: str) -> TrainingSplit | None:
-    """The training run's split, read from its data/train_val_split.csv; a missing file is an
-    error only for data.split.method=held_out."""
-    if resolved.training_split_path is None:
-        if method == "held_out" and resolved.training_run_id:
-            raise SourceError(
-                f"data.split.method=held_out: training run '{resolved.training_run_id}' has no "
-                f"artifact '{TRAINING_SPLIT_ARTIFACT}' (fastMONAI's MLflow callback logs it)"
-            )
-        return None
-    source = f"runs:/{resolved.training_run_id}/{TRAINING_SPLIT_ARTIFACT}"
-    return read_training_split(resolved.training_split_path, source, resolved.split_version)
-
-
 def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
     """Validate `cfg`, fetch the model file and the training config, merge settings, list
     cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
@@ -129,18 +93,14 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
     resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
     print(f"model: {resolved.artifact_uri or resolved.local_path} ({resolved.artifact_reason})")
     settings, assumed, _ = resolve_settings(cfg, resolved.training_config.values)
-    split = training_split_of(resolved, cfg.data.split.method)
+    method = cfg.data.split.method
+    split = training_split_of(
+        resolved.training_split_path, resolved.training_run_id, resolved.split_version, method
+    )
     dataset = load_dataset(cfg.data, partial(held_out_cases, split=split) if split else None)
-    leaks = []
-    if split is not None:
-        matches = used_in_training(dataset.cases, dataset.root, split)
-        leaks = leakage_findings(matches, TRAINING_SPLIT_ARTIFACT)
-        if dataset.split_method == "held_out":
-            print(
-                f"held-out split: {len(dataset.cases)} case(s) that training run "
-                f"{resolved.training_run_id} neither trained nor validated on "
-                f"(split_version {split.version or 'not tagged'})"
-            )
+    leaks = leakage_findings(dataset.cases, dataset.root, split) if split else []
+    if split is not None and method == "held_out":
+        print(held_out_line(len(dataset.cases), resolved.training_run_id, split.version))
     config_hash = stable_hash(
         {
             "settings": settings.as_params(),

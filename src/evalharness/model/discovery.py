@@ -8,14 +8,22 @@ fastMONAI 0.12's MLflow callback logs ``model/best_model.safetensors``,
 files under ``model/`` (best-role names first, then by name). ``model.role=final`` takes
 ``model/final_learner.pkl``, ``model/final_model.safetensors``, then the other final-role files.
 A bare state dict (``*.pth``) carries no architecture: a safetensors file beside it (the same
-role first) supplies one through its metadata. Pure functions on artifact paths: no MLflow.
+role first) supplies one through its metadata (`sibling_arch`). Apart from that one reader of
+a local file, pure functions on artifact paths: no MLflow.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from evalharness.errors import SourceError
+from evalharness.model.loaders import ARCHITECTURES
+from evalharness.model.training_config import read_safetensors_metadata
 
 ROLES = ("best", "final")
 MODEL_FOLDER = "model"
@@ -108,3 +116,18 @@ def looked_for(role: str) -> str:
     """What discovery tries, for the error when nothing fits."""
     names = ", ".join(discovery_order(role))
     return f"{names}, then other {'/'.join(LOADABLE_SUFFIXES)} files under {MODEL_FOLDER}/"
+
+
+def sibling_arch(path: Path) -> dict | None:
+    """A Hydra ``_target_`` mapping that rebuilds the architecture a fastMONAI safetensors file
+    names (``arch_id``, ``arch_kwargs`` metadata), for a state dict beside it; None when it
+    names no known architecture."""
+    metadata = read_safetensors_metadata(path) or {}
+    class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", str(metadata.get("arch_id", "")).lower()))
+    if class_name is None:
+        return None
+    try:
+        kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: unreadable arch_kwargs ({error})") from None
+    return {"_target_": f"monai.networks.nets.{class_name}", **kwargs}

@@ -30,6 +30,7 @@ from mlflow import MlflowClient
 from mlflow.entities import FileInfo, Run
 from mlflow.exceptions import MlflowException
 
+from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
 from evalharness.model.discovery import (
     ArtifactChoice,
@@ -47,7 +48,6 @@ from evalharness.model.training_config import (
 
 log = logging.getLogger(__name__)
 
-TRAINING_SPLIT_ARTIFACT = "data/train_val_split.csv"
 SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample ids and roles
 CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
