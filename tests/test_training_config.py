@@ -138,24 +138,22 @@ def test_transforms_the_harness_cannot_reproduce_are_errors_naming_them():
     assert config.values["normalization"] == [
         {"name": "ZNormalization", "masking_method": None, "channel_wise": True}
     ]
-    found = transform_mismatches(
-        config.transforms, config.values["normalization"], normalization_from_transforms=True
-    )
+    found = transform_mismatches(config.transforms, config.values["normalization"], [])
     assert [(m.key, m.training, m.severity) for m in found] == [
         ("training.transformations", "PadOrCrop", "error")
     ]
     assert "PadOrCrop(target_shape=[96, 96, 64])" in found[0].message
 
 
-def test_a_logged_normalisation_the_evaluation_skips_is_an_error_unless_already_checked():
+def test_a_logged_normalisation_in_neither_config_is_an_error():
     transforms = _params_only(_transforms({"name": "RescaleIntensity", "params": {}})).transforms
     z = [{"name": "ZNormalization", "masking_method": None}]
-    found = transform_mismatches(transforms, z, normalization_from_transforms=False)
-    assert len(found) == 1 and "RescaleIntensity" in found[0].message
-    assert found[0].severity == "error"
-    assert not transform_mismatches(transforms, z, normalization_from_transforms=True)
+    found = transform_mismatches(transforms, z, z)
+    assert len(found) == 1 and found[0].severity == "error"
+    assert "training applied [RescaleIntensity()]" in found[0].message
     rescale = [{"name": "RescaleIntensity"}]
-    assert not transform_mismatches(transforms, rescale, normalization_from_transforms=False)
+    assert not transform_mismatches(transforms, rescale, z)  # the normalisation check's job
+    assert not transform_mismatches(transforms, z, rescale)  # applied by the evaluation
 
 
 @pytest.mark.parametrize("text", ["not json", '[{"params": {}}]', "3"])

@@ -28,18 +28,18 @@ def _call_text(transform: Mapping[str, Any]) -> str:
 
 def transform_mismatches(
     transforms: Sequence[Mapping[str, Any]],
+    training_normalization: Sequence[Mapping[str, Any]],
     normalization: Sequence[Mapping[str, Any]],
-    *,
-    normalization_from_transforms: bool,
 ) -> list[Mismatch]:
-    """Findings on the logged `transforms` (``{"name", "params"}`` each) given the evaluation's
-    effective `normalization` specs.
+    """Findings on the logged `transforms` (``{"name", "params"}`` each) given the training
+    configuration's normalisation specs and the evaluation's effective `normalization`.
 
-    An unreproducible non-random transform is an error. An intensity transform the evaluation
-    does not apply is an error too, unless the training normalisation was itself read from the
-    transforms (`normalization_from_transforms`): the normalisation check reports it then.
+    An unreproducible non-random transform is an error. So is a logged intensity transform that
+    neither the training configuration's normalisation lists nor the evaluation applies (one the
+    training configuration lists is compared with the evaluation by the normalisation check).
     """
     out: list[Mismatch] = []
+    listed = [normalize_spec(spec) for spec in training_normalization]
     applied = [normalize_spec(spec) for spec in normalization]
     for transform in transforms:
         name = str(transform["name"])
@@ -59,7 +59,7 @@ def transform_mismatches(
                     "those it was trained on",
                 )
             )
-        elif not normalization_from_transforms and normalize_spec(spec) not in applied:
+        elif normalize_spec(spec) not in listed + applied:
             out.append(
                 Mismatch(
                     "config",

@@ -133,11 +133,7 @@ def prepare(
         output_contract=training.output,
     )
     findings += transform_mismatches(
-        training.transforms,
-        settings.normalization,
-        normalization_from_transforms=training.source_of("normalization").endswith(
-            "transformations"
-        ),
+        training.transforms, training.values.get("normalization") or [], settings.normalization
     )
     return Evaluation(
         planned.resolved,
