@@ -5,7 +5,7 @@ fastMONAI 0.12's MLflow callback logs ``model/best_model.safetensors``,
 ``model/final_weights.pth``; older notebooks log ``model/best_learner.pkl`` by hand. With
 ``model.artifact`` unset the harness takes, for ``model.role=best``: ``model/best_learner.pkl``,
 ``model/best_model.safetensors``, ``model/final_model.safetensors``, then the other loadable
-files under ``model/`` (best-role names first, then by name). ``model.role=final`` takes
+files directly under ``model/`` (best-role names first, then by name). ``model.role=final`` takes
 ``model/final_learner.pkl``, ``model/final_model.safetensors``, then the other final-role files.
 A bare state dict (``*.pth``) carries no architecture: a safetensors file beside it (the same
 role first) supplies one through its metadata (`sibling_arch`). Apart from that one reader of

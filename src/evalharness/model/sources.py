@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
 from evalharness.model.discovery import (
+    MODEL_FOLDER,
     ArtifactChoice,
     choose_model_artifact,
     looked_for,
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample ids and roles
 CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
-_DISCOVERY_LIMIT = 10_000  # artifact files listed when discovering the model
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
 _HTTP_DEFAULTS = {  # bounded wait on an unreachable tracking server (user's env wins)
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -320,10 +320,11 @@ def _locate_run(
 def discover_model(client: MlflowClient, run_id: str, role: str = "best") -> ArtifactChoice:
     """The model artifact of run `run_id` by the discovery order for `role`
     (:mod:`evalharness.model.discovery`); SourceError listing the run's files when none fits."""
-    paths = [info.path for info in _walk(client, run_id, 8, _DISCOVERY_LIMIT)]
-    choice = choose_model_artifact(paths, role)
+    listed = client.list_artifacts(run_id, MODEL_FOLDER)
+    choice = choose_model_artifact([info.path for info in listed if not info.is_dir], role)
     if choice is None:
-        has = ", ".join(paths[:_LISTING_LIMIT]) or "no artifacts"
+        has = ", ".join(info.path for info in _walk(client, run_id, 8, _LISTING_LIMIT))
+        has = has or "no artifacts"
         raise SourceError(
             f"run '{run_id}' has no loadable model file (looked for {looked_for(role)}; "
             f"it has: {has})"
