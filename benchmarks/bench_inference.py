@@ -51,25 +51,23 @@ import torch
 from bench_metrics import measure_metrics
 from monai.networks.nets import UNet
 
+from evalharness.config.rules import overlap_to_voxels
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label, load_volume
-from evalharness.demo.synthetic import make_case, write_nifti
+from evalharness.data.nifti_io import load_label, load_volume, write_nifti
+from evalharness.demo.synthetic import make_case
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.pipeline import (
     load_case_inputs,
     native_labels,
     predict,
     preprocess_settings,
+    window_probs,
 )
 from evalharness.predict.preprocess import (
     prepare_image,
 )
-from evalharness.predict.sliding_window import (
-    overlap_to_voxels,
-    patch_starts,
-    sliding_window_probs,
-)
+from evalharness.predict.sliding_window import patch_starts
 
 SPACING_MM = (1.25, 1.25, 1.37)
 AXCODES = "LPS"
@@ -218,16 +216,7 @@ def step_seconds(
     read_s, _ = timer(load_volume, case.image)
     label_s, _ = timer(load_label, case.label)
     prepare_s, prepared = timer(prepare_image, case.image, pre)
-    window_s, probs = timer(
-        sliding_window_probs,
-        model,
-        prepared.tensor,
-        patch_size_vox=settings.patch_size_vox,
-        overlap=settings.overlap,
-        aggregation=settings.aggregation,
-        batch_size=settings.batch_size,
-        device=device,
-    )
+    window_s, probs = timer(window_probs, model, prepared, settings, device)
     forward_s = model.take_seconds()
     restore_s, labels = timer(native_labels, probs, prepared, settings.threshold)
     del probs, prepared  # as `predict` does: bounds the breakdown's memory too

@@ -1,6 +1,6 @@
 """Re-log the recorded fastMONAI 0.12 callback run into a store (for tests).
 
-``tests/data/fastmonai-0.12-callback-run/`` holds what fastMONAI's own MLflow callback logged
+``tests/fixtures/fastmonai-0.12-callback-run/`` holds what fastMONAI's own MLflow callback logged
 (artifacts, params, tags, run and experiment name: see its README). `log_callback_run` writes a
 run with the same experiment and run name, params, tags and artifact paths, so tests evaluate
 "a run fastMONAI made" by its id without fastMONAI.
@@ -15,7 +15,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunTag
 
-CALLBACK_RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-callback-run"
+CALLBACK_RUN = Path(__file__).resolve().parent / "fixtures" / "fastmonai-0.12-callback-run"
 ARTIFACTS = CALLBACK_RUN / "artifacts"
 PEER_METRICS = CALLBACK_RUN / "peer_reference" / "metrics_native_space.csv"
 

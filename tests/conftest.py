@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = REPO / "tests" / "data" / "fastmonai-0.12-binary"
+FIXTURE = REPO / "tests" / "fixtures" / "fastmonai-0.12-binary"
 
 
 @pytest.fixture(params=["file", "sqlite"])

@@ -35,7 +35,7 @@ from tiny import (
     write_dataset,
 )
 
-from evalharness.demo.synthetic import write_nifti
+from evalharness.data.nifti_io import write_nifti
 
 IMAGE, LABEL = Path("imagesTr/bad.nii.gz"), Path("labelsTr/bad.nii.gz")
 

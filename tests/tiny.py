@@ -20,9 +20,10 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from evalharness.config.schema import register_configs
-from evalharness.demo.synthetic import affine_from_axcodes, write_nifti
-from evalharness.evaluation.run import Outcome, evaluate
+from evalharness.cli import evaluate_config, register_configs
+from evalharness.data.nifti_io import write_nifti
+from evalharness.demo.synthetic import affine_from_axcodes
+from evalharness.evaluation.run import Outcome
 
 CONF = REPO / "src" / "evalharness" / "conf"
 SHAPE = (12, 10, 8)
@@ -115,9 +116,10 @@ class Result:
 
 
 def run_in_process(uri: str, output_dir: Path, overrides: list[str], capsys) -> Result:
-    """`run.evaluate` on the composed config; stderr captured, the run and its table read back."""
+    """`cli.evaluate_config` on the composed config; stderr captured, the run and its table read
+    back."""
     capsys.readouterr()
-    outcome = evaluate(compose_config(*overrides), output_dir)
+    outcome = evaluate_config(compose_config(*overrides), output_dir)
     stderr = capsys.readouterr().err
     if outcome.run_id is None:
         return Result(outcome, stderr, None, None)

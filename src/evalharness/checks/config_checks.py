@@ -24,31 +24,13 @@ from evalharness.checks.mismatches import (
     jsonable,
     specs_text,
 )
-from evalharness.config.settings import CONFIG_KEYS, EffectiveSettings
+from evalharness.config.rules import overlap_to_voxels
+from evalharness.config.settings import FROM_TRAINING, SETTINGS, EffectiveSettings, Setting
+from evalharness.errors import ConfigError
 
 SPACING_RTOL = 1e-3
 """Relative tolerance per axis when comparing target spacings (float noise of a JSON round
 trip or of a header is far below it; a real change of spacing is far above)."""
-
-
-def overlap_voxels(overlap: Any, patch_size: Sequence[int]) -> tuple[int, ...]:
-    """Patch overlap per axis in voxels, as fastMONAI hands it to TorchIO's GridSampler.
-
-    A fraction 0 < x < 1 becomes int(patch * x); whole voxels (one value or one per axis) stay;
-    every value is then made even (odd ones lose one voxel), which TorchIO requires.
-    """
-    n = len(patch_size)
-    if isinstance(overlap, bool):
-        raise ValueError(f"overlap {overlap!r}: expected a fraction or voxels")
-    if isinstance(overlap, float) and 0.0 < overlap < 1.0:
-        voxels = [int(p * overlap) for p in patch_size]
-    elif isinstance(overlap, (int, float)):
-        voxels = [int(overlap)] * n
-    elif isinstance(overlap, Sequence) and not isinstance(overlap, str) and len(overlap) == n:
-        voxels = [int(v) for v in overlap]
-    else:
-        raise ValueError(f"overlap {overlap!r}: expected a fraction or voxels")
-    return tuple(v - v % 2 for v in voxels)
 
 
 def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,18 +69,6 @@ def _spacing_axes_differ(a: Sequence[float], b: Sequence[float]) -> list[int]:
         for i, (x, y) in enumerate(zip(a, b, strict=True))
         if abs(float(x) - float(y)) > SPACING_RTOL * max(abs(float(x)), abs(float(y)))
     ]
-
-
-def _effective_value(settings: EffectiveSettings, field_name: str) -> Any:
-    """The evaluation's value of a training PatchConfig field."""
-    attr = {
-        "target_spacing": "target_spacing_mm",
-        "patch_size": "patch_size_vox",
-        "patch_overlap": "overlap",
-        "aggregation_mode": "aggregation",
-        "binary_threshold": "threshold",
-    }.get(field_name, field_name)
-    return jsonable(getattr(settings, attr))
 
 
 def config_mismatches(
@@ -141,168 +111,159 @@ def config_mismatches(
     return out
 
 
+_DIFFERS: dict[str, tuple[Severity, str]] = {
+    "padding_mode": (
+        "warning",
+        "padding mode differs (training {t} vs evaluation {e}): predictions near the image "
+        "border may change",
+    ),
+    "patch_size_vox": ("info", "patch size differs: training {t} vs evaluation {e} voxels"),
+    "aggregation": ("info", "patch aggregation differs: training {t} vs evaluation {e}"),
+    "batch_size": (
+        "info",
+        "batch size differs: training {t} vs evaluation {e} (speed and memory only)",
+    ),
+    "keep_largest_component": (
+        "info",
+        "keep-largest-component post-processing differs: training {t} vs evaluation {e}",
+    ),
+}
+"""Settings compared for plain equality: severity and message of a difference."""
+
+Finding = tuple[Any, Any, Severity, str]  # (training value, evaluation value, severity, text)
+
+
 def _field_mismatches(
     settings: EffectiveSettings, training: Mapping[str, Any], assumed: Mapping[str, Any]
 ) -> list[Mismatch]:
+    """One walk over `SETTINGS`: a warning for each field the training config lacks, then a
+    finding for each setting whose training and evaluation values differ."""
     out: list[Mismatch] = []
-
-    def add(key: str, t: Any, e: Any, severity: Severity, message: str) -> None:
-        out.append(Mismatch("config", key, jsonable(t), jsonable(e), severity, message))
-
-    for key, field_name in CONFIG_KEYS.items():
-        if field_name in training:
+    for setting in FROM_TRAINING:
+        if setting.training in training:
             continue
-        value = _effective_value(settings, field_name)
+        value = jsonable(getattr(settings, setting.name))
         how = (
-            f"assumed fastMONAI default {format_value(assumed[field_name])}"
-            if field_name in assumed
+            f"assumed fastMONAI default {format_value(assumed[setting.training])}"
+            if setting.training in assumed
             else f"evaluation uses the configured {format_value(value)}"
         )
-        add(key, None, value, "warning", f"training config has no '{field_name}': {how}")
-
-    if "apply_reorder" in training and bool(training["apply_reorder"]) != settings.apply_reorder:
-        t = bool(training["apply_reorder"])
-        add(
-            "preprocessing.apply_reorder",
-            t,
-            settings.apply_reorder,
-            "error",
-            f"training {'reoriented' if t else 'did not reorient'} images to RAS+, evaluation "
-            f"{'does' if settings.apply_reorder else 'does not'}: predictions can come out "
-            "mirrored or rotated",
-        )
-
-    if "target_spacing" in training:
-        t = training["target_spacing"]
-        e = settings.target_spacing_mm
-        if (t is None) != (e is None):
-            t_text = "kept native spacing" if t is None else f"resampled to {format_value(t)} mm"
-            e_text = "keeps native spacing" if e is None else f"resamples to {format_value(e)} mm"
-            add(
-                "preprocessing.target_spacing",
-                t,
-                e,
-                "error",
-                f"training {t_text}, evaluation {e_text}: the model sees anatomy at another scale",
-            )
-        elif t is not None and e is not None:
-            if len(t) != len(e):
-                axes_text = f"training {format_value(t)} vs evaluation {format_value(e)} mm"
-                add("preprocessing.target_spacing", t, e, "error", f"target spacing {axes_text}")
-            else:
-                axes = _spacing_axes_differ(t, e)
-                if axes:
-                    detail = "; ".join(
-                        f"{axis_label(i)}: training {float(t[i]):g} mm vs evaluation "
-                        f"{float(e[i]):g} mm"
-                        for i in axes
-                    )
-                    add(
-                        "preprocessing.target_spacing",
-                        t,
-                        e,
-                        "error",
-                        f"target spacing differs on {detail} (the model sees anatomy at another "
-                        "scale)",
-                    )
-
-    if "normalization" in training:
-        t_specs = [normalize_spec(s) for s in (training["normalization"] or [])]
-        e_specs = [normalize_spec(s) for s in settings.normalization]
-        if t_specs != e_specs:
-            add(
-                "preprocessing.normalization",
-                t_specs,
-                e_specs,
-                "error",
-                "intensity normalisation differs: "
-                f"{_normalization_difference(t_specs, e_specs)}: the model sees intensities it "
-                "was not trained on",
-            )
-
-    if "padding_mode" in training and jsonable(training["padding_mode"]) != jsonable(
-        settings.padding_mode
-    ):
-        add(
-            "preprocessing.padding_mode",
-            training["padding_mode"],
-            settings.padding_mode,
-            "warning",
-            f"padding mode differs (training {format_value(training['padding_mode'])} vs "
-            f"evaluation {format_value(settings.padding_mode)}): predictions near the image "
-            "border may change",
-        )
-
-    if "patch_size" in training:
-        t = training["patch_size"]
-        try:
-            t_vox = tuple(int(v) for v in t)
-        except (TypeError, ValueError):
-            t_vox = t
-        if t_vox != tuple(settings.patch_size_vox):
-            add(
-                "patch.size",
-                t,
-                settings.patch_size_vox,
-                "info",
-                f"patch size differs: training {format_value(t)} vs evaluation "
-                f"{format_value(settings.patch_size_vox)} voxels",
-            )
-
-    if "patch_overlap" in training:
-        t = training["patch_overlap"]
-        # both in voxels at the evaluation's patch size: the setting is compared, a change of
-        # patch size alone is reported as patch.size
-        try:
-            t_vox: Any = list(overlap_voxels(t, settings.patch_size_vox))
-            e_vox: Any = list(overlap_voxels(settings.overlap, settings.patch_size_vox))
-        except (TypeError, ValueError):
-            t_vox, e_vox = jsonable(t), jsonable(settings.overlap)
-        if t_vox != e_vox:
-            add(
-                "patch.overlap",
-                t_vox,
-                e_vox,
-                "info",
-                f"patch overlap differs: training {format_value(t)} vs evaluation "
-                f"{format_value(settings.overlap)} ({format_value(t_vox)} vs "
-                f"{format_value(e_vox)} voxels at patch {format_value(settings.patch_size_vox)})",
-            )
-
-    if "aggregation_mode" in training and training["aggregation_mode"] != settings.aggregation:
-        add(
-            "inference.aggregation",
-            training["aggregation_mode"],
-            settings.aggregation,
-            "info",
-            f"patch aggregation differs: training {format_value(training['aggregation_mode'])} vs "
-            f"evaluation {format_value(settings.aggregation)}",
-        )
-
-    if "batch_size" in training and training["batch_size"] != settings.batch_size:
-        add(
-            "inference.batch_size",
-            training["batch_size"],
-            settings.batch_size,
-            "info",
-            f"batch size differs: training {format_value(training['batch_size'])} vs evaluation "
-            f"{settings.batch_size} (speed and memory only)",
-        )
-
-    if (
-        "keep_largest_component" in training
-        and bool(training["keep_largest_component"]) != settings.keep_largest_component
-    ):
-        add(
-            "inference.keep_largest_component",
-            bool(training["keep_largest_component"]),
-            settings.keep_largest_component,
-            "info",
-            f"keep-largest-component post-processing differs: training "
-            f"{bool(training['keep_largest_component'])} vs evaluation "
-            f"{settings.keep_largest_component}",
-        )
+        message = f"training config has no '{setting.training}': {how}"
+        out.append(Mismatch("config", setting.key, None, value, "warning", message))
+    for setting in SETTINGS:
+        if setting.training not in training or setting.name not in _COMPARE:
+            continue
+        found = _COMPARE[setting.name](setting, training[setting.training], settings)
+        if found is not None:
+            t, e, severity, message = found
+            out.append(Mismatch("config", setting.key, jsonable(t), jsonable(e), severity, message))
     return out
+
+
+def _comparable(setting: Setting, value: Any) -> Any:
+    """`value` in the setting's normal form (its rule), or as it is when the rule refuses it."""
+    try:
+        return jsonable(setting.rule(setting.key, value))
+    except (ConfigError, TypeError, ValueError):
+        return jsonable(value)
+
+
+def _differs(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding | None:
+    e = getattr(settings, setting.name)
+    if _comparable(setting, t) == _comparable(setting, e):
+        return None
+    severity, template = _DIFFERS[setting.name]
+    return t, e, severity, template.format(t=format_value(t), e=format_value(e))
+
+
+def _reorder(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding | None:
+    t, e = bool(t), settings.apply_reorder
+    if t == e:
+        return None
+    return (
+        t,
+        e,
+        "error",
+        f"training {'reoriented' if t else 'did not reorient'} images to RAS+, evaluation "
+        f"{'does' if e else 'does not'}: predictions can come out mirrored or rotated",
+    )
+
+
+def _spacing(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding | None:
+    e = settings.target_spacing_mm
+    if (t is None) != (e is None):
+        t_text = "kept native spacing" if t is None else f"resampled to {format_value(t)} mm"
+        e_text = "keeps native spacing" if e is None else f"resamples to {format_value(e)} mm"
+        return (
+            t,
+            e,
+            "error",
+            f"training {t_text}, evaluation {e_text}: the model sees anatomy at another scale",
+        )
+    if t is None or e is None:
+        return None
+    if len(t) != len(e):
+        axes_text = f"training {format_value(t)} vs evaluation {format_value(e)} mm"
+        return t, e, "error", f"target spacing {axes_text}"
+    axes = _spacing_axes_differ(t, e)
+    if not axes:
+        return None
+    detail = "; ".join(
+        f"{axis_label(i)}: training {float(t[i]):g} mm vs evaluation {float(e[i]):g} mm"
+        for i in axes
+    )
+    return (
+        t,
+        e,
+        "error",
+        f"target spacing differs on {detail} (the model sees anatomy at another scale)",
+    )
+
+
+def _normalization(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding | None:
+    t_specs = [normalize_spec(s) for s in (t or [])]
+    e_specs = [normalize_spec(s) for s in settings.normalization]
+    if t_specs == e_specs:
+        return None
+    return (
+        t_specs,
+        e_specs,
+        "error",
+        f"intensity normalisation differs: {_normalization_difference(t_specs, e_specs)}: the "
+        "model sees intensities it was not trained on",
+    )
+
+
+def _overlap(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding | None:
+    """Both in voxels at the evaluation's patch size: the setting is compared, a change of
+    patch size alone is reported as patch.size."""
+    patch = settings.patch_size_vox
+    try:
+        t_vox: Any = list(overlap_to_voxels(t, patch))
+    except (TypeError, ValueError):
+        t_vox = jsonable(t)
+    e_vox = list(overlap_to_voxels(settings.overlap, patch))
+    if t_vox == e_vox:
+        return None
+    return (
+        t_vox,
+        e_vox,
+        "info",
+        f"patch overlap differs: training {format_value(t)} vs evaluation "
+        f"{format_value(settings.overlap)} ({format_value(t_vox)} vs {format_value(e_vox)} "
+        f"voxels at patch {format_value(patch)})",
+    )
+
+
+_COMPARE = {
+    "apply_reorder": _reorder,
+    "target_spacing_mm": _spacing,
+    "normalization": _normalization,
+    "overlap": _overlap,
+    **dict.fromkeys(_DIFFERS, _differs),
+}
+"""How each setting's training and evaluation values are compared (the threshold is compared
+with the model's channels in `_model_mismatches`)."""
 
 
 def _model_mismatches(
@@ -405,4 +366,4 @@ def _contract_mismatches(
     ]
 
 
-__all__ = ["SPACING_RTOL", "config_mismatches", "normalize_spec", "overlap_voxels"]
+__all__ = ["SPACING_RTOL", "config_mismatches", "normalize_spec"]

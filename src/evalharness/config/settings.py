@@ -1,53 +1,96 @@
 """The effective evaluation settings: the user's overrides on top of the training configuration.
 
-Each value comes from the evaluation config when set, else from the training configuration,
-else from fastMONAI's default (recorded as *assumed* so the mismatch report can say so).
+`SETTINGS` is the one vocabulary: for each setting, its config key, its field in fastMONAI's
+training configuration, its name here (logged as ``effective.<name>``), fastMONAI's default
+and the rule its value must follow. Each value comes from the evaluation config when set, else
+from the training configuration, else from fastMONAI's default (recorded as *assumed* so the
+mismatch report can say so). The config-level checks (`checks.config_checks`) walk the same
+table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
+from evalharness.config import rules
+from evalharness.config.schema import EvalConfig
 
-from evalharness.config.schema import (
-    AGGREGATIONS,
-    _choice,
-    check_overlap,
-    check_patch_size,
-    check_tta,
+NO_DEFAULT = object()
+"""`Setting.fallback` of a setting that only the evaluation config sets."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: where it is configured, what training called it, its name here."""
+
+    key: str  # evaluation config key, e.g. "inference.aggregation"
+    training: str | None  # fastMONAI PatchConfig field; None when training does not record it
+    name: str  # EffectiveSettings field (logged as effective.<name>)
+    fallback: Any  # fastMONAI's default, used when neither side says; NO_DEFAULT: config only
+    rule: Callable[[str, Any], Any]  # validates a value (naming its origin) and normalises it
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    return bool(value)
+
+
+def _as_is(key: str, value: Any) -> Any:
+    return value
+
+
+def _aggregation(key: str, value: Any) -> str:
+    return rules.choice(key, value, rules.AGGREGATIONS)
+
+
+def _batch_size(key: str, value: Any) -> int:
+    return int(value)
+
+
+def _device(key: str, value: Any) -> str:
+    return str(value)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("preprocessing.apply_reorder", "apply_reorder", "apply_reorder", True, _as_bool),
+    Setting(
+        "preprocessing.target_spacing",
+        "target_spacing",
+        "target_spacing_mm",
+        None,
+        rules.spacing_mm,
+    ),
+    Setting(
+        "preprocessing.normalization",
+        "normalization",
+        "normalization",
+        [],
+        rules.normalization_specs,
+    ),
+    Setting("preprocessing.padding_mode", "padding_mode", "padding_mode", 0, _as_is),
+    Setting("patch.size", "patch_size", "patch_size_vox", [96, 96, 96], rules.patch_size_vox),
+    # fastMONAI's default overlap 0 gives visible seams; 0.5 is its tutorials' value
+    Setting("patch.overlap", "patch_overlap", "overlap", 0.5, _as_is),  # rule needs the size
+    Setting("inference.aggregation", "aggregation_mode", "aggregation", "hann", _aggregation),
+    Setting(
+        "inference.keep_largest_component",
+        "keep_largest_component",
+        "keep_largest_component",
+        False,
+        _as_bool,
+    ),
+    Setting("inference.threshold", "binary_threshold", "threshold", 0.5, rules.probability),
+    Setting("inference.batch_size", "batch_size", "batch_size", NO_DEFAULT, _batch_size),
+    Setting("inference.device", None, "device", NO_DEFAULT, _device),
+    Setting("inference.amp", None, "amp", NO_DEFAULT, _as_bool),
+    Setting("inference.tta", None, "tta", NO_DEFAULT, rules.tta),
 )
-from evalharness.errors import ConfigError
-
-# fastMONAI PatchConfig defaults, used when neither the evaluation nor the training says.
-# patch_overlap is the one exception: fastMONAI's 0 gives visible seams, 0.5 is its tutorials'.
-FALLBACKS: dict[str, Any] = {
-    "apply_reorder": True,
-    "target_spacing": None,
-    "normalization": [],
-    "padding_mode": 0,
-    "patch_size": [96, 96, 96],
-    "patch_overlap": 0.5,
-    "aggregation_mode": "hann",
-    "keep_largest_component": False,
-    "binary_threshold": 0.5,
-}
-
-# evaluation config key -> training PatchConfig field
-CONFIG_KEYS: dict[str, str] = {
-    "preprocessing.apply_reorder": "apply_reorder",
-    "preprocessing.target_spacing": "target_spacing",
-    "preprocessing.normalization": "normalization",
-    "preprocessing.padding_mode": "padding_mode",
-    "patch.size": "patch_size",
-    "patch.overlap": "patch_overlap",
-    "inference.aggregation": "aggregation_mode",
-    "inference.keep_largest_component": "keep_largest_component",
-    "inference.threshold": "binary_threshold",
-}
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+FROM_TRAINING: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.fallback is not NO_DEFAULT)
+"""The settings a training configuration provides when the evaluation config leaves them null."""
 
 
 @dataclass(frozen=True)
@@ -90,64 +133,43 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _lookup(cfg: Any, dotted: str) -> Any:
-    value = OmegaConf.select(cfg, dotted)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+def configured(config: EvalConfig, key: str) -> Any:
+    """The evaluation config's value of a dotted `key` such as ``inference.aggregation``."""
+    group, name = key.split(".")
+    return getattr(getattr(config, group), name)
 
 
 def resolve_settings(
-    cfg: Any, training_values: dict[str, Any]
+    config: EvalConfig, training_values: Mapping[str, Any]
 ) -> tuple[EffectiveSettings, dict[str, Any], dict[str, str]]:
     """Merge config over training values; return (settings, assumed fallbacks, value origins).
 
-    `origins` maps each training field to "config", "training" or "assumed".
+    `origins` maps each training field to "config", "training" or "assumed". Each merged value
+    passes its setting's rule, named after where it came from.
     """
     values: dict[str, Any] = {}
     assumed: dict[str, Any] = {}
     origins: dict[str, str] = {}
-    for key, field_name in CONFIG_KEYS.items():
-        override = _lookup(cfg, key)
-        if override is not None:
-            values[field_name], origins[field_name] = override, "config"
-        elif field_name in training_values:
-            values[field_name], origins[field_name] = training_values[field_name], "training"
+    for setting in SETTINGS:
+        override = configured(config, setting.key)
+        if setting.fallback is NO_DEFAULT or override is not None:
+            raw, origin = override, "config"
+        elif setting.training in training_values:
+            raw, origin = training_values[setting.training], "training"
         else:
-            values[field_name], origins[field_name] = FALLBACKS[field_name], "assumed"
-            assumed[field_name] = FALLBACKS[field_name]
-
-    patch_size = check_patch_size(_origin_key("patch_size", origins), values["patch_size"])
-    check_overlap(_origin_key("patch_overlap", origins), values["patch_overlap"], patch_size)
-    _choice(_origin_key("aggregation_mode", origins), values["aggregation_mode"], AGGREGATIONS)
-    check_tta("inference.tta", _lookup(cfg, "inference.tta"))
-    spacing = values["target_spacing"]
-    if spacing is not None and (len(spacing) != 3 or any(float(s) <= 0 for s in spacing)):
-        raise ConfigError(f"{_origin_key('target_spacing', origins)}={spacing}: expected 3 mm > 0")
-    normalization = values["normalization"] or []
-    if not all(isinstance(spec, dict) and "name" in spec for spec in normalization):
-        raise ConfigError(
-            f"{_origin_key('normalization', origins)}={normalization!r}: expected a list of "
-            'transform specs like {"name": "ZNormalization", "masking_method": null}'
-        )
-    settings = EffectiveSettings(
-        apply_reorder=bool(values["apply_reorder"]),
-        target_spacing_mm=None if spacing is None else tuple(float(s) for s in spacing),
-        normalization=tuple(dict(spec) for spec in normalization),
-        padding_mode=values["padding_mode"],
-        patch_size_vox=patch_size,
-        overlap=values["patch_overlap"],
-        aggregation=values["aggregation_mode"],
-        keep_largest_component=bool(values["keep_largest_component"]),
-        threshold=float(values["binary_threshold"]),
-        batch_size=int(cfg.inference.batch_size),
-        device=str(cfg.inference.device),
-        amp=bool(cfg.inference.amp),
-        tta=_lookup(cfg, "inference.tta"),
-    )
-    return settings, assumed, origins
+            raw, origin = setting.fallback, "assumed"
+            assumed[setting.training] = setting.fallback
+        if setting.training is not None and setting.fallback is not NO_DEFAULT:
+            origins[setting.training] = origin
+        values[setting.name] = setting.rule(origin_key(setting, origin), raw)
+    overlap_setting = BY_NAME["overlap"]
+    origin = origins[overlap_setting.training]
+    rules.overlap(origin_key(overlap_setting, origin), values["overlap"], values["patch_size_vox"])
+    return EffectiveSettings(**values), assumed, origins
 
 
-def _origin_key(field_name: str, origins: dict[str, str]) -> str:
-    """Name the config key, or the training field, that a bad value came from."""
-    if origins.get(field_name) == "config":
-        return next(k for k, f in CONFIG_KEYS.items() if f == field_name)
-    return f"training config '{field_name}'"
+def origin_key(setting: Setting, origin: str) -> str:
+    """Name the config key, or the training field, that a value came from."""
+    if origin == "config":
+        return setting.key
+    return f"training config '{setting.training}'"

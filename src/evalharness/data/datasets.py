@@ -28,10 +28,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from evalharness.config.schema import DataConfig, SplitConfig
 from evalharness.errors import ConfigError, DataError
-
-NAMES = ("decathlon", "csv", "demo")
-SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 
 # What the training notebook ran: DecathlonDataset(..., section="training") with MONAI's defaults
 # val_frac=0.2 and seed=0, then train_test_split(ds.data, test_size=0.1, random_state=42).
@@ -68,20 +66,14 @@ HeldOut = Callable[[list["Case"], Path], list["Case"]]
 """(every listed case, the dataset folder) -> the cases the training run did not use."""
 
 
-def load_dataset(data_cfg: Mapping[str, Any], held_out: HeldOut | None = None) -> Dataset:
+def load_dataset(data_cfg: DataConfig, held_out: HeldOut | None = None) -> Dataset:
     """Read the dataset described by the ``data`` config and return its evaluation split.
 
     `held_out` is the selection of split method "held_out" (None: that method is unavailable).
     """
-    name = _get(data_cfg, "name")
-    if name not in NAMES:
-        raise ConfigError(f"data.name={name}: expected one of {', '.join(NAMES)}")
-    split_cfg = _get(data_cfg, "split") or {}
-    if not isinstance(split_cfg, Mapping):
-        raise ConfigError(f"data.split={split_cfg!r}: expected a mapping with a `method` key")
-    method = _get(split_cfg, "method") or ("all" if name == "csv" else "decathlon")
-    if method not in SPLIT_METHODS:
-        raise ConfigError(f"data.split.method={method}: expected one of {', '.join(SPLIT_METHODS)}")
+    name = data_cfg.name
+    split_cfg = data_cfg.split
+    method = split_cfg.method
     if method == "decathlon" and name == "csv":
         raise ConfigError(
             "data.split.method=decathlon: needs a Decathlon folder (data.name decathlon or demo), "
@@ -113,12 +105,12 @@ def load_dataset(data_cfg: Mapping[str, Any], held_out: HeldOut | None = None) -
         training = [listed[i] for i in monai_training_indices(len(listed))]
         cases = _test_part(training, split_cfg, DECATHLON_TEST_SIZE)
 
-    cases = cases[: _limit(data_cfg)]
+    cases = cases[: data_cfg.limit]
     if not cases:
         raise DataError(f"data.split.method={method}: no cases in the split of {folder}")
     return Dataset(
         cases=tuple(cases),
-        label_names=_label_names(label_names, _get(data_cfg, "labels")),
+        label_names=_label_names(label_names, data_cfg.labels),
         root=folder,
         split_method=method,
     )
@@ -144,19 +136,14 @@ def case_id_of(path: Path) -> str:
     return path.stem
 
 
-def _get(cfg: Mapping[str, Any], key: str) -> Any:
-    """``cfg[key]``, or None when absent (a DictConfig reports "???" values as absent)."""
-    return cfg.get(key) if key in cfg else None
-
-
 def _resolve(folder: Path, value: str | os.PathLike[str]) -> Path:
     """Absolute, normalised path of `value` (relative ones against `folder`), like MONAI's."""
     return Path(os.path.normpath(folder / Path(value).expanduser()))
 
 
-def _decathlon_folder(data_cfg: Mapping[str, Any]) -> Path:
+def _decathlon_folder(data_cfg: DataConfig) -> Path:
     """``data.root`` (joined with ``data.task`` when set), checked to hold a dataset.json."""
-    root, task = _get(data_cfg, "root"), _get(data_cfg, "task")
+    root, task = data_cfg.root, data_cfg.task
     if not root:
         raise ConfigError("data.root: missing (expected the Decathlon dataset folder)")
     folder = _resolve(Path.cwd(), Path(root) / task if task else root)
@@ -194,9 +181,9 @@ def _read_decathlon(path: Path) -> tuple[list[Case], dict[int, str]]:
     return cases, _int_keys(labels, f'{path}: "labels"', DataError)
 
 
-def _manifest_path(data_cfg: Mapping[str, Any]) -> Path:
+def _manifest_path(data_cfg: DataConfig) -> Path:
     """``data.manifest``, relative to ``data.root`` when set, checked to exist."""
-    manifest, root = _get(data_cfg, "manifest"), _get(data_cfg, "root")
+    manifest, root = data_cfg.manifest, data_cfg.root
     if not manifest:
         raise ConfigError("data.manifest: missing (expected a CSV of image/label paths)")
     path = _resolve(_resolve(Path.cwd(), root) if root else Path.cwd(), manifest)
@@ -205,11 +192,11 @@ def _manifest_path(data_cfg: Mapping[str, Any]) -> Path:
     return path
 
 
-def _read_manifest(path: Path, data_cfg: Mapping[str, Any]) -> list[Case]:
+def _read_manifest(path: Path, data_cfg: DataConfig) -> list[Case]:
     """Cases of a CSV manifest; paths relative to its folder; no label column means no labels."""
-    image_col = _get(data_cfg, "image_column") or "image"
-    label_col = _get(data_cfg, "label_column")
-    case_col = _get(data_cfg, "case_column")
+    image_col = data_cfg.image_column or "image"
+    label_col = data_cfg.label_column
+    case_col = data_cfg.case_column
     table = _read_csv(path, "data.manifest")
     if table.empty:
         raise DataError(f"data.manifest={path}: no rows (expected one row per case)")
@@ -224,9 +211,9 @@ def _read_manifest(path: Path, data_cfg: Mapping[str, Any]) -> list[Case]:
     return cases
 
 
-def _file_split(split_cfg: Mapping[str, Any], folder: Path) -> list[Case]:
+def _file_split(split_cfg: SplitConfig, folder: Path) -> list[Case]:
     """Cases of the split CSV rows whose ``column`` equals ``value`` (default split == test)."""
-    file = _get(split_cfg, "file")
+    file = split_cfg.file
     if not file:
         raise ConfigError("data.split.file: missing (expected a CSV with a split column)")
     path = _resolve(folder, file)
@@ -235,8 +222,8 @@ def _file_split(split_cfg: Mapping[str, Any], folder: Path) -> list[Case]:
             f"data.split.file={file}: {path} not found (expected a CSV with columns image, "
             "label, split)"
         )
-    column = _get(split_cfg, "column") or "split"
-    value = _get(split_cfg, "value")
+    column = split_cfg.column or "split"
+    value = split_cfg.value
     value = "test" if value is None else str(value)
     table = _read_csv(path, "data.split.file")
     for col, why in (("image", "the image paths"), (column, "data.split.column")):
@@ -294,11 +281,11 @@ def _check_unique(cases: list[Case], source: str) -> None:
         raise DataError(f"{source}: duplicate case ids {', '.join(duplicates)} (must be unique)")
 
 
-def _test_part(pool: list[Case], split_cfg: Mapping[str, Any], default: float) -> list[Case]:
+def _test_part(pool: list[Case], split_cfg: SplitConfig, default: float) -> list[Case]:
     """Test part of ``train_test_split(pool, test_size, random_state)``, in sklearn's order."""
-    test_size = _get(split_cfg, "test_size")
+    test_size = split_cfg.test_size
     test_size = default if test_size is None else test_size
-    random_state = _get(split_cfg, "random_state")
+    random_state = split_cfg.random_state
     random_state = RANDOM_STATE if random_state is None else random_state
     try:
         return train_test_split(pool, test_size=test_size, random_state=random_state)[1]
@@ -307,14 +294,6 @@ def _test_part(pool: list[Case], split_cfg: Mapping[str, Any], default: float) -
             f"data.split.test_size={test_size}, data.split.random_state={random_state}: "
             f"cannot split {len(pool)} cases ({exc})".replace("\n", " ")
         ) from exc
-
-
-def _limit(data_cfg: Mapping[str, Any]) -> int | None:
-    """``data.limit``: keep only the first N cases of the split (None keeps all)."""
-    limit = _get(data_cfg, "limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"data.limit={limit!r}: expected a positive integer or null")
-    return limit
 
 
 def _label_names(from_dataset: dict[int, str], from_config: Any) -> dict[int, str]:

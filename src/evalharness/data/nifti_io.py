@@ -309,3 +309,12 @@ def load_label(path: Path) -> tuple[np.ndarray, np.ndarray]:
     low, high = int(labels.min()), int(labels.max())
     dtype = np.result_type(np.min_scalar_type(low), np.min_scalar_type(high))
     return labels.astype(dtype), affine
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    """Write `data` [X, Y, Z] with `affine` as both sform and qform (code 1, scanner)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(data, affine)
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(path))

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from evalharness.data.nifti_io import write_nifti
 
 FIELD_OF_VIEW_MM = (120.0, 120.0, 60.0)
 DEMO_SPACINGS_MM = ((1.25, 1.25, 1.37), (1.0, 1.0, 2.0), (1.5, 1.5, 1.2))
@@ -97,15 +98,6 @@ def make_case(
     noise = rng.normal(0.0, 0.15, shape_vox).astype(np.float32)
     image = (200.0 * (intensity + noise) * bias + 100.0).astype(np.float32)
     return SyntheticCase(image=image, label=label, affine=affine)
-
-
-def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
-    """Write `data` [X, Y, Z] with `affine` as both sform and qform (code 1, scanner)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(data, affine)
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    nib.save(img, str(path))
 
 
 def write_decathlon_dataset(

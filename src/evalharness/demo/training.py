@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from evalharness.demo.build import DemoSpec
+    from evalharness.demo.spec import DemoSpec
 
 LABEL_PROBABILITIES = {0: 0.3, 1: 0.7}
 """Share of patches centred on background (0) and foreground (1) voxels."""

@@ -13,7 +13,7 @@ from evalharness.track import tracking
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from evalharness.demo.build import DemoSpec
+    from evalharness.demo.spec import DemoSpec
 
 RUN_NAME = "demo-training"
 KIND_TAG = "evalharness.kind"

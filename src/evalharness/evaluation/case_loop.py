@@ -21,7 +21,7 @@ from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.probes import mirror_probe, spacing_check
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
-from evalharness.evaluation.plan import Evaluation, foreground_labels
+from evalharness.evaluation.plan import Evaluation
 from evalharness.predict.pipeline import (
     CaseInputs,
     check_inputs,
@@ -46,23 +46,40 @@ class CaseSink(Protocol):
     def prediction_saved(self, path: Path) -> None: ...
 
 
+@dataclass(frozen=True)
+class ScoredCase:
+    """One case's native-grid prediction and reference [X, Y, Z], kept for overlay plots."""
+
+    score: float  # mean DSC over its labels
+    case: Case
+    prediction: np.ndarray
+    reference: np.ndarray
+    spacing_mm: tuple[float, float, float]
+
+
 @dataclass
 class Extremes:
-    """The predictions of the best and worst case by mean DSC, kept for overlay plots."""
+    """The best and worst case by mean DSC, kept in memory for overlay plots."""
 
-    best: tuple[float, Case, np.ndarray] | None = None
-    worst: tuple[float, Case, np.ndarray] | None = None
+    best: ScoredCase | None = None
+    worst: ScoredCase | None = None
 
-    def offer(self, case: Case, prediction: np.ndarray, rows: list[dict]) -> None:
+    def offer(self, inputs: CaseInputs, prediction: np.ndarray, rows: list[dict]) -> None:
         scores = [row["dsc"] for row in rows if row.get("status") == "ok"]
         finite = [s for s in scores if np.isfinite(s)]
-        if not finite:
+        if not finite or inputs.gt_labels is None:
             return
         score = float(np.mean(finite))
-        if self.best is None or score > self.best[0]:
-            self.best = (score, case, prediction)
-        if self.worst is None or score < self.worst[0]:
-            self.worst = (score, case, prediction)
+        inside = self.best is not None and self.worst is not None
+        if inside and self.worst.score <= score <= self.best.score:
+            return  # neither extreme: do not keep its volumes
+        entry = ScoredCase(
+            score, inputs.case, prediction, inputs.gt_labels, inputs.prepared.native.spacing_mm
+        )
+        if self.best is None or score > self.best.score:
+            self.best = entry
+        if self.worst is None or score < self.worst.score:
+            self.worst = entry
 
 
 @dataclass
@@ -85,8 +102,7 @@ def run_cases(
     """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish."""
     pre = preprocess_settings(ev.settings)
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
-    labels = sorted(k for k in ev.dataset.label_names if k != 0)
-    labels = labels or foreground_labels(ev.dataset, ev.n_output_channels)
+    labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
     extremes = Extremes()
 
@@ -113,7 +129,7 @@ def run_cases(
                 )
                 rows = _score(inputs, prediction.labels, labels)
                 case_findings = _probe(ev, inputs, prediction.labels)
-                extremes.offer(case, prediction.labels, rows)
+                extremes.offer(inputs, prediction.labels, rows)
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
                 message = one_line(error)
@@ -157,7 +173,7 @@ def _save_prediction(
 ) -> None:
     if options.predictions_dir is None:
         return
-    from evalharness.demo.synthetic import write_nifti
+    from evalharness.data.nifti_io import write_nifti
 
     path = options.predictions_dir / f"{case.case_id}_pred.nii.gz"
     # uint8 while the labels fit (up to 256 classes), else the smallest type that holds them

@@ -1,19 +1,14 @@
 """The outputs folder: checked before anything is written there, by Hydra or by the harness.
 
 Hydra creates `hydra.run.dir` (or `hydra.sweep.dir`) before the task starts and reports a
-failure with a traceback; `OutputsCheck`, a Hydra callback, checks the folder first and ends
-with one line and a FAILED run instead.
+failure with a traceback; the shell's `cli.OutputsCheck` callback runs `check_outputs_folder`
+first and ends with one line and a FAILED run instead.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 
 from evalharness.errors import ConfigError
 
@@ -43,22 +38,3 @@ def check_outputs_folder(folder: Path, key: str) -> None:
             f"{key}={folder}: cannot write the outputs there ({reason}); "
             "expected a folder that can be created and written"
         )
-
-
-class OutputsCheck(Callback):
-    """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_or_exit(config, "hydra.run.dir")
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _check_or_exit(config, "hydra.sweep.dir")
-
-
-def _check_or_exit(config: DictConfig, key: str) -> None:
-    try:
-        check_outputs_folder(Path(str(OmegaConf.select(config, key))), key)
-    except ConfigError as error:
-        from evalharness.evaluation.run import record_failure
-
-        sys.exit(record_failure(config, error).code)

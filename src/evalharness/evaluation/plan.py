@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.training_transforms import transform_mismatches
-from evalharness.config.schema import validate
+from evalharness.config.schema import EvalConfig, ModelConfig
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
+from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.model.discovery import sibling_arch
@@ -46,6 +46,7 @@ class Evaluation:
     n_output_channels: int
     findings: list[Mismatch]
     config_hash: str
+    labels: tuple[int, ...]  # the foreground labels scored (`foreground_labels`)
     n_input_channels: int = 1
 
     @property
@@ -65,39 +66,36 @@ class Plan:
     split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
 
 
-ModelLoader = Callable[[ResolvedModel, dict], LoadedModel]
+ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
-def load_resolved_model(resolved: ResolvedModel, model_cfg: dict) -> LoadedModel:
+def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
     """Load the resolved model file with the `model.*` loading options; a safetensors sibling's
     metadata supplies the architecture of a bare state dict when `model.arch` is unset."""
-    arch = model_cfg["arch"]
+    arch = source.arch
     if arch is None and resolved.sibling_metadata_path is not None:
         arch = sibling_arch(resolved.sibling_metadata_path)
     return load_model_file(
         resolved.local_path,
         arch=arch,
-        allow_globals=list(model_cfg["allow_globals"]),
-        trust_pickle=bool(model_cfg["trust_pickle"]),
+        allow_globals=list(source.allow_globals),
+        trust_pickle=bool(source.trust_pickle),
     )
 
 
-def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
-    """Validate `cfg`, fetch the model file and the training config, merge settings, list
+def plan(config: EvalConfig, tracking_uri: str) -> Plan:
+    """Validate `config`, fetch the model file and the training config, merge settings, list
     cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
-    validate(cfg)
-    if cfg.data.name == "demo":
-        attach_demo(cfg, tracking_uri)
-    cache_dir = Path(cfg.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    resolved = resolve_model(model_cfg, tracking_uri, cache_dir)
+    validate(config)
+    cache_dir = Path(config.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
+    resolved = resolve_model(config.model, tracking_uri, cache_dir)
     print(f"model: {resolved.artifact_uri or resolved.local_path} ({resolved.artifact_reason})")
-    settings, assumed, _ = resolve_settings(cfg, resolved.training_config.values)
-    method = cfg.data.split.method
+    settings, assumed, _ = resolve_settings(config, resolved.training_config.values)
+    method = config.data.split.method
     split = training_split_of(
         resolved.training_split_path, resolved.training_run_id, resolved.split_version, method
     )
-    dataset = load_dataset(cfg.data, partial(held_out_cases, split=split) if split else None)
+    dataset = load_dataset(config.data, partial(held_out_cases, split=split) if split else None)
     leaks = leakage_findings(dataset.cases, dataset.root, split) if split else []
     if split is not None and method == "held_out":
         print(held_out_line(len(dataset.cases), resolved.training_run_id, split.version))
@@ -112,11 +110,11 @@ def plan(cfg: DictConfig, tracking_uri: str) -> Plan:
 
 
 def prepare(
-    cfg: DictConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
+    config: EvalConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
 ) -> Evaluation:
-    """After `plan(cfg, ...)`: load the model, probe its channels on the device and run the
+    """After `plan(config, ...)`: load the model, probe its channels on the device and run the
     config checks. `load_model` is the injection point for a sweep's shared model cache."""
-    loaded = load_model(planned.resolved, OmegaConf.to_container(cfg.model, resolve=True))
+    loaded = load_model(planned.resolved, config.model)
     training = planned.resolved.training_config
     settings = planned.settings
     device = resolve_device(settings.device)
@@ -136,31 +134,18 @@ def prepare(
         training.transforms, training.values.get("normalization") or [], settings.normalization
     )
     return Evaluation(
-        planned.resolved,
-        loaded,
-        settings,
-        planned.assumed,
-        planned.dataset,
-        device,
-        n_out,
-        findings,
-        planned.config_hash,
-        n_in,
+        resolved=planned.resolved,
+        loaded=loaded,
+        settings=settings,
+        assumed=planned.assumed,
+        dataset=planned.dataset,
+        device=device,
+        n_output_channels=n_out,
+        findings=findings,
+        config_hash=planned.config_hash,
+        labels=tuple(foreground_labels(planned.dataset, n_out)),
+        n_input_channels=n_in,
     )
-
-
-def attach_demo(cfg: DictConfig, tracking_uri: str) -> None:
-    """Build (or reuse) the demo's data and training run and point the config at them."""
-    from evalharness.demo.build import DEMO, TINY, ensure_demo
-
-    cache = Path(cfg.demo.cache_dir or Path.cwd() / "outputs" / "demo")
-    demo = ensure_demo(cache, tracking_uri, spec=TINY if cfg.demo.size == "tiny" else DEMO)
-    with open_dict(cfg):
-        cfg.data.root = str(demo.data_root)
-        if cfg.data.split.method == "file" and cfg.data.split.file is None:
-            cfg.data.split.file = str(demo.split_file)
-        if not any(cfg.model.get(k) for k in ("run_id", "path", "uri", "run_name")):
-            cfg.model.run_id = demo.run_id
 
 
 def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
@@ -171,7 +156,7 @@ def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
     return [1] if n_channels == 1 else list(range(1, n_channels))
 
 
-def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
+def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
     """Provenance tags of an evaluation run."""
     resolved = ev.resolved
     return {
@@ -184,7 +169,7 @@ def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.model_sha256": resolved.sha256,
         "evalharness.model_downloaded": str(resolved.downloaded).lower(),
         "evalharness.model_loader": ev.loaded.loader,
-        "evalharness.trust_pickle": str(bool(cfg.model.trust_pickle)).lower(),
+        "evalharness.trust_pickle": str(bool(config.model.trust_pickle)).lower(),
         "evalharness.training_config_source": resolved.training_config.source,
         "evalharness.training_config_fields": ", ".join(
             f"{k}={v}" for k, v in sorted(resolved.training_config.field_sources.items())
@@ -195,12 +180,3 @@ def run_tags(cfg: DictConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
     }
-
-
-def run_params(cfg: DictConfig, ev: Evaluation) -> dict[str, Any]:
-    """The flattened resolved config plus the `effective.*` values."""
-    from evalharness.track.tracking import flatten
-
-    params = flatten(OmegaConf.to_container(cfg, resolve=True))
-    params.update({f"effective.{k}": v for k, v in ev.settings.as_params().items()})
-    return params

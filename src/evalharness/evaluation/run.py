@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from mlflow.entities import Run
-from omegaconf import DictConfig, OmegaConf
 from requests import RequestException
 
 from evalharness.checks.mismatches import (
@@ -31,19 +30,24 @@ from evalharness.checks.mismatches import (
     report_json,
     report_tags,
 )
+from evalharness.config.schema import EvalConfig, MlflowConfig, as_dict
+from evalharness.config.validate import validate
 from evalharness.errors import ConfigError, HarnessError, one_line
 from evalharness.evaluation.case_loop import LoopOptions, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
-from evalharness.evaluation.plan import Evaluation, plan, prepare, run_params, run_tags
+from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.predict.pipeline import load_case_inputs
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
+from evalharness.track.liveness import liveness_tags, process_alive
 from evalharness.track.report import log_results, print_summary
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
 KEPT_STATUSES = ("ok", "no_label")
+ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
+"""(validated config, evaluation store URI) -> the config to evaluate."""
 
 
 @dataclass(frozen=True)
@@ -55,23 +59,19 @@ class Outcome:
     skipped: bool = False
 
 
-def tracking_uri_of(cfg: DictConfig) -> str:
-    """The evaluation store's URI, local paths made absolute."""
-    uri = cfg.mlflow.tracking_uri or tracking.default_tracking_uri(Path.cwd())
+def tracking_uri_of(tracking_uri: str | None) -> str:
+    """The evaluation store's URI (`mlflow.tracking_uri`; null: the default store under the
+    current folder), local paths made absolute."""
+    uri = tracking_uri or tracking.default_tracking_uri(Path.cwd())
     return tracking.absolute_tracking_uri(uri)
 
 
 class _LazyRun:
     """The evaluation run, created on first need so an early failure still gets one."""
 
-    def __init__(self, client: Any, experiment_id: str, cfg: DictConfig, parent: str | None):
-        self.client, self.experiment_id = client, experiment_id
-        self.name = cfg.mlflow.run_name
-        self.tags = {
-            "evalharness.kind": "evaluation",
-            "evalharness.pid": str(os.getpid()),
-            "evalharness.host": socket.gethostname(),
-        }
+    def __init__(self, client: Any, experiment_id: str, name: str | None, parent: str | None):
+        self.client, self.experiment_id, self.name = client, experiment_id, name
+        self.tags = {"evalharness.kind": "evaluation", **liveness_tags()}
         if parent is not None:
             self.tags["mlflow.parentRunId"] = parent
         self.run_id: str | None = None
@@ -83,26 +83,31 @@ class _LazyRun:
 
 
 def evaluate(
-    cfg: DictConfig,
+    config: EvalConfig,
     output_dir: Path,
     parent_run_id: str | None = None,
     skip_finished: bool = False,
     cache: SweepCache | None = None,
+    complete: ConfigCompletion | None = None,
 ) -> Outcome:
     """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
 
     `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep.
+    `complete`, given by a client such as the demo, fills in the configuration once it has
+    been validated and the store is known (the demo builds its training run there).
     """
-    uri = tracking_uri_of(cfg)
+    uri = tracking_uri_of(config.mlflow.tracking_uri)
     try:
-        client = tracking.prepare_store(uri)
-        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
+        client, experiment = tracking.open_experiment(uri, config.mlflow.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
         print(f"error: {_store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
-    run = _LazyRun(client, experiment, cfg, parent_run_id)
+    run = _LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
     try:
-        return _evaluate(cfg, uri, output_dir, run, skip_finished, cache)
+        if complete is not None:
+            validate(config)
+            config = complete(config, uri)
+        return _evaluate(config, uri, output_dir, run, skip_finished, cache)
     except HarnessError as error:
         message = one_line(error)
         print(f"error: {message}", file=sys.stderr)
@@ -117,15 +122,14 @@ def evaluate(
         raise
 
 
-def record_failure(cfg: DictConfig, error: HarnessError) -> Outcome:
+def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
     """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
     message = one_line(error)
     print(f"error: {message}", file=sys.stderr)
-    uri = tracking_uri_of(cfg)
+    uri = tracking_uri_of(mlflow_config.tracking_uri)
     try:
-        client = tracking.prepare_store(uri)
-        experiment = tracking.experiment_id(client, uri, cfg.mlflow.experiment)
-        run = _LazyRun(client, experiment, cfg, None)
+        client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
+        run = _LazyRun(client, experiment, mlflow_config.run_name, None)
         tracking.finish(client, run.ensure(), "FAILED", message)
     except Exception as store_error:  # the store is unusable too: say so, on one more line
         print(f"error: {_store_error(uri, store_error)}", file=sys.stderr)
@@ -147,7 +151,7 @@ def _store_error(uri: str, error: Exception) -> str:
 
 
 def _evaluate(
-    cfg: DictConfig,
+    config: EvalConfig,
     uri: str,
     output_dir: Path,
     run: _LazyRun,
@@ -155,7 +159,7 @@ def _evaluate(
     cache: SweepCache | None,
 ) -> Outcome:
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
-    planned = plan(cfg, uri)
+    planned = plan(config, uri)
     client = run.client
     earlier = tracking.runs_with_tag(
         client, run.experiment_id, "evalharness.config_hash", planned.config_hash
@@ -165,38 +169,38 @@ def _evaluate(
         done = finished[0].info.run_id
         print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
         return Outcome(EXIT_OK, done, skipped=True)
-    ev = prepare(cfg, planned, cache.load_model) if cache else prepare(cfg, planned)
+    ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
     previous_rows, previous_findings, resumed_from = (None, [], None)
-    if cfg.run.resume:
+    if config.run.resume:
         previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
     run_id = run.ensure()
-    tags = run_tags(cfg, ev)
+    tags = run_tags(config, ev)
     if resumed_from:
         tags["evalharness.resumed_from"] = resumed_from
-    tracking.log_params(client, run_id, run_params(cfg, ev))
+    tracking.log_params(client, run_id, run_params(config, ev))
     tracking.set_tags(client, run_id, tags)
-    tracking.log_text(client, run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracking.log_text(client, run_id, config_yaml(config), "config.yaml")
     sink = _MlflowSink(client, run_id, ev)
-    _check_config(cfg, ev, sink)
+    _check_config(config.checks.on_mismatch, ev, sink)
     if previous_findings:
         sink.findings(previous_findings)
     table = CaseTable(output_dir / "per_case.csv", previous_rows)
     options = LoopOptions(
-        on_case_error=cfg.run.on_case_error,
-        prefetch=cfg.run.prefetch,
-        warn=cfg.checks.on_mismatch != "ignore",
-        predictions_dir=output_dir / "predictions" if cfg.output.save_predictions else None,
+        on_case_error=config.run.on_case_error,
+        prefetch=config.run.prefetch,
+        warn=config.checks.on_mismatch != "ignore",
+        predictions_dir=output_dir / "predictions" if config.output.save_predictions else None,
         skip_cases=table.case_ids(),
-        max_device_memory_mb=cfg.inference.max_device_memory_mb,
+        max_device_memory_mb=config.inference.max_device_memory_mb,
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
     extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
     frame = table.frame()
-    plot_dir = output_dir / "plots" if cfg.output.plots else None
+    plot_dir = output_dir / "plots" if config.output.plots else None
     summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
     tracking.finish(client, run_id, "FINISHED")
-    shown = None if cfg.checks.on_mismatch == "ignore" else ev.findings
+    shown = None if config.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)
     return Outcome(EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK, run_id)
 
@@ -224,9 +228,8 @@ class _MlflowSink:
         tracking.set_tags(self.client, self.run_id, report_tags(report))
 
 
-def _check_config(cfg: DictConfig, ev: Evaluation, sink: _MlflowSink) -> None:
+def _check_config(policy: str, ev: Evaluation, sink: _MlflowSink) -> None:
     """Show config-level mismatches; with checks.on_mismatch=error stop before inference."""
-    policy = cfg.checks.on_mismatch
     if ev.findings and policy != "ignore":
         table = format_table(ev.findings, color=sys.stderr.isatty())
         print(f"Evaluation settings vs the training configuration:\n{table}", file=sys.stderr)
@@ -270,22 +273,6 @@ def _resumable(
     return None, [], None
 
 
-def process_alive(run: Run) -> bool:
-    tags = run.data.tags
-    if tags.get("evalharness.host") != socket.gethostname():
-        return True  # cannot tell from here: leave another machine's run alone
-    pid = int(tags.get("evalharness.pid", "0") or 0)
-    if pid <= 0 or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _previous_findings(
     client: Any, run_id: str, cases: set[str], output_dir: Path
 ) -> list[Mismatch]:
@@ -298,3 +285,15 @@ def _previous_findings(
         for entry in report.get("data", [])
         if entry.get("case") in cases
     ]
+
+
+def run_params(config: EvalConfig, ev: Evaluation) -> dict[str, Any]:
+    """The flattened configuration plus the `effective.*` values."""
+    params = tracking.flatten(as_dict(config))
+    params.update({f"effective.{k}": v for k, v in ev.settings.as_params().items()})
+    return params
+
+
+def config_yaml(config: EvalConfig) -> str:
+    """The configuration as YAML (the ``config.yaml`` artifact), in the composed order."""
+    return yaml.safe_dump(as_dict(config), default_flow_style=False, sort_keys=False)

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file as load_safetensors
 
 from evalharness.errors import SourceError, first_line
 from evalharness.model.safe_pickle import is_placeholder, load_model_pickle
+from evalharness.model.targets import instantiate
 from evalharness.model.training_config import read_safetensors_metadata
 
 NOT_A_MODEL = (
@@ -60,20 +60,16 @@ def _zip_kind(path: Path) -> str | None:
 
 
 def _plain_mapping(arch: Mapping[str, Any]) -> dict:
-    if isinstance(arch, DictConfig):
-        return OmegaConf.to_container(arch, resolve=True)  # type: ignore[return-value]
     return dict(arch)
 
 
 def _instantiate(arch: Mapping[str, Any], path: Path) -> torch.nn.Module:
-    """Build ``model.arch`` (Hydra ``_target_`` mapping)."""
-    from hydra.utils import instantiate
-
+    """Build ``model.arch`` (a Hydra-style ``_target_`` mapping)."""
     if "_target_" not in arch:
         raise SourceError(f"{path}: model.arch needs a '_target_' (e.g. monai.networks.nets.UNet)")
     try:
-        network = instantiate(_plain_mapping(arch), _convert_="all")
-    except Exception as error:  # Hydra wraps any constructor error
+        network = instantiate(arch)
+    except Exception as error:  # any import or constructor error
         raise SourceError(f"{path}: cannot build model.arch: {first_line(error)}") from None
     if not isinstance(network, torch.nn.Module):
         raise SourceError(f"{path}: model.arch built a {type(network).__name__}, not an nn.Module")

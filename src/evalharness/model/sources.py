@@ -11,7 +11,6 @@ file into a network is :mod:`evalharness.model.loaders`' job. Every failure is a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -19,10 +18,8 @@ import posixpath
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -30,6 +27,8 @@ from mlflow import MlflowClient
 from mlflow.entities import FileInfo, Run
 from mlflow.exceptions import MlflowException
 
+from evalharness.config.rules import MODEL_RUN_KEYS
+from evalharness.config.schema import ModelConfig
 from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
 from evalharness.model.discovery import (
@@ -46,6 +45,7 @@ from evalharness.model.training_config import (
     training_config_from_params,
     training_config_from_safetensors,
 )
+from evalharness.track import tracking
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,6 @@ SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample id
 CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
-_HTTP_DEFAULTS = {  # bounded wait on an unreachable tracking server (user's env wins)
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-}
 
 
 @dataclass(frozen=True)
@@ -97,18 +92,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _bounded_http() -> Iterator[None]:
-    """Low retry/timeout defaults for MLflow's HTTP client, restored afterwards."""
-    unset = [name for name in _HTTP_DEFAULTS if name not in os.environ]
-    os.environ.update({name: _HTTP_DEFAULTS[name] for name in unset})
-    try:
-        yield
-    finally:
-        for name in unset:
-            os.environ.pop(name, None)
 
 
 def _get_run(client: MlflowClient, run_id: str, uri: str) -> Run:
@@ -295,24 +278,24 @@ def _training_config(
 
 
 def _locate_run(
-    client: MlflowClient, model_cfg: Mapping[str, Any], uri: str
+    client: MlflowClient, source: ModelConfig, uri: str
 ) -> tuple[Run, str | None, list[str]]:
     """The training run, the model's artifact path in it (None: to be discovered), and notes
     on how they were chosen."""
-    artifact = model_cfg.get("artifact") or None
+    artifact = source.artifact or None
     notes: list[str] = []
-    run_id = model_cfg.get("run_id")
-    model_uri = str(model_cfg.get("uri") or "")
+    run_id = source.run_id
+    model_uri = str(source.uri or "")
     if model_uri.startswith("runs:/"):
         run_id, artifact = _split_runs_uri(model_uri)
     elif model_uri:
         run_id, artifact, note = _registered_version(client, model_uri, uri)
         notes.append(note)
-    elif model_cfg.get("run_name"):
-        experiment = model_cfg.get("experiment")
+    elif source.run_name:
+        experiment = source.experiment
         if not experiment:
             raise SourceError("model.run_name needs model.experiment")
-        run_id, notes = _find_run_by_name(client, experiment, model_cfg["run_name"], uri)
+        run_id, notes = _find_run_by_name(client, experiment, source.run_name, uri)
     run = _get_run(client, str(run_id), uri)
     return run, None if artifact is None else normalise_artifact_path(artifact), notes
 
@@ -348,57 +331,52 @@ def _training_split(client: MlflowClient, run: Run, cache_dir: Path, uri: str) -
     return _fetch(client, run, TRAINING_SPLIT_ARTIFACT, cache_dir, uri)[0]
 
 
-def resolve_model(
-    model_cfg: Mapping[str, Any], tracking_uri: str, cache_dir: Path
-) -> ResolvedModel:
-    """Locate the model file and the training config described by ``model_cfg``.
+def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
+    """Locate the model file and the training config described by `source` (the ``model`` config).
 
     The run is named by one of ``run_id``, ``uri`` or ``experiment`` + ``run_name``, read
-    from ``model_cfg.tracking_uri`` if set, else ``tracking_uri``; ``path`` takes the model
+    from ``source.tracking_uri`` if set, else ``tracking_uri``; ``path`` takes the model
     file from local disk instead of the run's ``artifact`` (the run still gives the config).
     Downloads are cached in ``cache_dir`` (``downloaded`` says whether this call fetched).
     With no ``artifact`` (and no ``uri``) the model is discovered for ``role`` (best|final).
     """
-    chosen = [key for key in ("run_id", "uri", "run_name") if model_cfg.get(key)]
-    if len(chosen) > 1:
-        raise SourceError(f"model: set only one of run_id, uri, run_name (got {chosen})")
-    local = model_cfg.get("path")
+    chosen = [key for key in MODEL_RUN_KEYS if getattr(source, key)]
+    local = source.path
     if not chosen and not local:
         raise SourceError("model: set one of path, run_id, uri or experiment + run_name")
-    uri = str(model_cfg.get("tracking_uri") or tracking_uri)
+    uri = str(source.tracking_uri or tracking_uri)
     client = run = experiment = choice = sibling = split_path = None
     notes: list[str] = []
-    with _bounded_http():
-        try:
-            if chosen:
-                client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-                run, artifact, notes = _locate_run(client, model_cfg, uri)
-                experiment = client.get_experiment(run.info.experiment_id).name
-                split_path = _training_split(client, run, cache_dir, uri)
-            if local:
-                model_path, artifact_uri = Path(local).expanduser().resolve(), None
-                if not model_path.is_file():
-                    raise SourceError(f"model.path: file not found: {model_path}")
-                sha, downloaded = _sha256(model_path), False
+    try:
+        if chosen:
+            client = tracking.client_for(uri, registry_uri=uri)
+            run, artifact, notes = _locate_run(client, source, uri)
+            experiment = client.get_experiment(run.info.experiment_id).name
+            split_path = _training_split(client, run, cache_dir, uri)
+        if local:
+            model_path, artifact_uri = Path(local).expanduser().resolve(), None
+            if not model_path.is_file():
+                raise SourceError(f"model.path: file not found: {model_path}")
+            sha, downloaded = _sha256(model_path), False
+        else:
+            run_id = run.info.run_id
+            if artifact is None:
+                choice = discover_model(client, run_id, source.role)
             else:
-                run_id = run.info.run_id
-                if artifact is None:
-                    choice = discover_model(client, run_id, str(model_cfg.get("role") or "best"))
-                else:
-                    how = "model.uri" if model_cfg.get("uri") else "model.artifact"
-                    choice = _explicit_choice(client, run_id, artifact, how)
-                model_path, sha, downloaded = _fetch(client, run, choice.artifact, cache_dir, uri)
-                if choice.sibling is not None:
-                    sibling = _fetch(client, run, choice.sibling, cache_dir, uri)[0]
-                artifact_uri = f"runs:/{run_id}/{choice.artifact}"
-            config_artifact = model_cfg.get("config_artifact")
-            config = _training_config(
-                client, run, config_artifact, sibling or model_path, cache_dir, uri
-            )
-        except (MlflowException, OSError) as error:  # what the specific checks did not foresee
-            raise SourceError(
-                f"cannot resolve the model (tracking URI {uri}): {first_line(error)}"
-            ) from None
+                how = "model.uri" if source.uri else "model.artifact"
+                choice = _explicit_choice(client, run_id, artifact, how)
+            model_path, sha, downloaded = _fetch(client, run, choice.artifact, cache_dir, uri)
+            if choice.sibling is not None:
+                sibling = _fetch(client, run, choice.sibling, cache_dir, uri)[0]
+            artifact_uri = f"runs:/{run_id}/{choice.artifact}"
+        config_artifact = source.config_artifact
+        config = _training_config(
+            client, run, config_artifact, sibling or model_path, cache_dir, uri
+        )
+    except (MlflowException, OSError) as error:  # what the specific checks did not foresee
+        raise SourceError(
+            f"cannot resolve the model (tracking URI {uri}): {first_line(error)}"
+        ) from None
     return ResolvedModel(
         local_path=model_path,
         sha256=sha,

@@ -5,15 +5,13 @@ a C-ordered array). The voxels of a run are connected; two runs in rows (x, y) a
 (x + dx, y + dy), |dx|, |dy| <= 1, are 26-connected iff their Z intervals overlap or meet at a
 corner. Components of that run graph are the components of the mask; their sizes are summed
 run lengths. A smooth prediction has few runs per voxel, so this costs a few passes over the
-mask plus work per run, several times less than labelling every voxel (scipy.ndimage.label):
-24 ms against 250 ms for two ellipsoids filling 59 % of 320x320x110, 11 ms against 105 ms for
-a ball of radius 40 and a few small blobs there (2 shared cores).
+mask plus work per run, several times less than labelling every voxel (scipy.ndimage.label).
 
 A speckled mask (the ~50 % noise a random-weights network predicts) has runs one or two voxels
 long, and candidate neighbours grow with the square of the runs per row: the graph costs
 several times more than labelling voxels. Such a mask is labelled voxel by voxel with
-connected-components-3d (cc3d, a decision-tree union-find in C): 0.16 s against 0.46 s for
-scipy.ndimage.label on the benchmark's 56 % speckle at 320x320x110, with labels in raster order.
+connected-components-3d (cc3d, a decision-tree union-find in C), with labels in raster order.
+The measured timings of both paths are in benchmarks/README.md.
 """
 
 from __future__ import annotations

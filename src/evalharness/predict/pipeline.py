@@ -163,15 +163,16 @@ def native_labels(probs: torch.Tensor, prepared: PreparedImage, threshold: float
     return decode(native_probs, threshold).cpu().numpy()
 
 
-def _sliding_window(
+def window_probs(
     model: torch.nn.Module,
     prepared: PreparedImage,
     settings: EffectiveSettings,
     device: torch.device,
-    buffers: torch.device,
+    buffer_device: torch.device | None = None,
 ) -> torch.Tensor:
-    run = functools.partial(
-        sliding_window_probs,
+    """Class probabilities [K, X', Y', Z'] on the model grid: the sliding window with the
+    effective settings (aggregation buffers on `buffer_device`, default `device`)."""
+    return sliding_window_probs(
         model,
         prepared.tensor,
         patch_size_vox=settings.patch_size_vox,
@@ -181,9 +182,21 @@ def _sliding_window(
         device=device,
         amp=settings.amp,
         tta=settings.tta,
+        buffer_device=buffer_device,
     )
+
+
+def _sliding_window(
+    model: torch.nn.Module,
+    prepared: PreparedImage,
+    settings: EffectiveSettings,
+    device: torch.device,
+    buffers: torch.device,
+) -> torch.Tensor:
+    """`window_probs`; CUDA out of memory with the buffers on the GPU retries on the CPU."""
+    run = functools.partial(window_probs, model, prepared, settings, device)
     try:
-        return run(buffer_device=buffers)
+        return run(buffers)
     except torch.cuda.OutOfMemoryError as error:
         if buffers.type == "cpu":
             raise CaseError(
@@ -192,7 +205,7 @@ def _sliding_window(
             ) from error
         log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
         torch.cuda.empty_cache()
-        return run(buffer_device=torch.device("cpu"))
+        return run(torch.device("cpu"))
 
 
 def probe_channels(

@@ -17,39 +17,12 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from evalharness.config.rules import overlap_to_voxels
 from evalharness.errors import ConfigError
 
-OVERLAP_KEY = "patch.overlap"
 NORMALIZE_SLAB_VOXELS = 1 << 20  # voxels of the summed blending weights built at a time
 # The 8 mirror flips of [X, Y, Z] as sets of spatial axes, identity first.
 ALL_FLIPS = tuple(axes for n in range(4) for axes in itertools.combinations((0, 1, 2), n))
-
-
-def overlap_to_voxels(
-    overlap: float | int | Sequence[int], patch_size_vox: Sequence[int]
-) -> tuple[int, int, int]:
-    """Per-axis even overlap in voxels, as fastMONAI's `_normalize_patch_overlap`.
-
-    A scalar 0 < x < 1 is a share of the patch: int(size * x); any other scalar is a voxel
-    count for every axis; a sequence gives one voxel count per axis. Odd counts lose one voxel
-    (TorchIO's GridSampler needs even overlaps).
-    """
-    if isinstance(overlap, (int, float, np.number)):
-        if 0 < float(overlap) < 1:
-            voxels = [int(int(size) * float(overlap)) for size in patch_size_vox]
-        else:
-            voxels = [int(overlap)] * len(patch_size_vox)
-    else:
-        voxels = [int(value) for value in overlap]
-    if len(voxels) != 3 or len(patch_size_vox) != 3:
-        raise ConfigError(f"{OVERLAP_KEY}={overlap!r}: expected a scalar or 3 values")
-    even = tuple(v - 1 if v % 2 and v > 0 else v for v in voxels)
-    if any(v < 0 or v >= int(p) for v, p in zip(even, patch_size_vox, strict=True)):
-        raise ConfigError(
-            f"{OVERLAP_KEY}={overlap!r}: overlap {even} voxels must be >= 0 and smaller than "
-            f"the patch {tuple(patch_size_vox)}"
-        )
-    return even
 
 
 def patch_starts(
@@ -85,19 +58,19 @@ def _window_factors(
 
 @functools.lru_cache(maxsize=16)
 def _window(patch_size_vox: tuple[int, int, int], aggregation: str, device: torch.device):
+    if aggregation not in ("hann", "average", "gaussian"):
+        raise ValueError(f"no blending window for aggregation {aggregation!r}")
     factors = _window_factors(patch_size_vox, aggregation)
-    if factors is not None:  # built on the CPU, multiplied in TorchIO's order
+    if factors is None:  # gaussian
+        from monai.data.utils import compute_importance_map
+
+        window = compute_importance_map(patch_size_vox, mode="gaussian", sigma_scale=0.125)
+    else:  # built on the CPU, multiplied in TorchIO's order
         window = torch.ones(patch_size_vox)
         for axis, factor in enumerate(factors):
             shape = [1, 1, 1]
             shape[axis] = -1
             window = window * factor.view(shape)
-    elif aggregation == "gaussian":
-        from monai.data.utils import compute_importance_map
-
-        window = compute_importance_map(patch_size_vox, mode="gaussian", sigma_scale=0.125)
-    else:
-        raise ValueError(f"no blending window for aggregation {aggregation!r}")
     return window.to(device=device, dtype=torch.float32)[None]
 
 
@@ -120,8 +93,6 @@ def _flip_sets(tta: bool | Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     if tta is False:
         return [()]
     sets = [tuple(sorted({int(a) for a in axes})) for axes in tta]
-    if any(a not in (0, 1, 2) for axes in sets for a in axes):
-        raise ConfigError(f"inference.tta={tta!r}: axes must be drawn from 0, 1, 2")
     return [()] + [axes for axes in dict.fromkeys(sets) if axes]
 
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
 from evalharness.evaluation.plan import load_resolved_model
@@ -131,13 +132,11 @@ class SweepCache:
         with self._lock:
             return Counters(**self._counts)
 
-    def load_model(self, resolved: ResolvedModel, model_cfg: dict) -> LoadedModel:
+    def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
         """`evaluation.load_resolved_model`, once per artifact checksum and loading options."""
-        options = {k: model_cfg.get(k) for k in ("arch", "allow_globals", "trust_pickle")}
+        options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
         key = ("model", resolved.sha256, stable_hash(options))
-        return self._get(
-            key, "model", lambda: load_resolved_model(resolved, model_cfg), _model_nbytes
-        )
+        return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
     def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
         """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""

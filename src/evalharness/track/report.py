@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 
 from evalharness.checks.mismatches import Mismatch, summary_line
-from evalharness.data.nifti_io import load_label, load_volume
+from evalharness.data.nifti_io import load_volume
 from evalharness.evaluation.case_loop import Extremes
 from evalharness.score.table import case_scores, console_table, summarize
 from evalharness.track import tracking
@@ -56,14 +55,15 @@ def _plots(table: pd.DataFrame, plot_dir: Path, extremes: Extremes) -> list[Path
         entry = getattr(extremes, kind)
         if entry is None:
             continue
-        score, case, prediction = entry
-        image = load_volume(case.image)[0][0]
-        gt = load_label(case.label)[0] if case.label else np.zeros_like(prediction)
-        zooms = nib.load(str(case.image)).header.get_zooms()[:3]
-        spacing_mm = tuple(float(z) for z in zooms)
-        title = f"{kind} case {case.case_id} (DSC {score:.3f})"
+        case = entry.case
+        image = load_volume(case.image)[0][0]  # the native image: only its model-grid copy was kept
+        title = f"{kind} case {case.case_id} (DSC {entry.score:.3f})"
         path = plot_dir / f"overlay_{kind}_{case.case_id}.png"
-        paths.append(plots.plot_case_overlay(image, gt, prediction, spacing_mm, path, title))
+        paths.append(
+            plots.plot_case_overlay(
+                image, entry.reference, entry.prediction, entry.spacing_mm, path, title
+            )
+        )
     return paths
 
 

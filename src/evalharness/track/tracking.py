@@ -83,17 +83,29 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
         yield
 
 
-def prepare_store(tracking_uri: str) -> MlflowClient:
-    """A client for `tracking_uri`, with the store created (under a lock) and bounded retries."""
-    scheme = urlparse(tracking_uri).scheme
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # ours is per case
-    if scheme in ("file", ""):
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""The one HTTP policy for every tracking server the harness talks to (evaluation and
+training stores): a bounded wait on an unreachable server. A value the user exported wins."""
+
+
+def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
+    """An `MlflowClient` for `tracking_uri` under the harness's process-wide MLflow defaults:
+    `HTTP_DEFAULTS`, no download progress bars (ours is per case), file stores allowed."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if urlparse(tracking_uri).scheme in ("file", ""):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    if scheme in ("http", "https"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    client = MlflowClient(tracking_uri=tracking_uri)
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def prepare_store(tracking_uri: str) -> MlflowClient:
+    """A client for `tracking_uri`, with the store created (under a lock)."""
+    client = client_for(tracking_uri)
     with store_lock(tracking_uri):
         client.search_experiments(max_results=1)
     return client
@@ -106,6 +118,12 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
         if experiment is not None:
             return experiment.experiment_id
         return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+
+
+def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
+    """The one way into the evaluation store: a client and the id of experiment `name`."""
+    client = prepare_store(tracking_uri)
+    return client, experiment_id(client, tracking_uri, name)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

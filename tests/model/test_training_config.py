@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from callback_run import recorded_run
+from conftest import FIXTURE
 
 from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.errors import SourceError
@@ -21,7 +22,7 @@ from evalharness.model.training_config import (
     training_config_from_params,
 )
 
-RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
+RUN = FIXTURE / "training_run"
 EXPECTED = {
     "patch_size": [48, 48, 32],
     "patch_overlap": 0.5,
@@ -90,9 +91,7 @@ def test_numpy_values_are_normalised_and_bad_values_name_the_field():
         parse_patch_config({"apply_reorder": "maybe"}, "mlflow_params")
 
 
-CALLBACK_PARAMS = json.loads(
-    (Path(__file__).parent / "data" / "fastmonai-0.12-callback-run" / "run.json").read_text()
-)["params"]
+CALLBACK_PARAMS = recorded_run()["params"]
 
 
 def _params_only(params: dict) -> TrainingConfig:

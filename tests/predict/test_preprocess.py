@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchio as tio
 
-from evalharness.data.nifti_io import load_label
-from evalharness.demo.synthetic import affine_from_axcodes, make_case, write_nifti
+from evalharness.data.nifti_io import load_label, write_nifti
+from evalharness.demo.synthetic import affine_from_axcodes, make_case
 from evalharness.errors import ConfigError
 from evalharness.predict.preprocess import (
     PreparedImage,

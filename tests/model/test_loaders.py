@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURE
 from safetensors.torch import save_file
 
 from evalharness.errors import SourceError
 from evalharness.model.loaders import load_model_file
 
-RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
+RUN = FIXTURE / "training_run"
 LEARNER = RUN / "model" / "best_learner.pkl"
 SAFETENSORS = RUN / "model" / "best_model.safetensors"
 STATE_DICT = RUN / "model" / "best_weights_state_dict.pth"

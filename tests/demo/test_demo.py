@@ -22,11 +22,12 @@ from sklearn.model_selection import train_test_split
 
 from evalharness.demo import build as demo
 from evalharness.demo import training_run as demo_run
-from evalharness.demo.build import DEMO, TINY, DemoSpec, DemoTraining, ensure_demo
+from evalharness.demo.build import DemoTraining, ensure_demo
+from evalharness.demo.spec import DEMO, TINY, DemoSpec
 from evalharness.demo.synthetic import DEMO_SPACINGS_MM
 from evalharness.model.training_config import PATCH_CONFIG_FIELDS
 
-SRC = Path(demo.__file__).resolve().parents[1]
+SRC = Path(demo.__file__).resolve().parents[2]
 PATCH_FIELDS = (*PATCH_CONFIG_FIELDS, "sampler_type", "samples_per_volume")
 
 
@@ -258,8 +259,8 @@ def run_in_processes(cache: Path, uri: str, n: int) -> list[DemoTraining]:
         f"""
         import json
         from evalharness.demo import build as demo
-        from evalharness.demo import training_run as demo_run
-        result = demo.ensure_demo({str(cache)!r}, {uri!r}, spec=demo.TINY)
+        from evalharness.demo.spec import TINY
+        result = demo.ensure_demo({str(cache)!r}, {uri!r}, spec=TINY)
         print("RESULT " + json.dumps([result.run_id, str(result.data_root)]))
         """
     )

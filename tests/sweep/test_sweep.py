@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from evalharness.score.comparison import JobRecord, RunData, compare, direction
-from evalharness.sweep.callback import SweepCallback, SweepState, close_orphaned_parents, setting_of
+from evalharness.sweep.callback import SweepCallback, close_orphaned_parents
+from evalharness.sweep.state import SweepState, setting_of
 from evalharness.track import tracking
 
 GRID = ("patch.overlap=0.25,0.5", "inference.aggregation=hann,average")

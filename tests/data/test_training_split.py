@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 from callback_run import ARTIFACTS
+from conftest import FIXTURE
 
 from evalharness.checks.leakage import leakage_findings
+from evalharness.config.schema import DataConfig, from_mapping
 from evalharness.data.datasets import Case, load_dataset
 from evalharness.data.training_split import (
     held_out_cases,
@@ -18,7 +20,13 @@ from evalharness.data.training_split import (
 from evalharness.errors import ConfigError, DataError
 
 SPLIT_CSV = ARTIFACTS / "data" / "train_val_split.csv"
-HEART = Path(__file__).parent / "data" / "fastmonai-0.12-binary" / "Task02_HeartSynth"
+HEART = FIXTURE / "Task02_HeartSynth"
+
+
+def heart(method: str) -> DataConfig:
+    return from_mapping(
+        DataConfig, {"name": "decathlon", "root": str(HEART), "split": {"method": method}}
+    )
 
 
 def split():
@@ -57,18 +65,15 @@ def test_cases_match_by_case_id_or_by_path_relative_to_the_dataset_folder(tmp_pa
 
 
 def test_held_out_is_every_listed_case_the_run_did_not_use():
-    dataset = load_dataset(
-        {"name": "decathlon", "root": str(HEART), "split": {"method": "held_out"}},
-        partial(held_out_cases, split=split()),
-    )
+    dataset = load_dataset(heart("held_out"), partial(held_out_cases, split=split()))
     assert [c.case_id for c in dataset.cases] == ["la_001", "la_005"]
     assert dataset.split_method == "held_out"
     with pytest.raises(ConfigError, match="held_out: needs a training run"):
-        load_dataset({"name": "decathlon", "root": str(HEART), "split": {"method": "held_out"}})
+        load_dataset(heart("held_out"))
 
 
 def test_leakage_names_each_used_case_and_its_role():
-    dataset = load_dataset({"name": "decathlon", "root": str(HEART), "split": {"method": "all"}})
+    dataset = load_dataset(heart("all"))
     found = leakage_findings(dataset.cases, dataset.root, split())
     assert [(m.case, m.training, m.severity) for m in found] == [
         ("la_000", "valid", "error"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from test_checks import check, settings
+from test_config_checks import check, settings
 from test_probes import asymmetric
 
 from evalharness.checks.mismatches import (

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURE
 
 from evalharness.errors import SourceError
 from evalharness.model.safe_pickle import is_placeholder, load_data_pickle, load_model_pickle
 
-RUN = Path(__file__).resolve().parent / "data" / "fastmonai-0.12-binary" / "training_run"
+RUN = FIXTURE / "training_run"
 
 
 class Payload:

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torchio as tio
+from conftest import FIXTURE
 
+from evalharness.config.rules import overlap_to_voxels
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
-from evalharness.demo.synthetic import write_nifti
+from evalharness.data.nifti_io import load_label, write_nifti
 from evalharness.errors import ConfigError
 from evalharness.evaluation.case_loop import LoopOptions, _save_prediction
 from evalharness.predict.components import keep_largest_component
@@ -26,14 +27,12 @@ from evalharness.predict.preprocess import PreprocessSettings, prepare_image, re
 from evalharness.predict.sliding_window import (
     blending_window,
     decode,
-    overlap_to_voxels,
     patch_starts,
     resolve_device,
     sliding_window_probs,
 )
 
 CPU = torch.device("cpu")
-FIXTURE = Path(__file__).parent / "data" / "fastmonai-0.12-binary"
 
 
 def conv_model(out_channels: int = 2, seed: int = 0) -> torch.nn.Module:
@@ -51,27 +50,6 @@ def torchio_probs(model, image, patch, overlap_vox, mode, batch_size=3) -> torch
             probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
             aggregator.add_batch(probs, batch[tio.LOCATION])
     return aggregator.get_output_tensor()
-
-
-@pytest.mark.parametrize(
-    ("overlap", "patch", "expected"),
-    [
-        (0.5, (48, 48, 32), (24, 24, 16)),
-        (0.3, (48, 40, 30), (14, 12, 8)),  # int(48*.3)=14, int(40*.3)=12, int(30*.3)=9 -> 8
-        (7, (16, 16, 16), (6, 6, 6)),
-        (12.0, (16, 16, 16), (12, 12, 12)),
-        (1.0, (16, 16, 16), (0, 0, 0)),  # not a fraction: 1 voxel, made even
-        ([4, 5, 0], (16, 16, 16), (4, 4, 0)),
-    ],
-)
-def test_overlap_to_voxels_follows_fastmonai(overlap, patch, expected):
-    assert overlap_to_voxels(overlap, patch) == expected
-
-
-@pytest.mark.parametrize("overlap", [-2, 16, [2, 2], [0, 0, 40]])
-def test_overlap_to_voxels_rejects_bad_values(overlap):
-    with pytest.raises(ConfigError, match="patch.overlap"):
-        overlap_to_voxels(overlap, (16, 16, 32))
 
 
 @pytest.mark.parametrize(

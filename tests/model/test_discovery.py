@@ -10,6 +10,7 @@ import torch
 from callback_run import ARTIFACTS, log_callback_run, recorded_artifacts
 from mlflow import MlflowClient
 
+from evalharness.config.schema import ModelConfig, from_mapping
 from evalharness.data.training_split import training_split_of
 from evalharness.errors import SourceError
 from evalharness.evaluation.plan import load_resolved_model
@@ -18,7 +19,11 @@ from evalharness.model.loaders import load_model_file
 from evalharness.model.sources import resolve_model
 
 CALLBACK = recorded_artifacts()  # what fastMONAI 0.12's callback logged
-LOAD_OPTIONS = {"arch": None, "allow_globals": [], "trust_pickle": False}
+LOAD_OPTIONS = ModelConfig()  # arch None, no extra globals, no trust
+
+
+def resolve(cfg: dict, uri: str, cache: Path):
+    return resolve_model(from_mapping(ModelConfig, cfg), uri, cache)
 
 
 def test_the_callback_layout_gives_the_best_safetensors_and_final_on_request():
@@ -88,16 +93,16 @@ def runs(tmp_path_factory) -> Runs:
 
 
 def test_resolve_discovers_the_model_and_an_explicit_artifact_wins(runs, tmp_path):
-    found = resolve_model({"run_id": runs.full}, runs.uri, tmp_path)
+    found = resolve({"run_id": runs.full}, runs.uri, tmp_path)
     assert found.artifact == "model/best_model.safetensors"
     assert found.artifact_reason == "first of the discovery order for model.role=best"
     assert found.training_config.source == "safetensors"
     assert found.split_version and found.training_split_path.name == "train_val_split.csv"
-    final = resolve_model({"run_id": runs.full, "role": "final"}, runs.uri, tmp_path)
+    final = resolve({"run_id": runs.full, "role": "final"}, runs.uri, tmp_path)
     assert final.artifact == "model/final_model.safetensors"
     assert final.sha256 != found.sha256
     cfg = {"run_id": runs.full, "artifact": "model/best_weights.pth"}
-    explicit = resolve_model(cfg, runs.uri, tmp_path)
+    explicit = resolve(cfg, runs.uri, tmp_path)
     assert (explicit.artifact, explicit.artifact_reason) == (cfg["artifact"], "model.artifact")
     assert explicit.sibling_metadata_path.name == "best_model.safetensors"
     assert explicit.training_config.source == "safetensors"  # the sibling's inference_config
@@ -105,7 +110,7 @@ def test_resolve_discovers_the_model_and_an_explicit_artifact_wins(runs, tmp_pat
 
 def test_state_dict_with_sibling_metadata_loads_the_same_network_as_the_safetensors(runs, tmp_path):
     cfg = {"run_id": runs.full, "artifact": "model/best_weights.pth"}
-    resolved = resolve_model(cfg, runs.uri, tmp_path)
+    resolved = resolve(cfg, runs.uri, tmp_path)
     assert sibling_arch(resolved.sibling_metadata_path)["_target_"] == "monai.networks.nets.UNet"
     loaded = load_resolved_model(resolved, LOAD_OPTIONS)
     reference = load_model_file(ARTIFACTS / "model" / "best_model.safetensors").network
@@ -116,7 +121,7 @@ def test_state_dict_with_sibling_metadata_loads_the_same_network_as_the_safetens
 
 
 def test_a_bare_state_dict_without_any_architecture_asks_for_model_arch(runs, tmp_path):
-    resolved = resolve_model({"run_id": runs.weights}, runs.uri, tmp_path)
+    resolved = resolve({"run_id": runs.weights}, runs.uri, tmp_path)
     assert resolved.artifact == "model/best_weights.pth" and resolved.sibling_metadata_path is None
     assert resolved.training_config.source == "mlflow_params"  # the callback's patch_* params
     with pytest.raises(SourceError, match="is a state dict: model.arch is required"):
@@ -125,7 +130,7 @@ def test_a_bare_state_dict_without_any_architecture_asks_for_model_arch(runs, tm
 
 def test_nothing_loadable_lists_what_the_run_holds(runs, tmp_path):
     with pytest.raises(SourceError) as error:
-        resolve_model({"run_id": runs.nothing}, runs.uri, tmp_path)
+        resolve({"run_id": runs.nothing}, runs.uri, tmp_path)
     message = str(error.value)
     assert f"run '{runs.nothing}' has no loadable model file" in message
     assert "model/best_learner.pkl, model/best_model.safetensors" in message
@@ -140,14 +145,14 @@ def _split_of(resolved, method: str):
 
 def test_held_out_without_the_split_file_names_the_missing_artifact(runs, tmp_path):
     cfg = {"run_id": runs.full, "artifact": "model/best_model.safetensors"}
-    resolved = resolve_model(cfg, runs.uri, tmp_path)
+    resolved = resolve(cfg, runs.uri, tmp_path)
     assert _split_of(resolved, "held_out").version == resolved.split_version
-    bare = resolve_model(
+    bare = resolve(
         {"path": str(ARTIFACTS / "model" / "best_model.safetensors")}, runs.uri, tmp_path
     )
     assert _split_of(bare, "held_out") is None  # no run: load_dataset says so
     lone = log_callback_run(runs.uri, artifacts=["model/best_model.safetensors"])
-    no_split = resolve_model({"run_id": lone}, runs.uri, tmp_path)
+    no_split = resolve({"run_id": lone}, runs.uri, tmp_path)
     assert _split_of(no_split, "all") is None
     with pytest.raises(SourceError, match=f"training run '{lone}' has no artifact 'data/train_val"):
         _split_of(no_split, "held_out")
@@ -155,5 +160,5 @@ def test_held_out_without_the_split_file_names_the_missing_artifact(runs, tmp_pa
 
 def test_model_path_is_tagged_as_such(runs, tmp_path):
     local = Path(ARTIFACTS / "model" / "best_model.safetensors")
-    resolved = resolve_model({"path": str(local)}, runs.uri, tmp_path)
+    resolved = resolve({"path": str(local)}, runs.uri, tmp_path)
     assert (resolved.artifact, resolved.artifact_reason) == (None, "model.path")

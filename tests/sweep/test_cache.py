@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evalharness.data.datasets import Case
-from evalharness.demo.synthetic import write_nifti
+from evalharness.data.nifti_io import write_nifti
 from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.sweep.cache import Counters, SizedLRU, SweepCache
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from evalharness.checks.config_checks import config_mismatches, overlap_voxels
+from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.mismatches import Mismatch, has_errors
 from evalharness.config.settings import EffectiveSettings
 
@@ -185,20 +185,6 @@ def test_sweep_dimensions_are_info_only():
     assert "inference.batch_size" not in by_key(check(settings(batch_size=8)))
 
 
-def test_overlap_voxels_the_fastmonai_way():
-    assert overlap_voxels(0.5, (96, 96, 64)) == (48, 48, 32)
-    assert overlap_voxels(0.3, (32, 32, 16)) == (8, 8, 4)  # 9.6 -> 9 -> 8, 4.8 -> 4
-    assert overlap_voxels(17, (96, 96, 96)) == (16, 16, 16)
-    assert overlap_voxels([8, 9, 0], (96, 96, 96)) == (8, 8, 0)
-    assert overlap_voxels(0.0, (96, 96, 96)) == (0, 0, 0)
-    # same voxels, written differently: no entry
-    assert check(settings(overlap=[17, 16, 9])) == [] == check(settings(overlap=[16, 16, 8]))
-    # a new patch size alone is reported as patch.size: the overlap setting (0.5 -> 16 voxels
-    # at the evaluation's patch) is the same as 17 voxels there
-    bigger = check(settings(patch_size_vox=(32, 32, 32), overlap=17))
-    assert [m.key for m in bigger] == ["patch.size"]
-
-
 def test_missing_training_config_is_one_warning_listing_assumptions():
     assumed = {"apply_reorder": True, "patch_overlap": 0.5}
     found = config_mismatches(settings(), {}, "none", assumed)
@@ -227,3 +213,12 @@ def test_missing_training_field_is_a_warning_naming_it():
 def test_padding_mode_difference_is_a_warning():
     entry = by_key(check(settings(padding_mode="edge")))["preprocessing.padding_mode"]
     assert entry.severity == "warning"
+
+
+def test_overlap_is_compared_in_voxels_at_the_evaluation_patch():
+    # same voxels, written differently: no entry
+    assert check(settings(overlap=[17, 16, 9])) == [] == check(settings(overlap=[16, 16, 8]))
+    # a new patch size alone is reported as patch.size: the overlap setting (0.5 -> 16 voxels
+    # at the evaluation's patch) is the same as 17 voxels there
+    bigger = check(settings(patch_size_vox=(32, 32, 32), overlap=17))
+    assert [m.key for m in bigger] == ["patch.size"]

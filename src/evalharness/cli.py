@@ -1,0 +1,151 @@
+"""The shell: Hydra's entry point and the only code that reads Hydra's composed config.
+
+It registers the schema with Hydra, turns the composed config into the frozen dataclasses of
+`config.schema` and hands them down: to `evaluation.run.evaluate` for one run, to
+`sweep.jobs.evaluate_job` for a job of a multirun (whose parent run the Hydra callback
+`sweep.callback.SweepCallback` owns). With ``data=demo`` it lets the demo build its dataset and
+training run first (`with_demo`), so the demo is evaluated like any user's run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import MISSING as NO_VALUE
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
+from evalharness.demo.build import ensure_demo
+from evalharness.demo.spec import DEMO, TINY
+from evalharness.errors import ConfigError
+from evalharness.evaluation.outputs import check_outputs_folder
+from evalharness.evaluation.run import Outcome, evaluate, record_failure
+from evalharness.sweep.jobs import Job, evaluate_job
+
+_HYDRA_SCHEMAS: dict[type, type] = {}
+
+
+def hydra_schema(cls: type) -> type:
+    """A mutable twin of the frozen dataclass `cls` (same name, fields and defaults) for
+    Hydra to compose into; config groups with options in ``conf/`` are left MISSING."""
+    if cls in _HYDRA_SCHEMAS:
+        return _HYDRA_SCHEMAS[cls]
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            twin = hydra_schema(kind)
+            default = MISSING if cls is EvalConfig and f.name in GROUPS else None
+            spec = (
+                dataclasses.field(default=default)
+                if default is not None
+                else dataclasses.field(default_factory=twin)
+            )
+            specs.append((f.name, twin, spec))
+        elif f.default_factory is not NO_VALUE:
+            specs.append((f.name, kind, dataclasses.field(default_factory=f.default_factory)))
+        else:
+            specs.append((f.name, kind, dataclasses.field(default=f.default)))
+    twin = dataclasses.make_dataclass(cls.__name__, specs)
+    # importable by reference (Hydra's launchers pickle the config store into their workers)
+    twin.__module__, twin.__qualname__ = __name__, f"_Hydra{cls.__name__}"
+    setattr(sys.modules[__name__], twin.__qualname__, twin)
+    _HYDRA_SCHEMAS[cls] = twin
+    return twin
+
+
+def register_configs() -> None:
+    """Register the schema and the typed base of every config group.
+
+    The bases are stored at the top level (``data_schema``, not ``data/data_schema``), so that
+    `--help` lists only the options a user can choose in each group; an option file includes
+    its base with ``- /data_schema@_here_`` in its defaults list.
+    """
+    store = ConfigStore.instance()
+    store.store(name="eval_schema", node=hydra_schema(EvalConfig))
+    for group, node in GROUPS.items():
+        store.store(name=f"{group}_schema", node=hydra_schema(node))
+
+
+def config_from(cfg: DictConfig) -> EvalConfig:
+    """The composed config (without its ``hydra`` node) as frozen, typed values."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("hydra", None)
+    try:
+        return from_mapping(EvalConfig, values)
+    except TypeError as error:
+        raise ConfigError(f"configuration: {error}") from None
+
+
+def with_demo(config: EvalConfig, tracking_uri: str) -> EvalConfig:
+    """Build (or reuse) the demo's data and training run and point `config` at them."""
+    cache = Path(config.demo.cache_dir or Path.cwd() / "outputs" / "demo")
+    demo = ensure_demo(cache, tracking_uri, spec=TINY if config.demo.size == "tiny" else DEMO)
+    split = config.data.split
+    if split.method == "file" and split.file is None:
+        split = dataclasses.replace(split, file=str(demo.split_file))
+    data = dataclasses.replace(config.data, root=str(demo.data_root), split=split)
+    model = config.model
+    if not any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name")):
+        model = dataclasses.replace(model, run_id=demo.run_id)
+    return dataclasses.replace(config, data=data, model=model)
+
+
+def _completion(config: EvalConfig) -> Any:
+    return with_demo if config.data.name == "demo" else None
+
+
+def evaluate_config(cfg: DictConfig, output_dir: Path, **options: Any) -> Outcome:
+    """Evaluate a composed config (what `main` does for one run; tests call it directly)."""
+    config = config_from(cfg)
+    return evaluate(config, output_dir, complete=_completion(config), **options)
+
+
+class OutputsCheck(Callback):
+    """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _check_or_exit(config, "hydra.sweep.dir")
+
+
+def _check_or_exit(config: DictConfig, key: str) -> None:
+    try:
+        check_outputs_folder(Path(str(OmegaConf.select(config, key))), key)
+    except ConfigError as error:
+        sys.exit(record_failure(config_from(config).mlflow, error).code)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> Any:
+    """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        config = config_from(cfg)
+        job = Job(
+            sweep_dir=Path(hydra_cfg.sweep.dir).absolute(),
+            output_dir=output_dir,
+            task_overrides=tuple(hydra_cfg.overrides.task),
+            num=int(hydra_cfg.job.num),
+        )
+        return evaluate_job(config, job, _completion(config))
+    code = evaluate_config(cfg, output_dir).code
+    if code:
+        sys.exit(code)
+    return code

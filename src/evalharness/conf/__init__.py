@@ -1,0 +1,1 @@
+"""Hydra config groups of the harness (a package so Hydra can find it inside an install)."""

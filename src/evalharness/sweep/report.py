@@ -1,0 +1,116 @@
+"""The sweep's comparison, refreshed on the parent run: tables, statistics, figures, status.
+
+After each job and at the end, the comparison is recomputed from the job records and the
+children's per-case tables (`score.comparison`) and logged to the parent; `closing_status`
+decides how the parent ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from evalharness.evaluation.run import EXIT_ERROR
+from evalharness.score.comparison import Comparison, RunData, base_metric, compare, describe_test
+from evalharness.score.table import HEADLINE
+from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
+from evalharness.track import tracking
+
+REPLOT_AFTER_S = 60.0
+
+
+def closing_status(comparison: Comparison, complete: bool) -> tuple[str, str | None, int]:
+    """(parent status, reason, exit code) of a sweep that ended (`complete`: Hydra finished)."""
+    table = comparison.table
+    failed = table[~table["status"].isin(["finished", "skipped"])] if len(table) else table
+    if len(failed):
+        reasons = "; ".join(f"{r.setting}: {r.error or r.status}" for r in failed.itertuples())
+        code = EXIT_ERROR if (failed["status"] == "failed").any() else 2
+        return "FAILED", f"{len(failed)} of {len(table)} job(s) failed: {reasons}", code
+    if not complete:
+        return "KILLED", "the sweep ended before all jobs finished (interrupted or crashed)", 1
+    return "FINISHED", None, 0
+
+
+def refresh(sweep_dir: Path, state: SweepState, final: bool) -> Comparison:
+    """Recompute the comparison from the job records and log it to the parent run.
+
+    Writes ``comparison.csv``, ``comparison_stats.json`` and ``plots/`` (unless
+    ``output.plots=false``) in the sweep folder and on the parent. After a job, the primary
+    metric's figures are redrawn when the last drawing is older than `REPLOT_AFTER_S` (seconds
+    of plotting per job would dominate sweeps of quick jobs); `final` draws every headline
+    metric. Serialised by a file lock (parallel jobs end at the same time).
+    """
+    with FileLock(str(sweep_dir / STATE_DIR / "comparison.lock"), timeout=600):
+        client = tracking.prepare_store(state.tracking_uri)
+        records = read_records(sweep_dir)
+        runs = {
+            r.run_id: _run_data(client, r.run_id, sweep_dir / STATE_DIR)
+            for r in records
+            if r.run_id is not None
+        }
+        comparison = compare(records, runs, state.primary_metric)
+        _log_comparison(client, state, sweep_dir, comparison, final)
+    return comparison
+
+
+def _run_data(client: Any, run_id: str, scratch: Path) -> RunData:
+    run = client.get_run(run_id)
+    per_case = tracking.download_csv(client, run_id, "per_case.csv", scratch)
+    return RunData(dict(run.data.metrics), dict(run.data.tags), per_case, run.info.status)
+
+
+def _log_comparison(
+    client: Any, state: SweepState, sweep_dir: Path, comparison: Comparison, final: bool
+) -> None:
+    table, stats, parent = comparison.table, comparison.stats, state.parent_run_id
+    csv_path = sweep_dir / "comparison.csv"
+    table.to_csv(csv_path, index=False)
+    stats_path = sweep_dir / "comparison_stats.json"
+    write_json(stats_path, json.loads(json.dumps(stats), parse_constant=lambda _: None))  # NaN
+    tracking.log_file(client, parent, csv_path)
+    tracking.log_file(client, parent, stats_path)
+    if state.plots:
+        for path in _plots(comparison, state.primary_metric, sweep_dir / "plots", final):
+            tracking.log_file(client, parent, path, "plots")
+    best = stats["best"] or {}
+    tags = {
+        "evalharness.best_setting": best.get("setting", "none"),
+        "evalharness.best_run_id": best.get("run_id", ""),
+        "evalharness.wilcoxon": "; ".join(
+            f"{t['setting']}: {describe_test(t)}" for t in stats["tests"]
+        )
+        or "none",
+    }
+    tracking.set_tags(client, parent, tags)
+    metrics = {
+        "n_settings": stats["n_settings"],
+        "n_failed_settings": stats["n_failed"],
+        "n_skipped_settings": stats["n_skipped"],
+    }
+    if best:
+        metrics[f"best_{stats['primary_metric']}"] = best["value"]
+    tracking.log_metrics(client, parent, metrics)
+
+
+def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> list[Path]:
+    from evalharness.plots import comparison_plots
+
+    long = comparison.per_case_long
+    main = base_metric(primary) or "dsc"
+    heatmap = folder / f"heatmap_{main}.png"
+    recent = heatmap.is_file() and time.time() - heatmap.stat().st_mtime < REPLOT_AFTER_S
+    if long.empty or (recent and not final):
+        return []
+    metrics = [main, *[m for m in HEADLINE if m != main]] if final else [main]
+    paths = [
+        comparison_plots.plot_setting_comparison(long, m, folder / f"compare_{m}.png")
+        for m in metrics
+    ]
+    paths.append(comparison_plots.plot_case_setting_heatmap(long, main, heatmap))
+    paths.append(comparison_plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
+    return paths
