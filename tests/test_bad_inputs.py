@@ -26,6 +26,7 @@ from conftest import REPO
 from mlflow.tracking import MlflowClient
 from tiny import (
     AFFINE,
+    SHAPE,
     Result,
     ball,
     base_overrides,
@@ -189,16 +190,24 @@ def test_empty_masks_small_images_follow_the_documented_conventions(
     assert result.outcome.code == 0 and result.run.info.status == "FINISHED"
     assert (result.table["status"] == "ok").all()
     nan = float("nan")
+    # metrics.missing=worst (the default): a distance to an empty mask is the image diagonal
+    worst = float(np.linalg.norm(np.asarray(SHAPE) * np.abs(np.diag(AFFINE)[:3])))
+    worst_vox = float(np.linalg.norm(SHAPE))
     expected = {  # case -> metric -> value (NaN: undefined, skipped by the means)
-        "empty_gt": dict(dsc=0, precision=0, nsd_1mm=0, sens=nan, ldr=nan, rve=nan, hd95_mm=nan),
+        "empty_gt": dict(dsc=0, precision=0, nsd_1mm=0, sens=nan, ldr=nan, rve=nan),
         "both_empty": dict(dsc=1, precision=1, nsd_1mm=1, sens=1, ldr=1, rve=0, hd95_mm=0),
-        "empty_pred": dict(dsc=0, precision=nan, nsd_1mm=0, sens=0, ldr=0, rve=-1, hd95_mm=nan),
+        "empty_pred": dict(dsc=0, precision=nan, nsd_1mm=0, sens=0, ldr=0, rve=-1),
         "small": dict(dsc=1, precision=1, nsd_1mm=1, sens=1, ldr=1, rve=0, hd95_mm=0),
     }
+    for case in ("empty_gt", "empty_pred"):
+        expected[case] |= dict(hd95_mm=worst, assd_mm=worst, hd95_vox=worst_vox)
     for case, metrics in expected.items():
         row = result.row(case)
         for metric, value in metrics.items():
             assert row[metric] == pytest.approx(value, nan_ok=True), (case, metric)
+    assert result.run.data.params["metrics.missing"] == "worst"
+    assert result.run.data.metrics["n_undefined_hd95_mm"] == 0
+    assert result.run.data.metrics["n_undefined_sens"] == 1  # empty_gt
     saved = nib.load(tmp_path / "out" / "predictions" / "small_pred.nii.gz")
     assert saved.shape == small.shape and np.allclose(saved.affine, AFFINE)
     assert np.array_equal(np.asarray(saved.dataobj), small)

@@ -82,6 +82,12 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
     assert run.info.status == "FINISHED"
     for name in ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean"):
         assert name in run.data.metrics
+    # the tiny demo tests one case: no interval (the sweep tests check logged intervals)
+    assert run.data.metrics["n_cases"] == 1 and "dsc_mean_ci95_low" not in run.data.metrics
+    assert "Mean over cases [95% bootstrap interval over cases]:" in result.stdout
+    assert "[interval undefined]" in result.stdout
+    assert "95% confidence intervals undefined: 1 scored case(s)" in result.stdout  # Hydra logs
+    assert run.data.params["metrics.missing"] == "worst"
     training_id = run.data.tags["evalharness.training_run_id"]
     assert client.get_run(training_id).data.tags["evalharness.kind"] == "demo-training"
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -95,6 +101,7 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
         ("patch.overlap=1.5", "patch.overlap"),
         ("patch.size=[0,48,32]", "patch.size"),
         ("inference.aggregation=median", "inference.aggregation"),
+        ("inference.restore=nearest", "inference.restore"),
     ],
 )
 def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sqlite_uri) -> None:
@@ -133,6 +140,7 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
     assert listed == {
         "data": "csv, decathlon, demo",
         "inference": "default",
+        "metrics": "default",
         "mlflow": "local",
         "model": "file, mlflow_run",
         "patch": "from_training",

@@ -79,8 +79,8 @@ def register_configs() -> None:
 
 def config_from(cfg: DictConfig) -> EvalConfig:
     """The composed config (without its ``hydra`` node) as frozen, typed values."""
-    values = OmegaConf.to_container(cfg, resolve=True)
-    values.pop("hydra", None)
+    task = {key: cfg[key] for key in cfg if key != "hydra"}  # Hydra's own node is not ours
+    values = OmegaConf.to_container(OmegaConf.create(task), resolve=True)
     try:
         return from_mapping(EvalConfig, values)
     except TypeError as error:

@@ -14,7 +14,7 @@ from evalharness.config.schema import ModelConfig, from_mapping
 from evalharness.data.training_split import training_split_of
 from evalharness.errors import SourceError
 from evalharness.evaluation.plan import load_resolved_model
-from evalharness.model.discovery import choose_model_artifact, safetensors_sibling, sibling_arch
+from evalharness.model.discovery import choose_model_artifact, safetensors_sibling
 from evalharness.model.loaders import load_model_file
 from evalharness.model.sources import resolve_model
 
@@ -66,6 +66,7 @@ def test_a_state_dict_takes_the_architecture_of_a_safetensors_sibling_of_its_rol
     )
     assert safetensors_sibling(CALLBACK, "model/best_model.safetensors") is None
     assert safetensors_sibling(["model/w.pth"], "model/w.pth") is None
+    assert safetensors_sibling(CALLBACK, "model/a.pt") is None  # TorchScript or pickled module
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,6 @@ def test_resolve_discovers_the_model_and_an_explicit_artifact_wins(runs, tmp_pat
 def test_state_dict_with_sibling_metadata_loads_the_same_network_as_the_safetensors(runs, tmp_path):
     cfg = {"run_id": runs.full, "artifact": "model/best_weights.pth"}
     resolved = resolve(cfg, runs.uri, tmp_path)
-    assert sibling_arch(resolved.sibling_metadata_path)["_target_"] == "monai.networks.nets.UNet"
     loaded = load_resolved_model(resolved, LOAD_OPTIONS)
     reference = load_model_file(ARTIFACTS / "model" / "best_model.safetensors").network
     assert loaded.loader == "state_dict"

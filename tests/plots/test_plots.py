@@ -10,11 +10,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.figure import Figure
 from PIL import Image
 
 from evalharness.demo.synthetic import make_case
 from evalharness.plots import case_plots as plots
 from evalharness.plots import comparison_plots
+from evalharness.plots.reliability import plot_reliability
+from evalharness.score.calibration import reliability_bins
+from evalharness.score.table import summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRICS = ("dsc", "hd95_mm", "sens", "ldr", "rve")
@@ -116,6 +120,34 @@ def test_metric_distribution_skips_missing_metrics_and_ints_labels(tmp_path):
 def test_metric_distribution_all_nan_metric(tmp_path):
     table = per_case_table(3, ("1",)).assign(ldr=np.nan)
     check_png(plots.plot_metric_distribution(table, tmp_path / "d.png"), 3.4 * 5, 4.2)
+
+
+@pytest.mark.parametrize("labels", [("1",), ("1", "2")])
+def test_metric_distribution_draws_each_labels_mean_and_interval(labels, tmp_path):
+    table = per_case_table(8, labels).assign(seconds=1.0)
+    summary = summarize(table)
+    summary["hd95_mm" + ("_mean_label2" if len(labels) > 1 else "_mean") + "_ci95_low"] = np.nan
+    fig = Figure()
+    axes = fig.subplots(1, 2)
+    for ax, metric in zip(axes, ("dsc", "hd95_mm"), strict=True):
+        plots._mean_intervals(ax, summary, metric, list(labels))
+    # one error bar per label; a label whose interval is undefined gets its mean only
+    assert len(axes[0].containers) == len(labels)
+    assert len(axes[1].containers) == len(labels) - 1 and len(axes[1].lines) >= 1
+    bar = axes[0].containers[0]
+    key = "dsc_mean_label1" if len(labels) > 1 else "dsc_mean"
+    low, high = bar.lines[2][0].get_segments()[0][:, 1]
+    assert (low, high) == pytest.approx((summary[f"{key}_ci95_low"], summary[f"{key}_ci95_high"]))
+    path = plots.plot_metric_distribution(table, tmp_path / "d.png", summary=summary)
+    check_png(path, 3.4 * len(METRICS), 4.2)
+
+
+def test_reliability_diagram(tmp_path):
+    rng = np.random.default_rng(0)
+    p = rng.random(5000)
+    bins = {1: reliability_bins(p, rng.random(5000) < p, 15)}
+    bins[2] = reliability_bins(np.full(100, 0.95), np.zeros(100, bool), 15)  # one filled bin
+    check_png(plot_reliability(bins, tmp_path / "r.png"), 5.6, 6.2)
 
 
 def overlay_inputs(n_labels: int = 1):

@@ -288,3 +288,28 @@ def test_more_than_255_classes_survive_predict_and_the_saved_prediction(tmp_path
     np.testing.assert_array_equal(np.asarray(many.dataobj), truth)
     np.testing.assert_array_equal(np.asarray(two.dataobj), truth % 2)
     assert many.get_data_dtype() == np.uint16 and two.get_data_dtype() == np.uint8
+
+
+@pytest.mark.parametrize("target_spacing_mm", [None, (1.0, 1.0, 1.0)])
+def test_predict_can_keep_the_native_probabilities(tmp_path, target_spacing_mm):
+    """`keep_probabilities` (calibration) returns [K, X, Y, Z] native-grid probabilities whose
+    decoding is the returned labels, and leaves the labels as they are without it."""
+    rng = np.random.default_rng(0)
+    image_path = tmp_path / "image.nii.gz"
+    affine = np.diag([-1.5, 1.0, 2.0, 1.0])  # not RAS, anisotropic: restoring really resamples
+    write_nifti(image_path, rng.normal(size=(7, 6, 5)).astype(np.float32), affine)
+    model = torch.nn.Conv3d(1, 3, 1).eval()
+    settings = EffectiveSettings(
+        apply_reorder=True, target_spacing_mm=target_spacing_mm, normalization=(),
+        padding_mode=0, patch_size_vox=(8, 8, 8), overlap=0, aggregation="crop",
+        keep_largest_component=False, threshold=0.5, batch_size=1, device="cpu", amp=False,
+        tta=False,
+    )  # fmt: skip
+    prepared = prepare_image(image_path, preprocess_settings(settings))
+    plain = predict(model, prepared, settings, CPU, n_output_channels=3)
+    kept = predict(model, prepared, settings, CPU, n_output_channels=3, keep_probabilities=True)
+    assert plain.probabilities is None
+    assert kept.probabilities.shape == (3, 7, 6, 5) and kept.probabilities.dtype == np.float32
+    np.testing.assert_allclose(kept.probabilities.sum(axis=0), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(kept.labels, decode(torch.from_numpy(kept.probabilities)))
+    np.testing.assert_array_equal(kept.labels, plain.labels)

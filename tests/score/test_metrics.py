@@ -22,6 +22,7 @@ from evalharness.score.metrics import (
     METRIC_NAMES,
     case_metrics,
     label_metrics,
+    worst_distances,
 )
 
 SPACING_MM = (0.8, 1.1, 1.7)
@@ -140,21 +141,54 @@ def test_both_empty_is_a_correct_nothing():
     empty = np.zeros((5, 6, 7), dtype=bool)
     expected = {"dsc": 1.0, "hd95_mm": 0.0, "hd95_vox": 0.0, "sens": 1.0, "precision": 1.0}
     expected |= {"ldr": 1.0, "rve": 0.0, "assd_mm": 0.0, "nsd_1mm": 1.0}
-    assert_metrics(label_metrics(empty, empty, SPACING_MM), expected)
+    for missing in ("nan", "worst"):
+        assert_metrics(label_metrics(empty, empty, SPACING_MM, missing), expected)
 
 
-def test_empty_ground_truth_with_prediction():
+def test_empty_ground_truth_with_prediction_under_nan():
     pred = box_mask((5, 6, 7), (1, 1, 1), (3, 4, 2))
     expected = {"dsc": 0.0, "hd95_mm": NAN, "hd95_vox": NAN, "sens": NAN, "precision": 0.0}
     expected |= {"ldr": NAN, "rve": NAN, "assd_mm": NAN, "nsd_1mm": 0.0}
-    assert_metrics(label_metrics(pred, np.zeros_like(pred), SPACING_MM), expected)
+    assert_metrics(label_metrics(pred, np.zeros_like(pred), SPACING_MM, missing="nan"), expected)
 
 
-def test_empty_prediction_with_ground_truth():
+def test_empty_prediction_with_ground_truth_under_nan():
     gt = box_mask((5, 6, 7), (1, 1, 1), (3, 4, 2))
     expected = {"dsc": 0.0, "hd95_mm": NAN, "hd95_vox": NAN, "sens": 0.0, "precision": NAN}
     expected |= {"ldr": 0.0, "rve": -1.0, "assd_mm": NAN, "nsd_1mm": 0.0}
-    assert_metrics(label_metrics(np.zeros_like(gt), gt, SPACING_MM), expected)
+    assert_metrics(label_metrics(np.zeros_like(gt), gt, SPACING_MM, missing="nan"), expected)
+
+
+def test_worst_distance_of_a_miss_is_the_image_diagonal():
+    shape = (5, 6, 7)
+    gt = box_mask(shape, (1, 1, 1), (3, 4, 2))
+    diagonal_mm = math.sqrt((5 * 0.8) ** 2 + (6 * 1.1) ** 2 + (7 * 1.7) ** 2)  # 14.183 mm
+    diagonal_vox = math.sqrt(5**2 + 6**2 + 7**2)
+    expected = {"dsc": 0.0, "hd95_mm": diagonal_mm, "hd95_vox": diagonal_vox, "sens": 0.0}
+    expected |= {"precision": NAN, "ldr": 0.0, "rve": -1.0, "assd_mm": diagonal_mm}
+    expected |= {"nsd_1mm": 0.0}
+    miss = label_metrics(np.zeros_like(gt), gt, SPACING_MM)  # the default is worst
+    assert_metrics(miss, expected)
+    assert miss == label_metrics(np.zeros_like(gt), gt, SPACING_MM, missing="worst")
+    false_positive = label_metrics(gt, np.zeros_like(gt), SPACING_MM)
+    for name in ("hd95_mm", "hd95_vox", "assd_mm"):
+        assert false_positive[name] == pytest.approx(expected[name]), name
+    assert worst_distances(shape, SPACING_MM)["hd95_mm"] == pytest.approx(diagonal_mm)
+
+
+def test_worst_exceeds_any_real_distance():
+    # the farthest possible pair of voxels (opposite corners) is still below the diagonal
+    shape = (9, 4, 6)
+    pred, gt = box_mask(shape, (0, 0, 0), (1, 1, 1)), box_mask(shape, (8, 3, 5), (9, 4, 6))
+    far = label_metrics(pred, gt, SPACING_MM)
+    worst = worst_distances(shape, SPACING_MM)
+    assert 0 < far["hd95_mm"] < worst["hd95_mm"] and 0 < far["hd95_vox"] < worst["hd95_vox"]
+
+
+def test_unknown_missing_policy_is_refused():
+    gt = box_mask((5, 6, 7), (1, 1, 1), (3, 4, 2))
+    with pytest.raises(ValueError, match="missing='zero'"):
+        label_metrics(np.zeros_like(gt), gt, SPACING_MM, missing="zero")
 
 
 # --- equality with MONAI -------------------------------------------------------------------
@@ -209,7 +243,7 @@ def test_matches_monai_on_random_masks(seed: int, spacing_mm: tuple[float, float
     pairs = [(random_blobs(rng, shape), random_blobs(rng, shape)), far_apart_pair(rng, shape)]
     for pred, gt in pairs:
         assert pred.any() and gt.any() and not np.array_equal(pred, gt)
-        ours = label_metrics(pred, gt, spacing_mm)
+        ours = label_metrics(pred, gt, spacing_mm, missing="nan")
         for name, value in monai_panel(pred, gt, spacing_mm).items():
             # MONAI returns float32; its HD95 is reproduced to the bit, the rest to float32.
             assert ours[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name

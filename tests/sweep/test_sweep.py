@@ -137,7 +137,20 @@ def test_grid_sweep_has_parent_children_and_comparison(store: Store, grid, tmp_p
     assert math.isclose(parent.data.metrics["best_dsc_mean"], best["dsc_mean"])
     assert [t["n_cases"] for t in stats["tests"]] == [N_CASES] * 3
     assert all(0 < t["p_value"] <= 1 for t in stats["tests"])
+    ordered = sorted(stats["tests"], key=lambda t: t["p_value"])  # Holm: step-down, monotone
+    assert [t["p_holm"] for t in ordered] == sorted(t["p_holm"] for t in ordered)
+    assert all(t["p_holm"] >= t["p_value"] for t in ordered)
+    assert stats["tied_with_best"][0] == best["setting"]
+    tied = set(stats["tied_with_best"]) - {best["setting"]}
+    assert tied == {t["setting"] for t in stats["tests"] if t["p_holm"] >= 0.05}
+    assert parent.data.tags["evalharness.tied_with_best"] == "; ".join(stats["tied_with_best"])
+    assert parent.data.metrics["n_tied_with_best"] == len(stats["tied_with_best"])
     assert "Best by dsc_mean" in grid.stdout and "Wilcoxon" in grid.stdout
+    assert "Tied with the best (Holm-adjusted p >= 0.05)" in grid.stdout
+    for child in children:  # each setting's run logs its intervals and the metric contract
+        metrics = child.data.metrics
+        assert metrics["dsc_mean_ci95_low"] <= metrics["dsc_mean"] <= metrics["dsc_mean_ci95_high"]
+        assert child.data.params["metrics.missing"] == "worst"
 
 
 def test_grid_sweep_loads_each_case_once(store: Store, grid) -> None:
@@ -295,6 +308,28 @@ def test_failed_job_fails_the_parent_and_the_others_finish(store: Store, tmp_pat
     assert rows.loc["size=[16,16,16]", "dsc_mean"] >= 0
     assert parent.data.tags["evalharness.best_setting"] == "size=[16,16,16]"
     assert parent.data.metrics["n_settings"] == 2 and parent.data.metrics["n_failed_settings"] == 1
+
+
+def test_sweep_over_the_restore_method_compares_each_method(store: Store, tmp_path) -> None:
+    """`inference.restore` sweeps like any post-forward setting: one child per method, each
+    logging `effective.restore` and its own configuration hash, one comparison row each."""
+    methods = ("probabilities", "labels", "bspline")
+    result = sweep(
+        store, "restore", "restore", "output.plots=false", f"inference.restore={','.join(methods)}"
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    client, parents, children = runs(store, "restore")
+    assert parents[0].info.status == "FINISHED"
+    assert {c.data.params["effective.restore"]: c.info.status for c in children} == dict.fromkeys(
+        methods, "FINISHED"
+    )
+    assert len({c.data.tags["evalharness.config_hash"] for c in children}) == 3
+    table = artifact_table(client, parents[0].info.run_id, "comparison.csv", tmp_path)
+    rows = table.set_index("inference.restore")
+    assert set(rows.index) == set(methods) and set(rows["status"]) == {"finished"}
+    assert set(rows["setting"]) == {f"restore={m}" for m in methods}
+    assert rows["dsc_mean"].between(0, 1).all() and rows["hd95_mm_mean"].notna().all()
+    assert rows["dsc_mean"].nunique() > 1  # the demo's grids are resampled: methods differ
 
 
 def test_submitit_local_runs_jobs_in_other_processes(store: Store) -> None:

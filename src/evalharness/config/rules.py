@@ -22,6 +22,8 @@ MODEL_ROLES = ("best", "final")
 CASE_ERROR_POLICIES = ("continue", "stop")
 MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
+RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
+DEFAULT_RESTORE = "bspline"
 MODEL_RUN_KEYS = ("run_id", "uri", "run_name")
 """The ways of naming a training run; at most one may be set."""
 

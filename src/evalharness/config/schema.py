@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from evalharness.config.rules import DEFAULT_RESTORE
+
 T = TypeVar("T")
 
 
@@ -91,12 +93,28 @@ class InferenceConfig:
     keep_largest_component: bool | None = None
     threshold: float | None = None
     max_device_memory_mb: float | None = None
+    restore: str = DEFAULT_RESTORE  # probabilities | labels | bspline (rules.RESTORE_METHODS)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    missing: str = "worst"  # nan | worst: a distance where one side is empty (README: Metrics)
+    lesion_wise: bool = False
+    lesion_min_iou: float = 0.0
+    min_lesion_mm3: float = 0.0
+    lesion_size_bins_mm3: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
+    calibration: bool = False
+    calibration_bins: int = 15
+    calibration_margin_vox: int = 4
+    bootstrap_resamples: int = 2000
+    bootstrap_seed: int = 0
 
 
 @dataclass(frozen=True)
 class OutputConfig:
     save_predictions: bool = False
     plots: bool = True
+    gallery_k: int = 3  # worst cases per label in the gallery (plots/gallery/); 0: none
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,7 @@ class EvalConfig:
     preprocessing: PreprocessingConfig = field(default_factory=PreprocessingConfig)
     patch: PatchConfig = field(default_factory=PatchConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
@@ -146,6 +165,7 @@ GROUPS: dict[str, type] = {
     "preprocessing": PreprocessingConfig,
     "patch": PatchConfig,
     "inference": InferenceConfig,
+    "metrics": MetricsConfig,
 }
 """The config groups with options in ``conf/`` (each option file includes its typed base)."""
 

@@ -54,6 +54,10 @@ def _device(key: str, value: Any) -> str:
     return str(value)
 
 
+def _restore(key: str, value: Any) -> str:
+    return rules.choice(key, value, rules.RESTORE_METHODS)
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("preprocessing.apply_reorder", "apply_reorder", "apply_reorder", True, _as_bool),
     Setting(
@@ -87,6 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inference.device", None, "device", NO_DEFAULT, _device),
     Setting("inference.amp", None, "amp", NO_DEFAULT, _as_bool),
     Setting("inference.tta", None, "tta", NO_DEFAULT, rules.tta),
+    Setting("inference.restore", None, "restore", NO_DEFAULT, _restore),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 FROM_TRAINING: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.fallback is not NO_DEFAULT)
@@ -110,6 +115,7 @@ class EffectiveSettings:
     device: str
     amp: bool
     tta: Any
+    restore: str = rules.DEFAULT_RESTORE  # how predictions go back to the native grid
 
     def as_params(self) -> dict[str, Any]:
         """Flat JSON-friendly dict, logged as `effective.<name>` params."""

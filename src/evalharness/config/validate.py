@@ -7,8 +7,9 @@ configuration are checked again once merged (`config.settings`), by the same rul
 from __future__ import annotations
 
 from evalharness.config import rules
-from evalharness.config.schema import EvalConfig
+from evalharness.config.schema import EvalConfig, MetricsConfig
 from evalharness.errors import ConfigError
+from evalharness.score.options import MISSING_POLICIES
 
 
 def validate(config: EvalConfig) -> None:
@@ -18,6 +19,7 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
     rules.choice("inference.device", inference.device, rules.DEVICES)
+    rules.choice("inference.restore", inference.restore, rules.RESTORE_METHODS)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)
     rules.choice("checks.on_mismatch", config.checks.on_mismatch, rules.MISMATCH_POLICIES)
     rules.choice("demo.size", config.demo.size, rules.DEMO_SIZES)
@@ -37,6 +39,31 @@ def validate(config: EvalConfig) -> None:
         rules.normalization_specs("preprocessing.normalization", config.preprocessing.normalization)
     if data.limit is not None and (isinstance(data.limit, bool) or data.limit < 1):
         raise ConfigError(f"data.limit={data.limit!r}: expected a positive integer or null")
+    if config.output.gallery_k < 0:
+        raise ConfigError(f"output.gallery_k={config.output.gallery_k}: expected >= 0 (cases)")
+    check_metrics(config.metrics)
     named = [key for key in rules.MODEL_RUN_KEYS if getattr(config.model, key)]
     if len(named) > 1:
         raise ConfigError(f"model: set only one of run_id, uri, run_name (got {named})")
+
+
+def check_metrics(metrics: MetricsConfig) -> None:
+    """The ``metrics`` group: one line per rule, naming the key."""
+    rules.choice("metrics.missing", metrics.missing, MISSING_POLICIES)
+    if not 0.0 <= metrics.lesion_min_iou <= 1.0:
+        raise ConfigError(f"metrics.lesion_min_iou={metrics.lesion_min_iou}: expected [0, 1]")
+    if metrics.min_lesion_mm3 < 0:
+        raise ConfigError(f"metrics.min_lesion_mm3={metrics.min_lesion_mm3}: expected >= 0")
+    bins = list(metrics.lesion_size_bins_mm3)
+    if any(b <= 0 for b in bins) or any(a >= b for a, b in zip(bins, bins[1:], strict=False)):
+        raise ConfigError(
+            f"metrics.lesion_size_bins_mm3={bins}: expected increasing volumes > 0 (mm³)"
+        )
+    if metrics.calibration_bins < 2:
+        raise ConfigError(f"metrics.calibration_bins={metrics.calibration_bins}: expected >= 2")
+    if metrics.calibration_margin_vox < 0:
+        margin = metrics.calibration_margin_vox
+        raise ConfigError(f"metrics.calibration_margin_vox={margin}: expected >= 0 voxels")
+    if metrics.bootstrap_resamples < 100:
+        resamples = metrics.bootstrap_resamples
+        raise ConfigError(f"metrics.bootstrap_resamples={resamples}: expected >= 100")

@@ -24,6 +24,7 @@ from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
 from evalharness.predict.pipeline import (
     CaseInputs,
+    CasePrediction,
     check_inputs,
     load_case_inputs,
     metric_rows,
@@ -31,7 +32,9 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
+from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable, failure_rows
+from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
 
@@ -59,10 +62,12 @@ class ScoredCase:
 
 @dataclass
 class Extremes:
-    """The best and worst case by mean DSC, kept in memory for overlay plots."""
+    """The best and worst case by mean DSC, kept in memory for overlay plots, and the planes
+    of the k worst cases per label for the gallery."""
 
     best: ScoredCase | None = None
     worst: ScoredCase | None = None
+    worst_cases: WorstCases = field(default_factory=lambda: WorstCases(0))
 
     def offer(self, inputs: CaseInputs, prediction: np.ndarray, rows: list[dict]) -> None:
         scores = [row["dsc"] for row in rows if row.get("status") == "ok"]
@@ -90,6 +95,8 @@ class LoopOptions:
     predictions_dir: Path | None = None
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
+    gallery_k: int = 3  # worst cases per label kept for the gallery
+    metrics: MetricOptions = field(default_factory=MetricOptions)
 
 
 def run_cases(
@@ -104,7 +111,7 @@ def run_cases(
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
-    extremes = Extremes()
+    extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
 
     def submit(pool: ThreadPoolExecutor, index: int) -> Future[CaseInputs] | None:
         if not options.prefetch or index >= len(cases):
@@ -126,10 +133,16 @@ def run_cases(
                     ev.device,
                     ev.n_output_channels,
                     options.max_device_memory_mb,
+                    keep_probabilities=options.metrics.calibration,
                 )
-                rows = _score(inputs, prediction.labels, labels)
+                rows = _score(inputs, prediction, labels, options.metrics)
                 case_findings = _probe(ev, inputs, prediction.labels)
                 extremes.offer(inputs, prediction.labels, rows)
+                if inputs.gt_labels is not None:
+                    spacing_mm = inputs.prepared.native.spacing_mm
+                    extremes.worst_cases.offer(
+                        case, prediction.labels, inputs.gt_labels, spacing_mm, rows
+                    )
                 _save_prediction(options, sink, case, inputs, prediction.labels)
             except CaseError as error:
                 message = one_line(error)
@@ -151,12 +164,22 @@ def run_cases(
     return extremes
 
 
-def _score(inputs: CaseInputs, prediction: np.ndarray, labels: list[int]) -> list[dict]:
+def _score(
+    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricOptions
+) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:
         return [{"case": case_id, "label": k, "status": "no_label", "error": ""} for k in labels]
     spacing_mm = inputs.prepared.native.spacing_mm
-    return metric_rows(case_id, prediction, inputs.gt_labels, spacing_mm, labels)
+    return metric_rows(
+        case_id,
+        prediction.labels,
+        inputs.gt_labels,
+        spacing_mm,
+        labels,
+        options,
+        prediction.probabilities,
+    )
 
 
 def _probe(ev: Evaluation, inputs: CaseInputs, prediction: np.ndarray) -> list[Mismatch]:

@@ -21,14 +21,14 @@ from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.training_transforms import transform_mismatches
-from evalharness.config.schema import EvalConfig, ModelConfig
+from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
-from evalharness.model.discovery import sibling_arch
-from evalharness.model.loaders import LoadedModel, load_model_file
+from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
 from evalharness.model.sources import ResolvedModel, resolve_model
+from evalharness.model.training_config import read_safetensors_metadata
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -70,14 +70,14 @@ ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
 def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options; a safetensors sibling's
-    metadata supplies the architecture of a bare state dict when `model.arch` is unset."""
-    arch = source.arch
-    if arch is None and resolved.sibling_metadata_path is not None:
-        arch = sibling_arch(resolved.sibling_metadata_path)
+    """Load the resolved model file with the `model.*` loading options; a state dict with a
+    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
+    if source.arch is None and resolved.sibling_metadata_path is not None:
+        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
+        return load_state_dict_with_metadata(resolved.local_path, metadata)
     return load_model_file(
         resolved.local_path,
-        arch=arch,
+        arch=source.arch,
         allow_globals=list(source.allow_globals),
         trust_pickle=bool(source.trust_pickle),
     )
@@ -104,6 +104,7 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
             "settings": settings.as_params(),
             "model": resolved.sha256,
             "cases": [(c.case_id, str(c.image), str(c.label)) for c in dataset.cases],
+            "metrics": as_dict(config.metrics),  # the rows differ by it
         }
     )
     return Plan(resolved, settings, assumed, dataset, config_hash, tuple(leaks))

@@ -37,11 +37,13 @@ from evalharness.evaluation.case_loop import LoopOptions, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.predict.pipeline import load_case_inputs
+from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
+from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
 from evalharness.track.liveness import liveness_tags, process_alive
-from evalharness.track.report import log_results, print_summary
+from evalharness.track.report import log_results, print_summary, run_context
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -180,6 +182,9 @@ def _evaluate(
     tracking.log_params(client, run_id, run_params(config, ev))
     tracking.set_tags(client, run_id, tags)
     tracking.log_text(client, run_id, config_yaml(config), "config.yaml")
+    data = config.data
+    cases = cases_dataset(ev.dataset, data.name, data.task, data.split.value)
+    log_evaluation_dataset(client, run_id, cases)
     sink = _MlflowSink(client, run_id, ev)
     _check_config(config.checks.on_mismatch, ev, sink)
     if previous_findings:
@@ -192,13 +197,18 @@ def _evaluate(
         predictions_dir=output_dir / "predictions" if config.output.save_predictions else None,
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
+        gallery_k=config.output.gallery_k,
+        metrics=MetricOptions.from_mapping(as_dict(config.metrics)),
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
     extremes = run_cases(ev, table, sink, options, cache.load_inputs if cache else load_case_inputs)
     frame = table.frame()
     plot_dir = output_dir / "plots" if config.output.plots else None
-    summary = log_results(client, run_id, frame, table.csv_path, plot_dir, extremes)
+    context = run_context(ev, cases.name)
+    summary = log_results(
+        client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
+    )
     tracking.finish(client, run_id, "FINISHED")
     shown = None if config.checks.on_mismatch == "ignore" else ev.findings
     print_summary(frame, summary, run_id, uri, shown)

@@ -7,29 +7,22 @@ fastMONAI 0.12's MLflow callback logs ``model/best_model.safetensors``,
 ``model/best_model.safetensors``, ``model/final_model.safetensors``, then the other loadable
 files directly under ``model/`` (best-role names first, then by name). ``model.role=final`` takes
 ``model/final_learner.pkl``, ``model/final_model.safetensors``, then the other final-role files.
-A bare state dict (``*.pth``) carries no architecture: a safetensors file beside it (the same
-role first) supplies one through its metadata (`sibling_arch`). Apart from that one reader of
-a local file, pure functions on artifact paths: no MLflow.
+A bare state dict (``*.pth``, fastai ``learn.save``) carries no architecture: a safetensors
+file beside it (the same role first) supplies one through its metadata
+(`loaders.load_state_dict_with_metadata`). Pure functions on artifact paths: no MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-
-from evalharness.errors import SourceError
-from evalharness.model.loaders import ARCHITECTURES
-from evalharness.model.training_config import read_safetensors_metadata
 
 ROLES = ("best", "final")
 MODEL_FOLDER = "model"
 LOADABLE_SUFFIXES = (".pkl", ".safetensors", ".pth", ".pt", ".ckpt", ".bin", ".ts")
 """Suffixes of files under ``model/`` that may hold a network (the loader then reads content)."""
-_NEEDS_NO_ARCH = (".pkl", ".safetensors")  # pickles and fastMONAI safetensors carry their own
+STATE_DICT_SUFFIX = ".pth"  # fastai `learn.save`: weights only, the architecture is elsewhere
 
 
 @dataclass(frozen=True)
@@ -76,10 +69,10 @@ def _other_candidates(paths: Sequence[str], role: str) -> list[str]:
 def safetensors_sibling(paths: Sequence[str], artifact: str) -> str | None:
     """A safetensors file in the artifact's folder whose metadata can rebuild its architecture.
 
-    Same role first (``best_weights.pth`` -> ``best_model.safetensors``), then any other;
-    None for artifacts that carry their own architecture (pickles, safetensors).
+    For a ``.pth`` state dict only (fastai ``learn.save``); same role first
+    (``best_weights.pth`` -> ``best_model.safetensors``), then any other.
     """
-    if artifact.lower().endswith(_NEEDS_NO_ARCH):
+    if not artifact.lower().endswith(STATE_DICT_SUFFIX):
         return None
     folder = posixpath.dirname(artifact)
     found = [
@@ -116,18 +109,3 @@ def looked_for(role: str) -> str:
     """What discovery tries, for the error when nothing fits."""
     names = ", ".join(discovery_order(role))
     return f"{names}, then other {'/'.join(LOADABLE_SUFFIXES)} files under {MODEL_FOLDER}/"
-
-
-def sibling_arch(path: Path) -> dict | None:
-    """A Hydra ``_target_`` mapping that rebuilds the architecture a fastMONAI safetensors file
-    names (``arch_id``, ``arch_kwargs`` metadata), for a state dict beside it; None when it
-    names no known architecture."""
-    metadata = read_safetensors_metadata(path) or {}
-    class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", str(metadata.get("arch_id", "")).lower()))
-    if class_name is None:
-        return None
-    try:
-        kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{path}: unreadable arch_kwargs ({error})") from None
-    return {"_target_": f"monai.networks.nets.{class_name}", **kwargs}

@@ -1,17 +1,17 @@
 """Load one local model file into an ``nn.Module``, choosing the loader by the file's content.
 
-The content decides, never the name: fastMONAI safetensors (rebuilt from its ``arch_id`` or
-``model.arch``), TorchScript, a state dict plus ``model.arch``, or a pickle (fastai Learner
-export, pickled module) through the restricted unpickler of :mod:`evalharness.model.safe_pickle`.
+The content decides, never the name: fastMONAI safetensors (rebuilt from its ``arch_id`` as
+fastMONAI does, see :mod:`evalharness.model.architectures`, or from ``model.arch``),
+TorchScript, a state dict plus ``model.arch`` (or plus a fastMONAI sibling's metadata:
+:func:`load_state_dict_with_metadata`), or a pickle (fastai Learner export, pickled module)
+through the restricted unpickler of :mod:`evalharness.model.safe_pickle`.
 Every failure is a one-line :class:`SourceError`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
-import re
 import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -23,6 +23,12 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from evalharness.errors import SourceError, first_line
+from evalharness.model.architectures import (
+    ModelSpec,
+    build_network,
+    check_repr,
+    with_shared_aliases,
+)
 from evalharness.model.safe_pickle import is_placeholder, load_model_pickle
 from evalharness.model.targets import instantiate
 from evalharness.model.training_config import read_safetensors_metadata
@@ -31,11 +37,6 @@ NOT_A_MODEL = (
     "is not a model (expected a fastai Learner export, a pickled nn.Module, "
     "a fastMONAI .safetensors, a state dict + model.arch, or TorchScript)"
 )
-# fastMONAI safetensors `arch_id` ("monai.unet") -> class of monai.networks.nets; ids are
-# compared without case, '_' and '-' ("monai.swin_unetr" is SwinUNETR).
-_MONAI_NETS = "UNet BasicUNet BasicUNetPlusPlus AttentionUnet SegResNet SegResNetDS UNETR"
-_MONAI_NETS += " SwinUNETR DynUNet VNet HighResNet"
-ARCHITECTURES = {f"monai.{name.lower()}": name for name in _MONAI_NETS.split()}
 
 
 @dataclass(frozen=True)
@@ -91,37 +92,74 @@ def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path
     network.load_state_dict(state, strict=True)
 
 
+def _json_metadata(metadata: Mapping[str, str], key: str, default: str, path: Path) -> Any:
+    try:
+        return json.loads(metadata.get(key) or default)
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{path}: unreadable safetensors metadata '{key}' ({error})") from None
+
+
+def model_spec(metadata: Mapping[str, str], path: Path) -> ModelSpec:
+    """The architecture a fastMONAI safetensors ``metadata`` names (``path``: for errors)."""
+    arch_kwargs = _json_metadata(metadata, "arch_kwargs", "{}", path)
+    wrappers = _json_metadata(metadata, "wrapper_spec", "[]", path)
+    if not isinstance(arch_kwargs, dict) or not isinstance(wrappers, list):
+        raise SourceError(f"{path}: safetensors metadata arch_kwargs/wrapper_spec malformed")
+    return ModelSpec(str(metadata.get("arch_id", "")), arch_kwargs, wrappers, metadata.get("repr"))
+
+
+def _rebuilt(
+    state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: Path, loader: str
+) -> LoadedModel:
+    """fastMONAI's ``load_safetensors_model``: rebuild, compare ``repr``, strict load."""
+    spec = model_spec(metadata, path)
+    network = build_network(spec, path)
+    check_repr(network, spec, path)
+    _load_weights(network, with_shared_aliases(network, state), path)
+    arch_info = {"arch_id": spec.arch_id, "arch_kwargs": spec.arch_kwargs}
+    if spec.wrapper_spec:
+        arch_info["wrapper_spec"] = spec.wrapper_spec
+    inference_config = _json_metadata(metadata, "inference_config", "null", path)
+    return LoadedModel(network.eval(), loader, inference_config, arch_info)
+
+
 def _from_safetensors(
     path: Path, metadata: Mapping[str, str], arch: Mapping[str, Any] | None
 ) -> LoadedModel:
-    try:
-        inference_config = json.loads(metadata.get("inference_config") or "null")
-        arch_kwargs = json.loads(metadata.get("arch_kwargs") or "{}")
-        wrappers = json.loads(metadata.get("wrapper_spec") or "[]")
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{path}: unreadable safetensors metadata ({error})") from None
-    if arch is not None:
-        network, arch_info = _instantiate(arch, path), _plain_mapping(arch)
-    else:
-        arch_id = str(metadata.get("arch_id", ""))
-        class_name = ARCHITECTURES.get(re.sub(r"[_\-]", "", arch_id.lower()))
-        if class_name is None:
-            known = ", ".join(ARCHITECTURES)
-            raise SourceError(
-                f"{path}: unknown arch_id '{arch_id}' (known: {known}); set model.arch instead"
-            )
-        if wrappers:
-            raise SourceError(
-                f"{path}: wrapper_spec {wrappers} is not supported; set model.arch to rebuild it"
-            )
-        network_class = getattr(importlib.import_module("monai.networks.nets"), class_name)
-        try:
-            network = network_class(**arch_kwargs)
-        except (TypeError, ValueError) as error:
-            raise SourceError(f"{path}: cannot build {arch_id} from arch_kwargs: {error}") from None
-        arch_info = {"arch_id": arch_id, "arch_kwargs": arch_kwargs}
-    _load_weights(network, load_safetensors(str(path), device="cpu"), path)
-    return LoadedModel(network.eval(), "safetensors", inference_config, arch_info)
+    state = load_safetensors(str(path), device="cpu")
+    if arch is None:
+        return _rebuilt(state, metadata, path, "safetensors")
+    network = _instantiate(arch, path)
+    _load_weights(network, with_shared_aliases(network, state), path)
+    inference_config = _json_metadata(metadata, "inference_config", "null", path)
+    return LoadedModel(network.eval(), "safetensors", inference_config, _plain_mapping(arch))
+
+
+def load_state_dict_with_metadata(path: Path, metadata: Mapping[str, str]) -> LoadedModel:
+    """A fastai ``learn.save`` file (``best_weights.pth``) rebuilt from a sibling's metadata.
+
+    fastMONAI's MLflow callback logs ``model/best_weights.pth`` next to
+    ``model/best_model.safetensors`` (and ``final_*``); the weights file has no architecture,
+    the safetensors ``metadata`` (as :func:`read_safetensors_metadata` returns it) does. The
+    file holds a plain state dict (read with ``weights_only=True``) or fastai's
+    ``{'model': state_dict, 'opt': ...}`` (``with_opt=True``; its optimizer state holds
+    fastcore objects, so the restricted unpickler reads it and the state is dropped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"model file not found: {path}")
+    obj = _unpickle(path, (), trust_pickle=False)
+    state = _fastai_checkpoint_state(obj)
+    if not _is_state_dict(state):
+        raise SourceError(f"{path}: not a state dict; it holds a {type(obj).__name__}")
+    return _rebuilt(state, metadata, path, "state_dict")
+
+
+def _fastai_checkpoint_state(obj: Any) -> Any:
+    """The state dict inside fastai's ``learn.save(with_opt=True)`` ``{'model', 'opt'}``."""
+    if isinstance(obj, Mapping) and set(obj) == {"model", "opt"} and _is_state_dict(obj["model"]):
+        return obj["model"]
+    return obj
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -135,6 +173,7 @@ def _is_state_dict(obj: Any) -> bool:
 def _from_unpickled(
     obj: Any, path: Path, arch: Mapping[str, Any] | None, trusted: bool
 ) -> LoadedModel:
+    obj = _fastai_checkpoint_state(obj)
     if _is_state_dict(obj):
         if arch is None:
             raise SourceError(
@@ -142,7 +181,7 @@ def _from_unpickled(
                 "(e.g. {_target_: monai.networks.nets.UNet, spatial_dims: 3, ...})"
             )
         network = _instantiate(arch, path)
-        _load_weights(network, obj, path)
+        _load_weights(network, with_shared_aliases(network, obj), path)
         return LoadedModel(network.eval(), "state_dict", None, _plain_mapping(arch))
     if isinstance(obj, torch.nn.Module):
         network, loader = obj, "pickled_module"

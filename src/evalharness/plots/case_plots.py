@@ -13,7 +13,7 @@ says how many were left out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +52,10 @@ METRICS: dict[str, MetricInfo] = {
     "precision": MetricInfo("Precision (0–1)", (0.0, 1.0)),
     "assd_mm": MetricInfo("ASSD (mm)", higher_is_better=False),
     "nsd": MetricInfo("NSD (0–1)", (0.0, 1.0)),
+    "lesion_f1": MetricInfo("Lesion-wise F1 (0–1)", (0.0, 1.0)),
+    "lesion_dsc": MetricInfo("Lesion-wise DSC (BraTS 2023, 0–1)", (0.0, 1.0)),
+    "ece": MetricInfo("Expected calibration error (0–1)", (0.0, 1.0), higher_is_better=False),
+    "brier": MetricInfo("Brier score (0–1)", (0.0, 1.0), higher_is_better=False),
 }
 
 
@@ -72,14 +76,19 @@ def plot_metric_distribution(
     per_case: pd.DataFrame,
     path: Path,
     metrics: Sequence[str] = ("dsc", "hd95_mm", "sens", "ldr", "rve"),
+    summary: Mapping[str, float] | None = None,
 ) -> Path:
-    """One panel per metric: box plot plus one point per case, one box per label.
+    """One panel per metric: box plot plus one point per case, one box per label, and (with
+    `summary`) the mean of each label with its 95 % bootstrap interval as a black diamond and
+    bar beside the box.
 
     Args:
         per_case: columns ``case``, ``label``, the metrics, ``status`` (one row per case and
             label). Metrics missing from the table are skipped.
         path: PNG to write.
         metrics: metric columns to show, in this order.
+        summary: `score.table.summarize` of the table: ``<metric>_mean`` (one label) or
+            ``<metric>_mean_label<k>`` with their ``_ci95_low/_high``; undefined ones not drawn.
 
     Returns:
         `path`. Size: 3.4 in wide per panel (at least two panels wide), 4.2 in high, `DPI`.
@@ -104,10 +113,15 @@ def plot_metric_distribution(
             _no_values(ax)
             continue
         _box_and_strip(ax, values, x="label", y=metric, order=order)
+        if summary is not None:
+            _mean_intervals(ax, summary, metric, order)
         _apply_bounds(ax, values[metric], info)
         if info.higher_is_better is None:
             ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
-    fig.suptitle(f"Per-case metrics ({n_cases} case{'s' if n_cases != 1 else ''})")
+    title = f"Per-case metrics ({n_cases} case{'s' if n_cases != 1 else ''})"
+    if summary is not None:
+        title += "; ◆ mean with 95 % bootstrap interval over cases"
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -257,6 +271,31 @@ def _box_and_strip(
     )
     if hue:
         ax.legend(title=hue, fontsize=8)
+
+
+def _mean_intervals(ax: Axes, summary: Mapping[str, float], metric: str, order: list[str]) -> None:
+    """Each label's mean and 95 % interval, just right of its box (x positions 0, 1, ...)."""
+    for x, label in enumerate(order):
+        key = f"{metric}_mean_label{label}" if len(order) > 1 else f"{metric}_mean"
+        mean = summary.get(key, np.nan)
+        if not np.isfinite(mean):
+            continue
+        low, high = summary.get(f"{key}_ci95_low", np.nan), summary.get(f"{key}_ci95_high", np.nan)
+        if np.isfinite(low) and np.isfinite(high):
+            error = [[mean - low], [high - mean]]
+            ax.errorbar(
+                x + 0.38,
+                mean,
+                yerr=error,
+                fmt="D",
+                color="black",
+                markersize=4,
+                capsize=3,
+                linewidth=1.2,
+                zorder=5,
+            )
+        else:
+            ax.plot(x + 0.38, mean, "D", color="black", markersize=4, zorder=5)
 
 
 def _apply_bounds(ax: Axes, values: pd.Series, info: MetricInfo) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from evalharness.checks.probes import header_check
+from evalharness.config.rules import DEFAULT_RESTORE
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
@@ -27,10 +28,11 @@ from evalharness.predict.preprocess import (
     PreprocessSettings,
     prepare_image,
     restore_to_native,
-    restores_by_voxels,
 )
-from evalharness.predict.sliding_window import decode, sliding_window_probs
+from evalharness.predict.restore import restore_labels
+from evalharness.predict.sliding_window import sliding_window_probs
 from evalharness.score.metrics import case_metrics
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,8 @@ class CasePrediction:
     labels: np.ndarray
     n_channels: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+    """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
 
 
 def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
@@ -123,9 +127,12 @@ def predict(
     device: torch.device,
     n_output_channels: int = 1,
     max_device_memory_mb: float | None = None,
+    keep_probabilities: bool = False,
 ) -> CasePrediction:
-    """Sliding-window probabilities, decoded to labels on the native grid (`native_labels`),
-    post-processed (keep-largest-component for up to two classes).
+    """Sliding-window probabilities, restored and decoded to native-grid labels (`native_labels`),
+    post-processed (keep-largest-component for up to two classes). `keep_probabilities` also
+    returns the native-grid probabilities, restored linearly (one more volume-sized buffer per
+    channel).
 
     The aggregation buffers stay on `device` when they fit its memory budget (`memory.py`), else
     go to the CPU with a warning; CUDA running out of memory there retries on the CPU too.
@@ -140,7 +147,12 @@ def predict(
     probs = _sliding_window(model, prepared, settings, device, plan.device)
     t1 = time.perf_counter()
     n_channels = int(probs.shape[0])
-    labels = native_labels(probs, prepared, settings.threshold)
+    kept = None
+    if keep_probabilities:
+        native_probs = restore_to_native(probs, prepared)
+        kept = native_probs.float().cpu().numpy()
+        del native_probs
+    labels = native_labels(probs, prepared, settings.threshold, settings.restore)
     del probs  # each volume-sized buffer goes as soon as it is used: bounds peak memory
     if settings.keep_largest_component and n_channels <= 2:
         labels = keep_largest_component(labels > 0).astype(np.uint8)
@@ -149,18 +161,17 @@ def predict(
         labels=labels,
         n_channels=n_channels,
         timings_s={"inference_s": t1 - t0, "restore_s": t2 - t1},
+        probabilities=kept,
     )
 
 
-def native_labels(probs: torch.Tensor, prepared: PreparedImage, threshold: float) -> np.ndarray:
+def native_labels(
+    probs: torch.Tensor, prepared: PreparedImage, threshold: float, restore: str = DEFAULT_RESTORE
+) -> np.ndarray:
     """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
-    [K, X', Y', Z'] on the model grid. Decoding is per voxel, so where restoring only moves
-    voxels (`restores_by_voxels`) the labels are moved instead of the probabilities: the same
-    result for a fraction of the bytes. Intermediate volumes are dropped as soon as used."""
-    if restores_by_voxels(prepared):
-        return restore_to_native(decode(probs, threshold)[None], prepared)[0].cpu().numpy()
-    native_probs = restore_to_native(probs, prepared)
-    return decode(native_probs, threshold).cpu().numpy()
+    [K, X', Y', Z'] on the model grid, restored by the `inference.restore` method (`restore.py`;
+    where restoring only moves voxels, the decoded labels are moved: exact for every method)."""
+    return restore_labels(probs, prepared, restore, threshold)
 
 
 def window_probs(
@@ -244,7 +255,9 @@ def metric_rows(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
+    options: MetricOptions = DEFAULT_OPTIONS,
+    probabilities: np.ndarray | None = None,
 ) -> list[dict]:
-    """One row per foreground label: case, label, every metric, status ok."""
-    rows = case_metrics(prediction, gt_labels, spacing_mm, labels)
+    """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
+    rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
     return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]

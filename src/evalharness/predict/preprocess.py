@@ -12,7 +12,8 @@ symmetric `CropOrPad` up to the patch size.
 
 Inverse (`restore_to_native`) deliberately differs from fastMONAI: it resamples class
 *probabilities* (trilinear, one step: native voxel -> world -> model voxel) and leaves decoding
-to the caller, which scores higher than resampling decoded labels (see DESIGN.md). Where the
+to the caller, which scores higher than resampling decoded labels (see DESIGN.md); it is the
+`probabilities` method of `inference.restore` (`restore.py` holds them all). Where the
 native grid is the model grid's voxels reoriented or padded (`restores_by_voxels`), it moves
 decoded labels instead: the same result, no interpolation either way.
 """

@@ -7,7 +7,13 @@ The best setting maximises the primary metric, except distances (`LOWER_IS_BETTE
 seconds per case and failed-case counts), which are minimised, and the signed relative volume
 error, whose smallest |value| wins. The paired test is scipy's Wilcoxon signed-rank test
 (two-sided) of the best setting against each other one, on per-case values (mean over labels;
-|rve| for rve) of the cases both scored.
+|rve| for rve) of the cases both scored, named in each test (settings, or models when
+``model.run_id`` is swept, need not share every case). The p-values of those m tests are
+Holm–Bonferroni adjusted (`intervals.holm`); ``tied_with_best`` is the best plus every setting
+whose adjusted p is at least `ALPHA`: not significantly different from it. The effect size is
+the paired median difference (best − other) with its 95 % bootstrap interval over cases.
+With fewer than six common cases the exact two-sided Wilcoxon p-value cannot go below 0.0625,
+so such a sweep ties everything by construction: more cases, not more settings, separate them.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ import numpy as np
 import pandas as pd
 from scipy.stats import wilcoxon
 
+from evalharness.score.calibration import CALIBRATION_METRICS
+from evalharness.score.intervals import bootstrap_median_ci, holm
+from evalharness.score.lesions import LESION_METRICS, LOWER_IS_BETTER_LESION
 from evalharness.score.metrics import LOWER_IS_BETTER, METRIC_NAMES
 
 STATISTICS = ("mean", "std", "median")
+COMPARABLE = (*METRIC_NAMES, *LESION_METRICS, *CALIBRATION_METRICS)
+"""Per-case columns a sweep can be compared on (the opt-in ones when the runs have them)."""
+LOWER_IS_BETTER_ANY = LOWER_IS_BETTER | LOWER_IS_BETTER_LESION | frozenset(CALIBRATION_METRICS)
+ALPHA = 0.05
+"""Significance level of the Holm-adjusted paired tests (`tied_with_best`)."""
 COUNTS = ("n_cases", "n_failed_cases", "seconds_per_case")
 CACHE_COUNTERS = ("cache.model_loads", "cache.model_hits", "cache.case_loads", "cache.case_hits")
 SCORED = ("finished", "skipped", "cases_failed")
@@ -78,7 +92,7 @@ def direction(metric: str) -> str:
     base = base_metric(metric) or metric
     if base == "rve":
         return "min_abs"
-    if base in LOWER_IS_BETTER or metric in ("seconds_per_case", "n_failed_cases"):
+    if base in LOWER_IS_BETTER_ANY or metric in ("seconds_per_case", "n_failed_cases"):
         return "min"
     if metric.endswith("_std"):
         return "min"
@@ -89,7 +103,7 @@ def base_metric(metric: str) -> str | None:
     """The per-case column behind a summary name (``dsc_mean`` → ``dsc``), else None."""
     for stat in STATISTICS:
         base = metric.removesuffix(f"_{stat}")
-        if base != metric and base in METRIC_NAMES:
+        if base != metric and base in COMPARABLE:
             return base
     return None
 
@@ -106,6 +120,8 @@ def compare(
 def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) -> pd.DataFrame:
     """One row per job: setting, swept params, status, run id, summary metrics, flags."""
     param_keys = sorted({k for r in records for k in r.params})
+    logged = {key for data in runs.values() for key in data.metrics}
+    present = [m for m in COMPARABLE if m in METRIC_NAMES or f"{m}_mean" in logged]
     rows = []
     for record in sorted(records, key=lambda r: r.num):
         data = runs.get(record.run_id or "")
@@ -114,9 +130,12 @@ def comparison_table(records: Sequence[JobRecord], runs: Mapping[str, RunData]) 
         row: dict[str, Any] = {"setting": record.setting}
         row |= {key: record.params.get(key, "") for key in param_keys}
         row |= {"status": record.status, "run_id": record.run_id or ""}
-        for name in METRIC_NAMES:
+        for name in present:
             for stat in STATISTICS:
                 row[f"{name}_{stat}"] = metrics.get(f"{name}_{stat}", math.nan)
+            for bound in ("low", "high"):
+                key = f"{name}_mean_ci95_{bound}"
+                row[key] = metrics.get(key, math.nan)
         row |= {name: metrics.get(name, math.nan) for name in (*COUNTS, *CACHE_COUNTERS)}
         row["preprocessing_mismatch"] = tags.get("evalharness.preprocessing_mismatch", "")
         row["error"] = record.error or tags.get("evalharness.error", "") or _cases_note(record)
@@ -152,6 +171,7 @@ def statistics(table: pd.DataFrame, long: pd.DataFrame, primary_metric: str) -> 
         "n_skipped": int((table["status"] == "skipped").sum()) if len(table) else 0,
         "best": None,
         "tests": [],
+        "tied_with_best": [],
     }
     if primary_metric not in table.columns:
         stats["note"] = f"unknown primary metric {primary_metric!r}"
@@ -172,7 +192,16 @@ def statistics(table: pd.DataFrame, long: pd.DataFrame, primary_metric: str) -> 
     base = base_metric(primary_metric)
     if base is not None:
         stats["test_metric"] = f"|{base}|" if base == "rve" else base
+        stats["alpha"] = ALPHA
         stats["tests"] = paired_tests(long, best["setting"], base)
+        stats["tied_with_best"] = [best["setting"]] + [
+            t["setting"] for t in stats["tests"] if t["p_holm"] >= ALPHA
+        ]
+        stats["untested"] = [t["setting"] for t in stats["tests"] if math.isnan(t["p_holm"])]
+        grid = case_values(long, base)
+        scored_settings = [c for c in grid.columns if grid[c].notna().any()]
+        common = grid[scored_settings].dropna() if scored_settings else grid.iloc[:0]
+        stats["cases_in_common"] = sorted(str(c) for c in common.index)
     return stats
 
 
@@ -186,8 +215,13 @@ def case_values(long: pd.DataFrame, metric: str) -> pd.DataFrame:
     return frame.pivot_table(index="case", columns="setting", values=metric, aggfunc="mean")
 
 
-def paired_tests(long: pd.DataFrame, best: str, metric: str) -> list[dict[str, Any]]:
-    """Wilcoxon signed-rank test of `best` against each other setting on matched cases."""
+def paired_tests(
+    long: pd.DataFrame, best: str, metric: str, resamples: int = 2000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Wilcoxon signed-rank test of `best` against each other setting on the cases both
+    scored (named in ``cases``; ``cases_not_shared``: scored by only one of the two), the
+    Holm-adjusted p-values over these tests (``p_holm``) and the paired median difference
+    best − other with its bootstrap interval (``median_difference_ci95``)."""
     grid = case_values(long, metric)
     if best not in grid.columns:
         return []
@@ -195,12 +229,19 @@ def paired_tests(long: pd.DataFrame, best: str, metric: str) -> list[dict[str, A
     for other in grid.columns:
         if other == best:
             continue
-        pair = grid[[best, other]].dropna()
+        scored = grid[[best, other]].notna()
+        pair = grid.loc[scored.all(axis=1), [best, other]]
         difference = pair[best] - pair[other]
+        low, high = bootstrap_median_ci(difference.to_numpy(), resamples, seed)
         test: dict[str, Any] = {
             "setting": other,
             "n_cases": len(pair),
+            "cases": [str(c) for c in pair.index],
+            "cases_not_shared": [
+                str(c) for c in grid.index[scored.any(axis=1) & ~scored.all(axis=1)]
+            ],
             "median_difference": float(difference.median()) if len(pair) else math.nan,
+            "median_difference_ci95": [low, high],
             "statistic": math.nan,
             "p_value": math.nan,
         }
@@ -212,6 +253,8 @@ def paired_tests(long: pd.DataFrame, best: str, metric: str) -> list[dict[str, A
         elif len(pair):
             test["statistic"], test["p_value"] = 0.0, 1.0  # identical on every case
         tests.append(test)
+    for test, adjusted in zip(tests, holm([t["p_value"] for t in tests]), strict=True):
+        test["p_holm"] = adjusted
     return tests
 
 
@@ -235,15 +278,38 @@ def report(comparison: Comparison) -> str:
     if stats["tests"]:
         lines.append(
             f"Paired Wilcoxon signed-rank test of the best against each setting "
-            f"(per-case {stats['test_metric']}, mean over labels):"
+            f"(per-case {stats['test_metric']}, mean over labels; p Holm-adjusted over "
+            f"{len(stats['tests'])} tests; median best-other with 95% bootstrap interval):"
         )
         lines += [f"  {t['setting']}: {describe_test(t)}" for t in stats["tests"]]
+        tied = stats["tied_with_best"]
+        lines.append(
+            f"Tied with the best (Holm-adjusted p >= {stats['alpha']}): {', '.join(tied)}"
+            if len(tied) > 1
+            else f"Tied with the best (Holm-adjusted p >= {stats['alpha']}): none"
+        )
+        lines += _case_set_lines(stats)
     return "\n".join(lines)
 
 
+def _case_set_lines(stats: Mapping[str, Any]) -> list[str]:
+    """Name the cases compared when the settings did not all score the same cases."""
+    not_shared = sorted({c for t in stats["tests"] for c in t["cases_not_shared"]})
+    if not not_shared:
+        return []
+    common = stats.get("cases_in_common", [])
+    return [
+        f"Cases in common to every scored setting ({len(common)}): {', '.join(common) or 'none'}",
+        f"Scored by only some settings, left out of their pairs: {', '.join(not_shared)}",
+    ]
+
+
 def describe_test(test: Mapping[str, Any]) -> str:
-    """``p=0.125 (n=4 cases, median best-other +0.0123)``."""
+    """``p=0.0625, Holm p=0.125 (n=5 cases, median best-other +0.0123 [+0.004, +0.03])``."""
+    low, high = test.get("median_difference_ci95", [math.nan, math.nan])
+    interval = f" [{low:+.4g}, {high:+.4g}]" if np.isfinite(low) else " [interval undefined]"
     return (
-        f"p={test['p_value']:.3g} (n={test['n_cases']} cases, "
-        f"median best-other {test['median_difference']:+.4g})"
+        f"p={test['p_value']:.3g}, Holm p={test.get('p_holm', math.nan):.3g} "
+        f"(n={test['n_cases']} cases, median best-other {test['median_difference']:+.4g}"
+        f"{interval})"
     )

@@ -17,20 +17,23 @@ Metrics (keys of `METRIC_NAMES`), for a prediction P and ground truth G of one l
   over both distance sets together. Voxel-unit percentiles are computed on their own distances:
   with anisotropic spacing they are not a rescaling of the mm ones.
 
-Empty masks (MONAI answers NaN or inf there; a summary table wants defined, honest values):
+Empty masks (README "Metric contract"; MONAI answers NaN or inf there):
 
 - both empty: a correct "nothing there": dsc, sens, precision, ldr, nsd 1; rve, hd95, assd 0
   (MONAI: NaN for all of them).
 - G empty, P not (pure false positive): dsc 0 (MONAI: NaN, its dice ignores empty references),
   precision 0, nsd 0 (no predicted surface lies near a reference surface, as MONAI); sens, ldr
   and rve NaN because they are relative to an empty reference (an "infinite" rve would swamp
-  every mean); hd95 and assd NaN because there is no reference surface to measure to (MONAI:
-  NaN for HD95 but inf for ASSD, which breaks means).
+  every mean).
 - P empty, G not (pure miss): dsc 0, sens 0, ldr 0, rve -1, nsd 0; precision NaN (nothing
-  predicted); hd95 and assd NaN because there is no predicted surface (MONAI: NaN, inf).
+  predicted).
+- In both one-empty cases hd95 and assd follow `missing` (``metrics.missing``): ``worst`` (the
+  default) scores them as the diagonal of the image's extent, `worst_distances` (mm for
+  hd95_mm and assd_mm, voxels for hd95_vox), so a miss is never rewarded by dropping out of a
+  mean; ``nan`` leaves them undefined (MONAI: NaN for HD95, inf for ASSD).
 
-NaN thus always means "undefined for this case", to be skipped (np.nanmean) and counted
-separately by the caller; the misses themselves are scored by dsc, sens and precision.
+NaN always means "undefined for this case", to be skipped (np.nanmean) and counted separately
+by the caller (``n_undefined_<metric>``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from evalharness.score import calibration, lesions
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 METRIC_NAMES: tuple[str, ...] = (
     "dsc",
@@ -70,33 +76,61 @@ _BOTH_EMPTY: dict[str, float] = {
     "assd_mm": 0.0,
     "nsd_1mm": 1.0,
 }
-_ONE_EMPTY_SURFACE: dict[str, float] = {
-    "hd95_mm": _NAN,
-    "hd95_vox": _NAN,
-    "assd_mm": _NAN,
-    "nsd_1mm": 0.0,
-}
+DISTANCES: tuple[str, ...] = ("hd95_mm", "hd95_vox", "assd_mm")
+"""The metrics that `missing` decides where exactly one mask is empty."""
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 _KDTREE_LEAFSIZE = 32  # MONAI's choice: one batched query per tree
 
 
 def label_metrics(
-    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing_mm: Sequence[float]
+    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing_mm: Sequence[float], missing: str = "worst"
 ) -> dict[str, float]:
-    """All METRIC_NAMES for one pair of boolean masks [X, Y, Z] (non-zero is foreground)."""
+    """All METRIC_NAMES for one pair of boolean masks [X, Y, Z] (non-zero is foreground);
+    `missing` (``worst`` | ``nan``) decides the distances where exactly one mask is empty."""
     pred, gt = as_mask(pred_mask), as_mask(gt_mask)
     _check_same_shape(pred, gt)
     spacing = _as_spacing(spacing_mm)
     box = bounding_box(pred | gt)
     if box is None:
         return dict(_BOTH_EMPTY)
+    shape = pred.shape
     # Everything below only looks inside the union's box: the surfaces, hence all distances,
     # are the same there as in the full volume, and the work shrinks with the objects. The
     # C-order copy keeps it fast for Fortran-ordered input (what nibabel usually returns).
     pred, gt = np.ascontiguousarray(pred[box]), np.ascontiguousarray(gt[box])
     values = _overlap_metrics(pred, gt)
-    values |= _surface_metrics(pred, gt, spacing) if pred.any() and gt.any() else _ONE_EMPTY_SURFACE
+    if pred.any() and gt.any():
+        values |= _surface_metrics(pred, gt, spacing)
+    else:
+        values |= _one_empty_surface(shape, spacing, missing)
     return {name: values[name] for name in METRIC_NAMES}
+
+
+def worst_distances(shape_vox: Sequence[int], spacing_mm: Sequence[float]) -> dict[str, float]:
+    """The ``worst`` distances of an image [X, Y, Z]: its diagonal, ``sqrt(sum((n·s)²))`` in mm
+    for hd95_mm and assd_mm, ``sqrt(sum(n²))`` in voxels for hd95_vox (no two voxels of the
+    image lie farther apart than this)."""
+    extent_vox = np.asarray(shape_vox, dtype=np.float64)
+    diagonal_mm = float(np.linalg.norm(extent_vox * _as_spacing(spacing_mm)))
+    return {
+        "hd95_mm": diagonal_mm,
+        "hd95_vox": float(np.linalg.norm(extent_vox)),
+        "assd_mm": diagonal_mm,
+    }
+
+
+def _one_empty_surface(
+    shape_vox: Sequence[int], spacing_mm: np.ndarray, missing: str
+) -> dict[str, float]:
+    """Surface metrics where exactly one mask is empty (module doc): nsd 0, distances by
+    `missing`."""
+    if missing == "worst":
+        distances = worst_distances(shape_vox, spacing_mm)
+    elif missing == "nan":
+        distances = dict.fromkeys(DISTANCES, _NAN)
+    else:
+        raise ValueError(f"missing={missing!r}: expected one of nan, worst")
+    return {**distances, "nsd_1mm": 0.0}
 
 
 def case_metrics(
@@ -104,12 +138,27 @@ def case_metrics(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
+    options: MetricOptions = DEFAULT_OPTIONS,
+    probabilities: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Per-label metrics of label maps [X, Y, Z]: one dict per foreground label k in `labels`,
-    {"label": k, **label_metrics(pred == k, gt == k)}, in the order of `labels`."""
+    {"label": k, **label_metrics(pred == k, gt == k)}, in the order of `labels`; with
+    ``options.lesion_wise`` the lesion-wise columns, with ``options.calibration`` and
+    `probabilities` [K, X, Y, Z] (K = 1: sigmoid of label 1; else softmax, channel k = label
+    k) ``ece`` and ``brier``."""
     pred, gt = np.asarray(pred_labels), np.asarray(gt_labels)
     _check_same_shape(pred, gt)
-    return [{"label": int(k), **label_metrics(pred == k, gt == k, spacing_mm)} for k in labels]
+    rows = []
+    for k in labels:
+        pred_k, gt_k = pred == k, gt == k
+        row = {"label": int(k), **label_metrics(pred_k, gt_k, spacing_mm, options.missing)}
+        if options.lesion_wise:
+            row |= lesions.lesion_metrics(pred_k, gt_k, spacing_mm, options)
+        if options.calibration and probabilities is not None:
+            channel = probabilities[0] if probabilities.shape[0] == 1 else probabilities[int(k)]
+            row |= calibration.calibration_metrics(channel, pred_k, gt_k, options)
+        rows.append(row)
+    return rows
 
 
 def _overlap_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -9,10 +10,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evalharness.score.calibration import CALIBRATION_METRICS
+from evalharness.score.intervals import MIN_CASES, bootstrap_mean_ci
+from evalharness.score.lesions import LESION_METRICS
 from evalharness.score.metrics import METRIC_NAMES
+from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 COLUMNS = ("case", "label", *METRIC_NAMES, "status", "error", "seconds", "flags")
 HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
+log = logging.getLogger(__name__)
 
 
 def failure_rows(case_id: str, labels: Sequence[int], error: str, seconds: float) -> list[dict]:
@@ -47,26 +53,62 @@ class CaseTable:
         return {row["case"] for row in self._rows}
 
 
-def summarize(table: pd.DataFrame) -> dict[str, float]:
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """The metric columns of `table`: METRIC_NAMES, then the opt-in lesion-wise and
+    calibration columns it holds."""
+    optional = [*LESION_METRICS, *CALIBRATION_METRICS]
+    optional += sorted(c for c in table.columns if c.startswith("lesion_ldr_"))
+    return [c for c in (*METRIC_NAMES, *optional) if c in table.columns]
+
+
+def summarize(table: pd.DataFrame, options: MetricOptions = DEFAULT_OPTIONS) -> dict[str, float]:
     """`<metric>_mean/_std/_median` over all (case, label) rows that succeeded, NaN skipped,
-    plus `<metric>_mean_label<k>` per label, case counts and seconds per case."""
+    with the 95 % bootstrap interval of each mean (`<metric>_mean_ci95_low/_high`,
+    `intervals.py`) and `n_undefined_<metric>` (rows where it is NaN); `<metric>_mean_label<k>`
+    and its interval per label; case counts and seconds per case. Fewer than
+    `intervals.MIN_CASES` cases: the intervals are NaN and a warning says so."""
     ok = table[table["status"] == "ok"]
     summary: dict[str, float] = {
         "n_cases": float(table["case"].nunique()),
         "n_failed_cases": float(table.loc[table["status"] != "ok", "case"].nunique()),
     }
-    for name in METRIC_NAMES:
+    several_labels = ok["label"].nunique() > 1
+    for name in metric_columns(table):
         values = pd.to_numeric(ok[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
         summary[f"{name}_mean"] = _nan_stat(values, "mean")
         summary[f"{name}_std"] = _nan_stat(values, "std")
         summary[f"{name}_median"] = _nan_stat(values, "median")
-        if ok["label"].nunique() > 1:
-            for label, group in ok.groupby("label"):
-                label_values = pd.to_numeric(group[name], errors="coerce")
-                summary[f"{name}_mean_label{label}"] = _nan_stat(label_values, "mean")
+        summary |= _interval(f"{name}_mean", ok["case"], values, options)
+        summary[f"n_undefined_{name}"] = float(values.isna().sum())
+        if several_labels:
+            for label, group in ok.assign(**{name: values}).groupby("label"):
+                key = f"{name}_mean_label{label}"
+                summary[key] = _nan_stat(group[name], "mean")
+                summary |= _interval(key, group["case"], group[name], options)
     seconds = table.drop_duplicates("case")["seconds"]
     summary["seconds_per_case"] = _nan_stat(pd.to_numeric(seconds, errors="coerce"), "mean")
+    n_ok = ok["case"].nunique()
+    if n_ok < MIN_CASES:
+        log.warning(
+            "95%% confidence intervals undefined: %d scored case(s), at least %d needed",
+            n_ok,
+            MIN_CASES,
+        )
     return summary
+
+
+def _interval(
+    key: str, cases: pd.Series, values: pd.Series, options: MetricOptions
+) -> dict[str, float]:
+    """`<key>_ci95_low/_high`: bootstrap interval over cases of the mean of `values`."""
+    grouped = values.groupby(cases.to_numpy())
+    low, high = bootstrap_mean_ci(
+        grouped.sum(min_count=1).fillna(0.0).to_numpy(),
+        grouped.count().to_numpy(),
+        options.bootstrap_resamples,
+        options.bootstrap_seed,
+    )
+    return {f"{key}_ci95_low": low, f"{key}_ci95_high": high}
 
 
 def _nan_stat(values: pd.Series, how: str) -> float:

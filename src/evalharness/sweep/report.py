@@ -19,6 +19,7 @@ from evalharness.score.comparison import Comparison, RunData, base_metric, compa
 from evalharness.score.table import HEADLINE
 from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
 from evalharness.track import tracking
+from evalharness.track.pages import log_sweep_summary
 
 REPLOT_AFTER_S = 60.0
 
@@ -85,16 +86,22 @@ def _log_comparison(
             f"{t['setting']}: {describe_test(t)}" for t in stats["tests"]
         )
         or "none",
+        "evalharness.tied_with_best": "; ".join(stats["tied_with_best"]) or "none",
     }
     tracking.set_tags(client, parent, tags)
     metrics = {
         "n_settings": stats["n_settings"],
         "n_failed_settings": stats["n_failed"],
         "n_skipped_settings": stats["n_skipped"],
+        "n_tied_with_best": len(stats["tied_with_best"]),
     }
     if best:
         metrics[f"best_{stats['primary_metric']}"] = best["value"]
     tracking.log_metrics(client, parent, metrics)
+    facts = {"sweep folder": str(sweep_dir), "swept": ", ".join(state.swept_keys) or "none"}
+    plot_dir = sweep_dir / "plots" if state.plots else None
+    title = f"Sweep {sweep_dir.name}"
+    log_sweep_summary(client, parent, title, facts, table, stats, plot_dir)
 
 
 def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> list[Path]:

@@ -25,6 +25,10 @@ MAX_PARAM_CHARS = 6000
 BATCH = 100
 LOCKED_RETRIES = 8  # SQLite "database is locked" under concurrent writers: retry with backoff
 LOCKED_BACKOFF_S = 0.2  # first wait; doubles each attempt (25 s in all at most)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens);
+with it, on the model-training runs table."""
 T = TypeVar("T")
 
 
@@ -112,12 +116,26 @@ def prepare_store(tracking_uri: str) -> MlflowClient:
 
 
 def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
-    """Id of experiment `name`, created if missing (race-safe across processes)."""
+    """Id of experiment `name`, created if missing (race-safe across processes).
+
+    An experiment without a kind gets `EXPERIMENT_KIND` (the UI then opens on its runs
+    table); a kind someone set is left alone.
+    """
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(tracking_uri))
+        if experiment is None:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location(tracking_uri),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            retry_locked(
+                lambda: client.set_experiment_tag(
+                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                )
+            )
+        return experiment.experiment_id
 
 
 def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
