@@ -223,13 +223,67 @@ def test_unknown_run_id(world: World, tmp_path: Path, capsys) -> None:
 
 
 def test_run_without_the_artifact_lists_what_it_has(world: World, tmp_path: Path, capsys):
-    result = evaluate(
-        world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={world.training_run}"
-    )
+    overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
+    result = evaluate(world, tmp_path, capsys, *overrides, "model.artifact=model/best_learner.pkl")
     assert_run_failed(
         result,
         "no artifact file 'model/best_learner.pkl'",
         "(it has: model/model.pt, model/notes.txt)",
+    )
+
+
+def _training_run(world: World, artifacts: list[Path], params: dict[str, str]) -> str:
+    client = MlflowClient(tracking_uri=world.uri)
+    experiment = client.get_experiment_by_name("training").experiment_id
+    run_id = client.create_run(experiment).info.run_id
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), "model")
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.set_terminated(run_id)
+    return run_id
+
+
+def test_a_model_file_is_discovered_and_its_choice_tagged(world: World, tmp_path: Path, capsys):
+    overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
+    result = evaluate(world, tmp_path, capsys, *overrides)
+    assert result.outcome.code == 0, result.stderr
+    assert result.run.data.tags["evalharness.model_artifact"] == "model/model.pt"
+    assert "no fastMONAI learner" in result.run.data.tags["evalharness.model_artifact_choice"]
+
+
+def test_run_with_no_loadable_model_lists_what_it_has(world: World, tmp_path: Path, capsys):
+    run_id = _training_run(world, [world.folder / "notes.txt"], {})
+    result = evaluate(world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={run_id}")
+    assert_run_failed(
+        result,
+        f"run '{run_id}' has no loadable model file (looked for model/best_learner.pkl",
+        "it has: model/notes.txt)",
+    )
+
+
+def test_a_training_transform_that_cannot_be_reproduced_stops_before_inference(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    transforms = '[{"name": "PadOrCrop", "params": {"target_shape": [8, 8, 8]}}]'
+    run_id = _training_run(world, [world.model], {"transformations": transforms})
+    overrides = ("model=mlflow_run", f"model.run_id={run_id}", "checks.on_mismatch=error")
+    result = evaluate(world, tmp_path, capsys, *overrides)
+    assert_run_failed(result, "training.transformations", "checks.on_mismatch=error")
+    assert "training applied PadOrCrop(target_shape=[8, 8, 8])" in result.stderr
+    assert result.table is None
+
+
+def test_held_out_needs_a_training_run_with_its_split(world: World, tmp_path: Path, capsys):
+    result = evaluate(world, tmp_path, capsys, "data.split.method=held_out")  # model.path only
+    assert_run_failed(result, "data.split.method=held_out: needs a training run")
+    overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
+    result = evaluate(
+        world, tmp_path, capsys, *overrides, "data.split.method=held_out", "mlflow.experiment=b"
+    )
+    assert_run_failed(
+        result,
+        f"training run '{world.training_run}' has no artifact 'data/train_val_split.csv'",
     )
 
 
@@ -267,6 +321,7 @@ def test_output_channels_contradicting_the_labels_stop_before_inference(
         ("patch.size=[0,8,8]", "patch.size=[0, 8, 8]: expected three positive integers"),
         ("inference.aggregation=median", "inference.aggregation='median': expected one of crop"),
         ("inference.max_device_memory_mb=0", "inference.max_device_memory_mb=0.0: expected > 0"),
+        ("model.role=last", "model.role='last': expected one of best, final"),
     ],
 )
 def test_bad_config_value(override: str, expected: str, world: World, tmp_path, capsys) -> None:

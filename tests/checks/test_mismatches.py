@@ -58,9 +58,20 @@ def test_report_json_fields():
     assert report_json([]) == {
         "config": [],
         "data": [],
+        "split": [],
         "preprocessing_mismatch": False,
         "mismatch_count": 0,
+        "leakage_count": 0,
     }
+
+
+def test_leakage_has_its_own_list_and_count_and_is_no_preprocessing_mismatch():
+    leak = Mismatch("split", "leakage", "train", "case id", "error", "m", case="a")
+    report = report_json([leak, sample_entries()[1]])
+    assert [e["case"] for e in report["split"]] == ["a"] and report["data"] == []
+    assert (report["leakage_count"], report["mismatch_count"]) == (1, 2)
+    assert report["preprocessing_mismatch"] is False
+    assert report_tags(report)["evalharness.leakage_count"] == 1
 
 
 def test_as_dict_is_json_friendly():
@@ -92,10 +103,12 @@ def test_report_tags():
     assert report_tags(report_json(entries)) == {
         "evalharness.preprocessing_mismatch": "true",
         "evalharness.mismatch_count": 4,
+        "evalharness.leakage_count": 0,
     }
     assert report_tags(report_json([])) == {
         "evalharness.preprocessing_mismatch": "false",
         "evalharness.mismatch_count": 0,
+        "evalharness.leakage_count": 0,
     }
 
 

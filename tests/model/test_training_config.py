@@ -6,12 +6,16 @@ import json
 
 import numpy as np
 import pytest
+from callback_run import recorded_run
 from conftest import FIXTURE
 
+from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.errors import SourceError
 from evalharness.model.safe_pickle import load_data_pickle
 from evalharness.model.training_config import (
     PATCH_CONFIG_FIELDS,
+    TrainingConfig,
+    fill_from_params,
     parse_patch_config,
     read_safetensors_metadata,
     training_config_from_inference_config,
@@ -85,3 +89,73 @@ def test_numpy_values_are_normalised_and_bad_values_name_the_field():
         parse_patch_config({"patch_size": [48.5, 48, 32]}, "patch_config.json")
     with pytest.raises(SourceError, match="apply_reorder"):
         parse_patch_config({"apply_reorder": "maybe"}, "mlflow_params")
+
+
+CALLBACK_PARAMS = recorded_run()["params"]
+
+
+def _params_only(params: dict) -> TrainingConfig:
+    return fill_from_params(TrainingConfig(), params)
+
+
+def test_the_callback_params_alone_give_the_whole_patch_config_with_their_sources():
+    config = _params_only(CALLBACK_PARAMS)
+    assert config.source == "mlflow_params"
+    assert {k: config.values[k] for k in EXPECTED} == EXPECTED
+    assert config.field_sources == {}  # every field from the patch_* params
+    without_patch = {k: v for k, v in CALLBACK_PARAMS.items() if not k.startswith("patch_")}
+    bare = _params_only(without_patch)  # size, target_spacing, apply_reorder, transformations
+    fields = ("patch_size", "target_spacing", "apply_reorder", "normalization")
+    assert bare.values == {k: EXPECTED[k] for k in fields}
+    assert bare.field_sources == {
+        "normalization": "mlflow_params:transformations",
+        "patch_size": "mlflow_params:size",
+    }
+    assert bare.transforms[0]["name"] == "ZNormalization"
+
+
+def test_params_fill_only_what_the_first_source_lacks():
+    first = parse_patch_config({"patch_size": [96, 96, 96]}, "patch_config.json")
+    config = fill_from_params(first, CALLBACK_PARAMS)
+    assert config.source == "patch_config.json" and config.values["patch_size"] == [96, 96, 96]
+    assert config.source_of("patch_size") == "patch_config.json"
+    assert config.source_of("target_spacing") == "mlflow_params"
+    assert config.values["target_spacing"] == [1.25, 1.25, 1.37]
+
+
+def _transforms(*specs: dict) -> dict:
+    return {"transformations": json.dumps(list(specs))}
+
+
+def test_transforms_the_harness_cannot_reproduce_are_errors_naming_them():
+    logged = _transforms(
+        {"name": "ZNormalization", "params": {"probability": 1, "channel_wise": True}},
+        {"name": "RandomAffine", "params": {"degrees": 10}},
+        {"name": "PadOrCrop", "params": {"target_shape": [96, 96, 64]}},
+    )
+    config = _params_only(logged)
+    assert config.values["normalization"] == [
+        {"name": "ZNormalization", "masking_method": None, "channel_wise": True}
+    ]
+    found = transform_mismatches(config.transforms, config.values["normalization"], [])
+    assert [(m.key, m.training, m.severity) for m in found] == [
+        ("training.transformations", "PadOrCrop", "error")
+    ]
+    assert "PadOrCrop(target_shape=[96, 96, 64])" in found[0].message
+
+
+def test_a_logged_normalisation_in_neither_config_is_an_error():
+    transforms = _params_only(_transforms({"name": "RescaleIntensity", "params": {}})).transforms
+    z = [{"name": "ZNormalization", "masking_method": None}]
+    found = transform_mismatches(transforms, z, z)
+    assert len(found) == 1 and found[0].severity == "error"
+    assert "training applied [RescaleIntensity()]" in found[0].message
+    rescale = [{"name": "RescaleIntensity"}]
+    assert not transform_mismatches(transforms, rescale, z)  # the normalisation check's job
+    assert not transform_mismatches(transforms, z, rescale)  # applied by the evaluation
+
+
+@pytest.mark.parametrize("text", ["not json", '[{"params": {}}]', "3"])
+def test_a_malformed_transformations_param_is_an_error_naming_it(text: str):
+    with pytest.raises(SourceError, match="training run param transformations"):
+        _params_only({"transformations": text})

@@ -18,7 +18,9 @@ For entries about the model's output (``model.out_channels``, ``model.output_con
 ``training`` field holds what the network is expected to produce (the data's labels, the
 output contract of the training export) and ``evaluation`` the network's channel count.
 For data-level entries ``training`` is the training-side value where there is one (the target
-spacing) and None otherwise; ``evaluation`` holds what was observed.
+spacing) and None otherwise; ``evaluation`` holds what was observed. Split-level entries
+(scope ``"split"``, key ``"leakage"``: `evalharness.checks.leakage`) name an evaluated case the
+training run trained (``training`` = ``"train"``) or validated (``"valid"``) on.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ Severity = Literal["error", "warning", "info"]
 AXIS_NAMES = ("x", "y", "z")
 REPORT_ARTIFACT = "checks/mismatches.json"
 """Where the JSON report (`report_json`) is logged in the evaluation run."""
+SPLIT_SCOPE = "split"
+LEAKAGE_KEY = "leakage"
 
 _COLORS = {"warning": "\033[33m", "error": "\033[31m"}
 _RESET = "\033[0m"
@@ -45,7 +49,8 @@ class Mismatch:
     """One finding of the checks (see the module doc for the meaning of the fields)."""
 
     scope: str
-    """``"config"`` (training vs evaluation settings) or ``"data"`` (a per-case probe)."""
+    """``"config"`` (training vs evaluation settings), ``"data"`` (a per-case probe) or
+    ``"split"`` (a case the training run used)."""
     key: str
     """Config key (e.g. ``preprocessing.apply_reorder``) or check name (``mirror_probe``)."""
     training: Any
@@ -190,32 +195,38 @@ def summary_line(mismatches: Sequence[Mismatch], *, color: bool) -> str:
 def report_json(mismatches: Sequence[Mismatch]) -> dict[str, Any]:
     """JSON-serialisable report.
 
-    ``config`` and ``data`` list the entries (``Mismatch.as_dict``) of each scope;
+    ``config``, ``data`` and ``split`` list the entries (``Mismatch.as_dict``) of each scope;
     ``preprocessing_mismatch`` is true when any entry has severity ``error`` (error-class config
-    entries, or a case flagged by the mirror probe or the header check; spacing warnings and
-    info entries do not count); ``mismatch_count`` counts every entry of every severity,
-    warnings and info included (so it is 0 only for a clean run).
+    entries, or a case flagged by the mirror probe or the header check; spacing warnings, info
+    entries and leakage do not count); ``mismatch_count`` counts every entry of every severity,
+    warnings and info included (so it is 0 only for a clean run); ``leakage_count`` counts the
+    evaluated cases the training run trained or validated on.
     """
     return {
         "config": [m.as_dict() for m in mismatches if m.scope == "config"],
-        "data": [m.as_dict() for m in mismatches if m.scope != "config"],
-        "preprocessing_mismatch": has_errors(mismatches),
+        "data": [m.as_dict() for m in mismatches if m.scope not in ("config", SPLIT_SCOPE)],
+        "split": [m.as_dict() for m in mismatches if m.scope == SPLIT_SCOPE],
+        "preprocessing_mismatch": has_errors([m for m in mismatches if m.scope != SPLIT_SCOPE]),
         "mismatch_count": len(mismatches),
+        "leakage_count": sum(m.scope == SPLIT_SCOPE and m.key == LEAKAGE_KEY for m in mismatches),
     }
 
 
 def report_tags(report: Mapping[str, Any]) -> dict[str, Any]:
     """The run tags of a `report_json` report: ``evalharness.preprocessing_mismatch``
-    (``true``/``false``) and ``evalharness.mismatch_count``."""
+    (``true``/``false``), ``evalharness.mismatch_count`` and ``evalharness.leakage_count``."""
     return {
         "evalharness.preprocessing_mismatch": str(report["preprocessing_mismatch"]).lower(),
         "evalharness.mismatch_count": report["mismatch_count"],
+        "evalharness.leakage_count": report.get("leakage_count", 0),
     }
 
 
 __all__ = [
     "AXIS_NAMES",
+    "LEAKAGE_KEY",
     "REPORT_ARTIFACT",
+    "SPLIT_SCOPE",
     "Mismatch",
     "Severity",
     "axis_label",

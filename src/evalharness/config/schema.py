@@ -32,7 +32,8 @@ class MlflowConfig:
 class ModelConfig:
     # run_id, path and uri: one value, or a list of them for an ensemble (`model.members`)
     run_id: Any = None
-    artifact: str = "model/best_learner.pkl"
+    artifact: str | None = None  # null: discovered among the run's artifacts (model.role)
+    role: str = "best"
     config_artifact: str | None = None
     path: Any = None
     uri: Any = None

@@ -5,7 +5,9 @@ Two layouts are read: a Medical Segmentation Decathlon folder (``dataset.json`` 
 The split methods pick the test part the way training did, so a model is never scored on cases it
 was trained on: "decathlon" replays MONAI's ``DecathlonDataset`` followed by scikit-learn's
 ``train_test_split`` without loading any image, "sklearn" applies ``train_test_split`` to the
-listed cases, "file" reads the rows of a split CSV, "all" keeps every case.
+listed cases, "file" reads the rows of a split CSV, "all" keeps every case, "held_out" keeps the
+cases the training run neither trained nor validated on (the selection is passed in by the caller,
+from the run's ``data/train_val_split.csv``: `evalharness.data.training_split`).
 
 Files that do not exist are kept as cases: the evaluation records them as per-case failures, so
 one bad case does not stop the others. Problems with the dataset as a whole raise ``DataError``,
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,15 @@ class Dataset:
     split_method: str
 
 
-def load_dataset(data_cfg: DataConfig) -> Dataset:
-    """Read the dataset described by the ``data`` config and return its evaluation split."""
+HeldOut = Callable[[list["Case"], Path], list["Case"]]
+"""(every listed case, the dataset folder) -> the cases the training run did not use."""
+
+
+def load_dataset(data_cfg: DataConfig, held_out: HeldOut | None = None) -> Dataset:
+    """Read the dataset described by the ``data`` config and return its evaluation split.
+
+    `held_out` is the selection of split method "held_out" (None: that method is unavailable).
+    """
     name = data_cfg.name
     split_cfg = data_cfg.split
     method = split_cfg.method
@@ -84,6 +93,13 @@ def load_dataset(data_cfg: DataConfig) -> Dataset:
         cases = _file_split(split_cfg, folder)
     elif method == "all":
         cases = listed
+    elif method == "held_out":
+        if held_out is None:
+            raise ConfigError(
+                "data.split.method=held_out: needs a training run (model.run_id, model.uri or "
+                "model.run_name) that logged data/train_val_split.csv"
+            )
+        cases = held_out(listed, folder)
     elif method == "sklearn":
         cases = _test_part(listed, split_cfg, SKLEARN_TEST_SIZE)
     else:

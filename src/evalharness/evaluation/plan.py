@@ -11,19 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from evalharness.checks.config_checks import config_mismatches
+from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
+from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
+from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
-from evalharness.model.loaders import LoadedModel, load_model_file
+from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
 from evalharness.model.members import (
     agreed_training_config,
     check_agreement,
@@ -31,7 +35,7 @@ from evalharness.model.members import (
     member_name,
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
-from evalharness.model.training_config import TrainingConfig
+from evalharness.model.training_config import TrainingConfig, read_safetensors_metadata
 from evalharness.predict.ensemble import Ensemble
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
@@ -77,13 +81,18 @@ class Plan:
     config_hash: str
     members: tuple[ResolvedModel, ...] = ()
     training: TrainingConfig | None = None
+    split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
 def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options."""
+    """Load the resolved model file with the `model.*` loading options; a state dict with a
+    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
+    if source.arch is None and resolved.sibling_metadata_path is not None:
+        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
+        return load_state_dict_with_metadata(resolved.local_path, metadata)
     return load_model_file(
         resolved.local_path,
         arch=source.arch,
@@ -100,10 +109,20 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
     members = tuple(
         resolve_model(member, tracking_uri, cache_dir) for member in member_configs(config.model)
     )
+    for member in members:
+        print(f"model: {member.artifact_uri or member.local_path} ({member.artifact_reason})")
     check_agreement(members)
     training = agreed_training_config(members)
     settings, assumed, _ = resolve_settings(config, training.values)
-    dataset = load_dataset(config.data)
+    resolved = members[0]  # the training split and its leakage: the first member's run
+    method = config.data.split.method
+    split = training_split_of(
+        resolved.training_split_path, resolved.training_run_id, resolved.split_version, method
+    )
+    dataset = load_dataset(config.data, partial(held_out_cases, split=split) if split else None)
+    leaks = leakage_findings(dataset.cases, dataset.root, split) if split else []
+    if split is not None and method == "held_out":
+        print(held_out_line(len(dataset.cases), resolved.training_run_id, split.version))
     shas = [m.sha256 for m in members]
     config_hash = stable_hash(
         {
@@ -113,7 +132,9 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
             "metrics": as_dict(config.metrics),  # the rows differ by it
         }
     )
-    return Plan(members[0], settings, assumed, dataset, config_hash, members, training)
+    return Plan(
+        members[0], settings, assumed, dataset, config_hash, members, training, tuple(leaks)
+    )
 
 
 def prepare(
@@ -137,7 +158,8 @@ def prepare(
     _check_channels(members, channels)
     n_in, n_out = channels[0]
     networks = [m.network for m in loaded_members]
-    findings = config_mismatches(
+    findings = [*planned.split_findings]
+    findings += config_mismatches(
         settings,
         training.values,
         training.source,
@@ -145,6 +167,9 @@ def prepare(
         n_output_channels=n_out,
         dataset_labels=sorted(planned.dataset.label_names),
         output_contract=training.output,
+    )
+    findings += transform_mismatches(
+        training.transforms, training.values.get("normalization") or [], settings.normalization
     )
     return Evaluation(
         resolved=planned.resolved,
@@ -196,11 +221,19 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.training_run_name": resolved.training_run_name or "",
         "evalharness.training_experiment": resolved.training_experiment or "",
         "evalharness.model_uri": resolved.artifact_uri or str(resolved.local_path),
+        "evalharness.model_artifact": resolved.artifact or str(resolved.local_path),
+        "evalharness.model_artifact_choice": resolved.artifact_reason,
         "evalharness.model_sha256": resolved.sha256,
         "evalharness.model_downloaded": str(resolved.downloaded).lower(),
         "evalharness.model_loader": ev.loaded.loader,
         "evalharness.trust_pickle": str(bool(config.model.trust_pickle)).lower(),
         "evalharness.training_config_source": (ev.training or resolved.training_config).source,
+        "evalharness.training_config_fields": ", ".join(
+            f"{k}={v}"
+            for k, v in sorted((ev.training or resolved.training_config).field_sources.items())
+        )
+        or "all from the source",
+        "evalharness.training_split_version": resolved.split_version or "",
         "evalharness.assumed": ", ".join(sorted(ev.assumed)) or "none",
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),

@@ -311,7 +311,7 @@ def _check_config(policy: str, ev: Evaluation | SavedPlan, sink: _MlflowSink) ->
         table = format_table(ev.findings, color=sys.stderr.isatty())
         print(f"Evaluation settings vs the training configuration:\n{table}", file=sys.stderr)
     sink.log_findings()
-    errors = [m.key for m in ev.findings if m.severity == "error"]
+    errors = list(dict.fromkeys(m.key for m in ev.findings if m.severity == "error"))
     if errors and policy == "error":
         raise ConfigError(
             f"preprocessing mismatch with the training configuration ({', '.join(errors)}); "

@@ -94,9 +94,19 @@ def agreed_training_config(members: Sequence[ResolvedModel]) -> TrainingConfig:
         return configs[0]
     values: dict[str, Any] = {}
     unknown: dict[str, Any] = {}
+    field_sources: dict[str, str] = {}
     for config in reversed(configs):  # the first member's values win
         values.update(config.values)
         unknown.update(config.unknown)
+        field_sources.update({name: config.source_of(name) for name in config.values})
     sources = list(dict.fromkeys(c.source for c in configs))
     output = next((c.output for c in configs if c.output is not None), None)
-    return TrainingConfig(values=values, source="+".join(sources), unknown=unknown, output=output)
+    transforms = next((c.transforms for c in configs if c.transforms), ())
+    return TrainingConfig(
+        values=values,
+        source="+".join(sources),
+        unknown=unknown,
+        output=output,
+        field_sources=field_sources,
+        transforms=transforms,
+    )

@@ -1,8 +1,11 @@
 """Find the training run through MLflow, fetch its model file (cached) and its training config.
 
 :func:`resolve_model` finds the file and the training config through MLflow (run id,
-``runs:/`` or ``models:/`` URI, experiment + run name) or takes a local ``model.path``; turning
-the file into a network is :mod:`evalharness.model.loaders`' job. Every failure is a one-line
+``runs:/`` or ``models:/`` URI, experiment + run name) or takes a local ``model.path``; with
+``model.artifact`` unset the model is discovered among the run's artifacts
+(:mod:`evalharness.model.discovery`). The run's ``data/train_val_split.csv`` (fastMONAI's
+record of what it trained and validated on) is fetched too when the run has one. Turning the
+file into a network is :mod:`evalharness.model.loaders`' job. Every failure is a one-line
 :class:`SourceError`.
 """
 
@@ -26,9 +29,18 @@ from mlflow.exceptions import MlflowException
 
 from evalharness.config.rules import MODEL_RUN_KEYS
 from evalharness.config.schema import ModelConfig
+from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
+from evalharness.model.discovery import (
+    MODEL_FOLDER,
+    ArtifactChoice,
+    choose_model_artifact,
+    looked_for,
+    safetensors_sibling,
+)
 from evalharness.model.training_config import (
     TrainingConfig,
+    fill_from_params,
     training_config_from_file,
     training_config_from_params,
     training_config_from_safetensors,
@@ -37,7 +49,7 @@ from evalharness.track import tracking
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARTIFACT = "model/best_learner.pkl"
+SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample ids and roles
 CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
@@ -56,6 +68,11 @@ class ResolvedModel:
     training_config: TrainingConfig
     downloaded: bool  # False when served from the cache (or a local model.path)
     notes: tuple[str, ...] = ()  # e.g. ambiguous run names, the registry version used
+    artifact: str | None = None  # run-relative path of the model file; None for model.path
+    artifact_reason: str = ""  # how the artifact was chosen (model.artifact, discovery, ...)
+    sibling_metadata_path: Path | None = None  # safetensors giving a state dict's architecture
+    training_split_path: Path | None = None  # the run's data/train_val_split.csv, if it has one
+    split_version: str | None = None  # the run's `split_version` tag
 
 
 def normalise_artifact_path(path: str) -> str:
@@ -227,7 +244,9 @@ def _training_config(
     cache_dir: Path,
     uri: str,
 ) -> TrainingConfig:
-    """First found wins: patch_config.pkl, patch_config.json, safetensors metadata, params.
+    """First found wins: patch_config.pkl, patch_config.json, safetensors metadata, params;
+    fields it lacks are then filled from the run's params (``patch_*``, ``size``,
+    ``target_spacing``, ``apply_reorder``, ``transformations``), each field's source recorded.
 
     The safetensors ``output`` block (activation, decision) is attached whichever wins.
     """
@@ -247,17 +266,23 @@ def _training_config(
         ]
         found.sort(key=lambda p: CONFIG_ARTIFACT_NAMES.index(posixpath.basename(p)))
         name = found[0] if found else None
+    params = run.data.params
     if name is not None:
         local, _, _ = _fetch(client, run, name, cache_dir, uri)
-        return replace(training_config_from_file(local, name), output=output)
+        return fill_from_params(
+            replace(training_config_from_file(local, name), output=output), params
+        )
     if from_safetensors.source != "none":
-        return from_safetensors
-    return replace(training_config_from_params(run.data.params), output=output)
+        return fill_from_params(from_safetensors, params)
+    return fill_from_params(replace(training_config_from_params(params), output=output), params)
 
 
-def _locate_run(client: MlflowClient, source: ModelConfig, uri: str) -> tuple[Run, str, list[str]]:
-    """The training run, the model's artifact path in it, and notes on how they were chosen."""
-    artifact = source.artifact or DEFAULT_ARTIFACT
+def _locate_run(
+    client: MlflowClient, source: ModelConfig, uri: str
+) -> tuple[Run, str | None, list[str]]:
+    """The training run, the model's artifact path in it (None: to be discovered), and notes
+    on how they were chosen."""
+    artifact = source.artifact or None
     notes: list[str] = []
     run_id = source.run_id
     model_uri = str(source.uri or "")
@@ -271,7 +296,39 @@ def _locate_run(client: MlflowClient, source: ModelConfig, uri: str) -> tuple[Ru
         if not experiment:
             raise SourceError("model.run_name needs model.experiment")
         run_id, notes = _find_run_by_name(client, experiment, source.run_name, uri)
-    return _get_run(client, str(run_id), uri), normalise_artifact_path(artifact), notes
+    run = _get_run(client, str(run_id), uri)
+    return run, None if artifact is None else normalise_artifact_path(artifact), notes
+
+
+def discover_model(client: MlflowClient, run_id: str, role: str = "best") -> ArtifactChoice:
+    """The model artifact of run `run_id` by the discovery order for `role`
+    (:mod:`evalharness.model.discovery`); SourceError listing the run's files when none fits."""
+    listed = client.list_artifacts(run_id, MODEL_FOLDER)
+    choice = choose_model_artifact([info.path for info in listed if not info.is_dir], role)
+    if choice is None:
+        has = ", ".join(info.path for info in _walk(client, run_id, 8, _LISTING_LIMIT))
+        has = has or "no artifacts"
+        raise SourceError(
+            f"run '{run_id}' has no loadable model file (looked for {looked_for(role)}; "
+            f"it has: {has})"
+        )
+    return choice
+
+
+def _explicit_choice(client: MlflowClient, run_id: str, artifact: str, how: str) -> ArtifactChoice:
+    """An artifact named by the user, with a safetensors sibling when it needs an architecture."""
+    folder = posixpath.dirname(artifact) or None
+    paths = [info.path for info in client.list_artifacts(run_id, folder) if not info.is_dir]
+    return ArtifactChoice(artifact, safetensors_sibling(paths, artifact), how)
+
+
+def _training_split(client: MlflowClient, run: Run, cache_dir: Path, uri: str) -> Path | None:
+    """The run's data/train_val_split.csv, downloaded (cached), or None when it has none."""
+    folder = posixpath.dirname(TRAINING_SPLIT_ARTIFACT)
+    listed = {info.path for info in client.list_artifacts(run.info.run_id, folder)}
+    if TRAINING_SPLIT_ARTIFACT not in listed:
+        return None
+    return _fetch(client, run, TRAINING_SPLIT_ARTIFACT, cache_dir, uri)[0]
 
 
 def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
@@ -281,29 +338,41 @@ def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> Re
     from ``source.tracking_uri`` if set, else ``tracking_uri``; ``path`` takes the model
     file from local disk instead of the run's ``artifact`` (the run still gives the config).
     Downloads are cached in ``cache_dir`` (``downloaded`` says whether this call fetched).
+    With no ``artifact`` (and no ``uri``) the model is discovered for ``role`` (best|final).
     """
     chosen = [key for key in MODEL_RUN_KEYS if getattr(source, key)]
     local = source.path
     if not chosen and not local:
         raise SourceError("model: set one of path, run_id, uri or experiment + run_name")
     uri = str(source.tracking_uri or tracking_uri)
-    client = run = experiment = None
+    client = run = experiment = choice = sibling = split_path = None
     notes: list[str] = []
     try:
         if chosen:
             client = tracking.client_for(uri, registry_uri=uri)
             run, artifact, notes = _locate_run(client, source, uri)
             experiment = client.get_experiment(run.info.experiment_id).name
+            split_path = _training_split(client, run, cache_dir, uri)
         if local:
             model_path, artifact_uri = Path(local).expanduser().resolve(), None
             if not model_path.is_file():
                 raise SourceError(f"model.path: file not found: {model_path}")
             sha, downloaded = _sha256(model_path), False
         else:
-            model_path, sha, downloaded = _fetch(client, run, artifact, cache_dir, uri)
-            artifact_uri = f"runs:/{run.info.run_id}/{artifact}"
+            run_id = run.info.run_id
+            if artifact is None:
+                choice = discover_model(client, run_id, source.role)
+            else:
+                how = "model.uri" if source.uri else "model.artifact"
+                choice = _explicit_choice(client, run_id, artifact, how)
+            model_path, sha, downloaded = _fetch(client, run, choice.artifact, cache_dir, uri)
+            if choice.sibling is not None:
+                sibling = _fetch(client, run, choice.sibling, cache_dir, uri)[0]
+            artifact_uri = f"runs:/{run_id}/{choice.artifact}"
         config_artifact = source.config_artifact
-        config = _training_config(client, run, config_artifact, model_path, cache_dir, uri)
+        config = _training_config(
+            client, run, config_artifact, sibling or model_path, cache_dir, uri
+        )
     except (MlflowException, OSError) as error:  # what the specific checks did not foresee
         raise SourceError(
             f"cannot resolve the model (tracking URI {uri}): {first_line(error)}"
@@ -318,4 +387,9 @@ def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> Re
         training_config=config,
         downloaded=downloaded,
         notes=tuple(notes),
+        artifact=choice.artifact if choice else None,
+        artifact_reason=choice.reason if choice else "model.path",
+        sibling_metadata_path=sibling,
+        training_split_path=split_path,
+        split_version=run.data.tags.get(SPLIT_VERSION_TAG) if run else None,
     )

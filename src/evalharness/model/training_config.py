@@ -2,10 +2,13 @@
 
 fastMONAI writes the same contract in several places, depending on its version: a pickled dict
 (``patch_config.pkl``), its JSON twin, the ``inference_config`` metadata of
-``best_model.safetensors`` and MLflow params prefixed ``patch_``. Each becomes one
-:class:`TrainingConfig` with normalised types, so the checks can compare it with the evaluation
-config without caring where it came from. Fields this module does not know are kept in
-``unknown`` (reported, never dropped).
+``best_model.safetensors`` and MLflow params prefixed ``patch_``; fastMONAI 0.12's MLflow
+callback also logs ``size``, ``target_spacing``, ``apply_reorder`` and ``transformations`` (JSON:
+the item transforms, e.g. ``[{"name": "ZNormalization", "params": {"channel_wise": true, ...}}]``).
+Each becomes one :class:`TrainingConfig` with normalised types, so the checks can compare it with
+the evaluation config without caring where it came from; `fill_from_params` completes a config
+from the run's params and records each field's source. Fields this module does not know are
+kept in ``unknown`` (reported, never dropped).
 """
 
 from __future__ import annotations
@@ -35,6 +38,15 @@ PATCH_CONFIG_FIELDS = (
 )
 # Run params that describe inference but are not PatchConfig fields (non-patch training).
 _EXTRA_PARAMS = ("size",)
+TRANSFORMATIONS_PARAM = "transformations"
+NORMALIZATION_ARGS: dict[str, tuple[str, ...]] = {
+    "ZNormalization": ("masking_method", "channel_wise"),
+    "RescaleIntensity": ("out_min_max", "percentiles", "in_min_max", "masking_method"),
+    "Clamp": ("out_min", "out_max"),
+}
+"""Intensity transforms the harness reproduces at inference, and the arguments that matter
+(the rest of a logged transform's params is TorchIO bookkeeping: probability, copy, ...)."""
+_DEFAULT_ARGS = {"ZNormalization": {"masking_method": None}}  # None-valued args are not logged
 _MAX_SAFETENSORS_HEADER = 100 * 2**20
 
 
@@ -48,6 +60,12 @@ class TrainingConfig:
     )
     unknown: dict[str, Any] = field(default_factory=dict)
     output: dict | None = None  # safetensors inference_config["output"] (activation, decision, ...)
+    field_sources: dict[str, str] = field(default_factory=dict)  # field -> where it was read
+    transforms: tuple[dict, ...] = ()  # the `transformations` param: {"name", "params"} each
+
+    def source_of(self, name: str) -> str:
+        """Where field `name` was read (the config's source unless filled from elsewhere)."""
+        return self.field_sources.get(name, self.source)
 
 
 def _plain(value: Any) -> Any:
@@ -253,3 +271,81 @@ def training_config_from_safetensors(path: Path) -> TrainingConfig:
     if not isinstance(inference_config, Mapping):
         return TrainingConfig()
     return training_config_from_inference_config(inference_config)
+
+
+def is_augmentation(name: str) -> bool:
+    """A training-time random transform (TorchIO/fastMONAI ``Random*``, ``OneOf``): not part of
+    inference, in fastMONAI as here."""
+    return name.startswith("Random") or name == "OneOf"
+
+
+def parse_transformations(text: str) -> tuple[dict, ...]:
+    """The ``transformations`` param (JSON list of ``{"name", "params"}``) as plain dicts."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SourceError(
+            f"training run param {TRANSFORMATIONS_PARAM}: not JSON ({error})"
+        ) from None
+    if isinstance(raw, Mapping):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(
+        isinstance(t, Mapping) and isinstance(t.get("name"), str) for t in raw
+    ):
+        raise SourceError(
+            f"training run param {TRANSFORMATIONS_PARAM}: expected a list of "
+            '{"name": ..., "params": {...}} transforms'
+        )
+    return tuple({"name": t["name"], "params": _plain(dict(t.get("params") or {}))} for t in raw)
+
+
+def normalization_spec(transform: Mapping[str, Any]) -> dict | None:
+    """A logged intensity transform as a normalisation spec (``{"name": ..., args}``), or None
+    when the harness does not reproduce that transform."""
+    name = transform["name"]
+    if name not in NORMALIZATION_ARGS:
+        return None
+    params = transform.get("params") or {}
+    spec = {"name": name, **_DEFAULT_ARGS.get(name, {})}
+    spec.update({k: params[k] for k in NORMALIZATION_ARGS[name] if k in params})
+    return spec
+
+
+def fill_from_params(config: TrainingConfig, params: Mapping[str, str]) -> TrainingConfig:
+    """`config` with the fields it lacks read from the run's params, each field's source kept.
+
+    Order per field: `config` itself, then ``patch_<field>`` / ``<field>`` params, then (for
+    ``normalization``) the intensity transforms of the ``transformations`` param and (for
+    ``patch_size``) the ``size`` param. The parsed ``transformations`` are kept in
+    ``transforms`` for the checks, whatever source won.
+    """
+    from_params = training_config_from_params(params)
+    values = dict(config.values)
+    sources = {name: config.source_of(name) for name in values}
+    for name, value in from_params.values.items():
+        if name not in values:
+            values[name], sources[name] = value, "mlflow_params"
+    transforms = config.transforms
+    if TRANSFORMATIONS_PARAM in params:
+        transforms = parse_transformations(params[TRANSFORMATIONS_PARAM])
+    if "normalization" not in values and TRANSFORMATIONS_PARAM in params:
+        specs = [normalization_spec(t) for t in transforms]
+        values["normalization"] = [s for s in specs if s is not None]
+        sources["normalization"] = f"mlflow_params:{TRANSFORMATIONS_PARAM}"
+    if "patch_size" not in values and "size" in params:
+        try:
+            values["patch_size"] = _patch_size(_plain(_param_value(params["size"])))
+        except (ValueError, TypeError) as error:
+            raise SourceError(f"training run param size={params['size']!r}: {error}") from None
+        sources["patch_size"] = "mlflow_params:size"
+    source = config.source
+    if source == "none" and values:
+        source = "mlflow_params"
+    return TrainingConfig(
+        values=values,
+        source=source,
+        unknown={**from_params.unknown, **config.unknown},
+        output=config.output,
+        field_sources={k: v for k, v in sources.items() if v != source},
+        transforms=transforms,
+    )
