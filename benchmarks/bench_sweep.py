@@ -37,11 +37,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 AGGREGATIONS = ("hann", "gaussian", "average", "crop")
 OVERLAPS = ("0.25", "0.5", "0.75")
 WARM_UP = ("inference.aggregation=hann", "patch.overlap=0.125")
+
+
+def base_overrides(size: str, workdir: Path, overrides: Sequence[str]) -> list[str]:
+    """What every run of a benchmark shares: the demo, one store, nothing resumed."""
+    return [
+        f"demo.size={size}",
+        f"demo.cache_dir={workdir / 'demo'}",
+        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        "sweep.resume=false",
+        "run.resume=false",
+        *overrides,
+    ]
 
 
 def grid(k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -72,14 +85,7 @@ def run_seconds(args: list[str], cwd: Path) -> float:
 def measure(k: int, size: str, workdir: Path, repeats: int, overrides: list[str]) -> dict:
     """Seconds of the K singles and of the sweep, and their ratio (module doc)."""
     aggregations, overlaps = grid(k)
-    base = [
-        f"demo.size={size}",
-        f"demo.cache_dir={workdir / 'demo'}",
-        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        "sweep.resume=false",
-        "run.resume=false",
-        *overrides,
-    ]
+    base = base_overrides(size, workdir, overrides)
     load_before = [round(v, 2) for v in os.getloadavg()]
     warm_up_s = run_seconds([*base, *WARM_UP, f"hydra.run.dir={workdir / 'runs/warm_up'}"], workdir)
     singles, sweeps = [], []
@@ -149,14 +155,7 @@ def measure_sharing(
     size: str, workdir: Path, overrides: list[str], names: list[str] | None = None
 ) -> dict:
     """Forward passes and seconds of each sharing sweep against its single evaluations."""
-    base = [
-        f"demo.size={size}",
-        f"demo.cache_dir={workdir / 'demo'}",
-        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
-        "sweep.resume=false",
-        "run.resume=false",
-        *overrides,
-    ]
+    base = base_overrides(size, workdir, overrides)
     load_before = [round(v, 2) for v in os.getloadavg()]
     warm_up_s = run_seconds([*base, *WARM_UP, f"hydra.run.dir={workdir / 'runs/warm_up'}"], workdir)
     result: dict = {"mode": "sharing", "size": size, "warm_up_seconds": round(warm_up_s, 2)}

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -125,6 +126,27 @@ def plot_metric_distribution(
     return _save(fig, path)
 
 
+def show_plane(
+    ax: Any, plane: np.ndarray, spacing_mm: tuple[float, float], low: float, high: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw intensities `plane` [h, v] in mm on `ax`, second axis up; return the voxel-centre
+    coordinates (h_mm, v_mm) for contours on top."""
+    # arrays are [h, v]; imshow wants rows = vertical, so transpose; origin lower = up
+    extent = (0.0, plane.shape[0] * spacing_mm[0], 0.0, plane.shape[1] * spacing_mm[1])
+    ax.imshow(
+        plane.T,
+        cmap="gray",
+        vmin=low,
+        vmax=high,
+        origin="lower",
+        extent=extent,
+        interpolation="nearest",
+    )
+    h_mm = (np.arange(plane.shape[0]) + 0.5) * spacing_mm[0]
+    v_mm = (np.arange(plane.shape[1]) + 0.5) * spacing_mm[1]
+    return h_mm, v_mm
+
+
 def plot_case_overlay(
     image: np.ndarray,
     gt: np.ndarray,
@@ -174,19 +196,7 @@ def plot_case_overlay(
         index = [slice(None)] * 3
         index[fixed] = centre[fixed]
         plane_image, plane_gt, plane_pred = (a[tuple(index)] for a in (image, gt, pred))
-        # arrays are [h, v]; imshow wants rows = vertical, so transpose; origin lower = up
-        extent = (0.0, plane_image.shape[0] * spacing[h], 0.0, plane_image.shape[1] * spacing[v])
-        ax.imshow(
-            plane_image.T,
-            cmap="gray",
-            vmin=low,
-            vmax=high,
-            origin="lower",
-            extent=extent,
-            interpolation="nearest",
-        )
-        h_mm = (np.arange(plane_image.shape[0]) + 0.5) * spacing[h]
-        v_mm = (np.arange(plane_image.shape[1]) + 0.5) * spacing[v]
+        h_mm, v_mm = show_plane(ax, plane_image, (spacing[h], spacing[v]), low, high)
         for mask, colours in ((plane_gt, GT_COLOURS), (plane_pred, PRED_COLOURS)):
             for rank, lab in enumerate(labels):  # higher labels on top of shared boundaries
                 region = (mask == lab).T.astype(np.float32)

@@ -22,6 +22,7 @@ from evalharness.plots.case_plots import (
     _figure,
     _intensity_window,
     _save,
+    show_plane,
 )
 from evalharness.score.worst_cases import FIXED_AXIS, PLANES, CaseSlices
 
@@ -67,23 +68,7 @@ def plot_worst_case(
     for index, (ax, plane) in enumerate(zip(axes, PLANES, strict=True)):
         fixed = FIXED_AXIS[plane]
         h, v = [a for a in range(3) if a != fixed]
-        extent = (
-            0.0,
-            images[index].shape[0] * spacing[h],
-            0.0,
-            images[index].shape[1] * spacing[v],
-        )
-        ax.imshow(
-            images[index].T,
-            cmap="gray",
-            vmin=low,
-            vmax=high,
-            origin="lower",
-            extent=extent,
-            interpolation="nearest",
-        )
-        h_mm = (np.arange(images[index].shape[0]) + 0.5) * spacing[h]
-        v_mm = (np.arange(images[index].shape[1]) + 0.5) * spacing[v]
+        h_mm, v_mm = show_plane(ax, images[index], (spacing[h], spacing[v]), low, high)
         for mask, colour in (
             (entry.reference[index], GT_COLOURS[0]),
             (entry.prediction[index], PRED_COLOURS[0]),
