@@ -17,13 +17,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from io import StringIO
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import REPO
+from html_pages import sources
 
 from evalharness.track import tracking
 
@@ -77,23 +77,6 @@ def artifact_names(ui: Ui, run: dict, folder: str | None = None) -> list[str]:
     query = {"run_id": run["info"]["run_id"], **({"path": folder} if folder else {})}
     listed = get_json(f"{ui.url}/api/2.0/mlflow/artifacts/list", **query)
     return sorted(f["path"] for f in listed.get("files", []))
-
-
-class _Urls(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-        self.scripts = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.scripts += tag == "script"
-        self.urls += [v or "" for k, v in attrs if k in ("src", "href")]
-
-
-def page_urls(page: str) -> _Urls:
-    parser = _Urls()
-    parser.feed(page)
-    return parser
 
 
 def _free_port() -> int:
@@ -203,7 +186,7 @@ def test_runs_have_a_note_a_summary_page_and_the_gallery(ui: Ui) -> None:
         assert "summary.html" in artifact_names(ui, run)
         page = artifact(ui, run, "summary.html").decode()
         assert "<h1>Evaluation on demo/all</h1>" in page and worst_case in page
-        urls = page_urls(page)
+        urls = sources(page)
         assert urls.scripts == 0 and urls.urls
         assert all(u.startswith("data:image/png;base64,") for u in urls.urls)  # nothing fetched
         assert len(urls.urls) == len(artifact_names(ui, run, "plots")) - 1 + len(gallery)
@@ -216,7 +199,7 @@ def test_the_parent_has_a_summary_page_with_the_best_setting(ui: Ui) -> None:
     assert tags(parent)["mlflow.note.content"].startswith(f"- **Best: {best}**")
     page = artifact(ui, parent, "summary.html").decode()
     assert f'<tr class="best"><td>{best}</td>' in page
-    urls = page_urls(page)
+    urls = sources(page)
     assert urls.scripts == 0 and all(u.startswith("data:image/png;base64,") for u in urls.urls)
     assert len(urls.urls) == len(artifact_names(ui, parent, "plots"))
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import base64
 import math
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image as mpimg
 import numpy as np
 import pandas as pd
 import pytest
+from html_pages import sources
 from mlflow.tracking import MlflowClient
 
 from evalharness.checks.mismatches import Mismatch
@@ -214,25 +214,6 @@ def test_gallery_draws_image_reference_and_prediction(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # pages, description and metric order
-
-
-class _Sources(HTMLParser):
-    """Every URL a page would load or link (src, href), and whether it has scripts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.urls: list[str] = []
-        self.scripts = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.scripts += tag == "script"
-        self.urls += [v or "" for k, v in attrs if k in ("src", "href")]
-
-
-def sources(page: str) -> _Sources:
-    parser = _Sources()
-    parser.feed(page)
-    return parser
 
 
 def per_case() -> pd.DataFrame:
