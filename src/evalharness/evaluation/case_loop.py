@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -115,20 +115,12 @@ class LoopOptions:
     metrics: MetricOptions = field(default_factory=MetricOptions)
 
 
-def run_cases(
-    ev: Evaluation,
-    table: CaseTable,
-    sink: CaseSink,
-    options: LoopOptions,
-    load_inputs: InputLoader = load_case_inputs,
-    outputs_for: OutputsFor | None = None,
-    counts: ForwardCounts | None = None,
-) -> Extremes:
-    """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish.
-
-    `outputs_for` gives each case the store of patch outputs shared within a sweep group;
-    `counts` adds up the run's forward passes.
-    """
+def case_step(
+    ev: Evaluation, sink: CaseSink, options: LoopOptions, outputs_for: OutputsFor | None = None
+) -> tuple[CaseStep[CaseInputs], Extremes]:
+    """The step of one model setting (predict, score, probe, keep the extremes, save the
+    prediction to `sink`) and the extremes it fills. `outputs_for` gives each case the store
+    of patch outputs shared within a sweep group."""
     pre = preprocess_settings(ev.settings)
     labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
@@ -155,10 +147,45 @@ def run_cases(
         _save_prediction(options, sink, inputs.case, inputs, prediction.labels)
         return rows, case_findings
 
+    return step, extremes
+
+
+def run_cases(
+    ev: Evaluation,
+    table: CaseTable,
+    sink: CaseSink,
+    options: LoopOptions,
+    load_inputs: InputLoader = load_case_inputs,
+    outputs_for: OutputsFor | None = None,
+    counts: ForwardCounts | None = None,
+) -> Extremes:
+    """Evaluate every case not in `options.skip_cases`; rows go to `table` as they finish.
+
+    `outputs_for` gives each case the store of patch outputs shared within a sweep group;
+    `counts` adds up the run's forward passes.
+    """
+    step, extremes = case_step(ev, sink, options, outputs_for)
+    pre = preprocess_settings(ev.settings)
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     load = lambda case: load_inputs(case, pre)  # noqa: E731
-    loop_cases(cases, labels, table, sink, options, load, step, counts)
+    loop_cases(cases, list(ev.labels), table, sink, options, load, step, counts)
     return extremes
+
+
+@dataclass
+class Lane:
+    """One setting's share of a loop over cases: which cases it still needs, where its rows
+    go, and its step. `stopped` is set when a failed case ended the lane
+    (``run.on_case_error=stop``)."""
+
+    case_ids: set[str]
+    labels: Sequence[int]
+    table: CaseTable
+    sink: CaseSink
+    options: LoopOptions
+    step: CaseStep
+    counts: ForwardCounts = field(default_factory=ForwardCounts)
+    stopped: CaseError | None = None
 
 
 def loop_cases(
@@ -171,50 +198,102 @@ def loop_cases(
     step: CaseStep,
     counts: ForwardCounts | None = None,
 ) -> None:
-    """`load` each case (the next one on a thread meanwhile, `options.prefetch`), `step` it,
-    and add its rows to `table`; a `CaseError` gives the case failure rows over `labels`
-    (`options.on_case_error=stop`: and ends the loop). Each row's ``seconds`` is what the case
-    costs this setting alone: the time it took here plus the measured time of the forward
-    passes it reused; ``seconds_paid`` is the time it took here; `counts` sums the cases'."""
+    """One setting's loop (`loop_lanes` with one lane); a case that failed with
+    ``run.on_case_error=stop`` raises its `CaseError` once its rows are in `table`."""
+    lane = Lane({c.case_id for c in cases}, labels, table, sink, options, step)
+    loop_lanes(cases, [lane], load, options.prefetch)
+    if counts is not None:
+        counts.add(lane.counts)
+    if lane.stopped is not None:
+        raise lane.stopped
+
+
+def loop_lanes(
+    cases: Sequence[Case],
+    lanes: Sequence[Lane],
+    load: Callable[[Case], T],
+    prefetch: bool = True,
+) -> None:
+    """`load` each case once (the next one on a thread meanwhile, `prefetch`) and `step` it in
+    every lane that needs it, adding the rows to the lane's table.
+
+    A `CaseError` (in loading: for every lane; in a step: for that lane) gives the case failure
+    rows over the lane's labels (``run.on_case_error=stop``: and ends the lane). Each row's
+    ``seconds`` is what the case costs the setting alone: reading it, its own step, and the
+    measured time of the forward passes it reused; ``seconds_paid`` is what it took here (the
+    first lane to reach a case pays for reading it).
+    """
+    wanted = [c for c in cases if any(c.case_id in lane.case_ids for lane in lanes)]
 
     def submit(pool: ThreadPoolExecutor, index: int) -> Future[T] | None:
-        if not options.prefetch or index >= len(cases):
+        if not prefetch or index >= len(wanted):
             return None
-        return pool.submit(load, cases[index])
+        return pool.submit(load, wanted[index])
 
     with ThreadPoolExecutor(max_workers=1) as loader:
         upcoming = submit(loader, 0)
-        for index, case in enumerate(tqdm(cases, desc="cases", unit="case", file=sys.stderr)):
+        for index, case in enumerate(tqdm(wanted, desc="cases", unit="case", file=sys.stderr)):
+            active = [lane for lane in lanes if lane.stopped is None]
+            if not active:
+                break
             started = time.perf_counter()
-            case_counts = ForwardCounts()
             pending, upcoming = upcoming, submit(loader, index + 1)
+            loaded: T | None = None
+            load_error: CaseError | None = None
             try:
-                rows, case_findings = step(pending.result() if pending else load(case), case_counts)
+                loaded = pending.result() if pending else load(case)
             except CaseError as error:
-                message = one_line(error)
-                rows = failure_rows(case.case_id, list(labels), message, 0.0)
-                case_findings = list(error.findings)
-                if options.on_case_error == "stop":
-                    table.add(rows)
-                    sink.case_done(table)
-                    stop = f"case {case.case_id}: {message} (run.on_case_error=stop)"
-                    raise CaseError(stop) from error
-            paid = time.perf_counter() - started
-            cost = {
-                "seconds": paid + case_counts.reused_forward_s,
-                "seconds_paid": paid,
-                "forward_passes": case_counts.executed,
-                "forward_passes_reused": case_counts.reused,
-            }
-            if counts is not None:
-                counts.add(case_counts)
-            flags = ",".join(m.key for m in case_findings)
-            table.add([{**row, **cost, "flags": flags} for row in rows])
-            sink.case_done(table)
-            if case_findings:
-                if options.warn:
-                    _warn(case_findings)
-                sink.findings(case_findings)
+                load_error = error
+            load_s = time.perf_counter() - started
+            first = True
+            for lane in active:
+                if case.case_id not in lane.case_ids:
+                    continue
+                _lane_case(lane, case, loaded, load_error, load_s if first else 0.0, load_s)
+                first = False
+
+
+def _lane_case(
+    lane: Lane,
+    case: Case,
+    loaded: Any,
+    load_error: CaseError | None,
+    load_paid_s: float,
+    load_s: float,
+) -> None:
+    """One case in one lane: step it (or fail it), add its rows, report to the lane's sink."""
+    started = time.perf_counter()
+    case_counts = ForwardCounts()
+    try:
+        if load_error is not None:
+            raise load_error
+        rows, case_findings = lane.step(loaded, case_counts)
+    except CaseError as error:
+        message = one_line(error)
+        rows = failure_rows(case.case_id, list(lane.labels), message, 0.0)
+        case_findings = list(error.findings)
+        if lane.options.on_case_error == "stop":
+            lane.table.add(rows)
+            lane.sink.case_done(lane.table)
+            stop = f"case {case.case_id}: {message} (run.on_case_error=stop)"
+            lane.stopped = CaseError(stop)
+            lane.stopped.__cause__ = error
+            return
+    own = time.perf_counter() - started
+    cost = {
+        "seconds": own + load_s + case_counts.reused_forward_s,
+        "seconds_paid": own + load_paid_s,
+        "forward_passes": case_counts.executed,
+        "forward_passes_reused": case_counts.reused,
+    }
+    lane.counts.add(case_counts)
+    flags = ",".join(m.key for m in case_findings)
+    lane.table.add([{**row, **cost, "flags": flags} for row in rows])
+    lane.sink.case_done(lane.table)
+    if case_findings:
+        if lane.options.warn:
+            _warn(case_findings)
+        lane.sink.findings(case_findings)
 
 
 def _score(

@@ -16,14 +16,12 @@ import logging
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import pandas as pd
 import torch
 import yaml
-from mlflow.entities import Run
 from requests import RequestException
 
 from evalharness.checks.mismatches import (
@@ -37,9 +35,10 @@ from evalharness.config.schema import EvalConfig, MlflowConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.errors import ConfigError, HarnessError, one_line
-from evalharness.evaluation.case_loop import LoopOptions, OutputsFor, run_cases
+from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
+from evalharness.evaluation.resume import resumable
 from evalharness.evaluation.saved import (
     SavedPlan,
     plan_saved,
@@ -56,12 +55,12 @@ from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
-from evalharness.track.liveness import liveness_tags, process_alive
+from evalharness.track.liveness import liveness_tags
 from evalharness.track.report import log_results, print_summary, run_context
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
-KEPT_STATUSES = ("ok", "no_label")
+T = TypeVar("T")
 ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
 """(validated config, evaluation store URI) -> the config to evaluate."""
 
@@ -124,22 +123,44 @@ def evaluate(
         print(f"error: {_store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
     run = _LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
+
+    def whole() -> Outcome:
+        completed = complete_config(config, uri, complete)
+        opened = open_evaluation(completed, uri, output_dir, run, skip_finished, cache)
+        if isinstance(opened, Outcome):
+            return opened
+        outputs_for = outputs_for_sweep(completed, opened.ev, cache) if share_forward else None
+        return close_evaluation(opened, run_model_cases(opened, cache, outputs_for))
+
+    return guarded(run, whole)
+
+
+def complete_config(config: EvalConfig, uri: str, complete: ConfigCompletion | None) -> EvalConfig:
+    """`config` filled in by the client's completion hook (validated first), if any."""
+    if complete is None:
+        return config
+    validate(config)
+    return complete(config, uri)
+
+
+def guarded(run: _LazyRun, action: Callable[[], T]) -> T | Outcome:
+    """`action()`, its run never left RUNNING: a `HarnessError` is one line on stderr and a
+    FAILED run (the outcome says so); Ctrl-C marks it KILLED, anything else FAILED, and both
+    propagate."""
     try:
-        if complete is not None:
-            validate(config)
-            config = complete(config, uri)
-        return _evaluate(config, uri, output_dir, run, skip_finished, cache, share_forward)
+        return action()
     except HarnessError as error:
         message = one_line(error)
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
-        tracking.finish(client, run.ensure(), "FAILED", message)
+        tracking.finish(run.client, run.ensure(), "FAILED", message)
         return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
     except KeyboardInterrupt:
-        tracking.finish(client, run.ensure(), "KILLED", "interrupted")
+        tracking.finish(run.client, run.ensure(), "KILLED", "interrupted")
         raise
     except BaseException as error:
-        tracking.finish(client, run.ensure(), "FAILED", f"internal error: {one_line(error)}")
+        reason = f"internal error: {one_line(error)}"
+        tracking.finish(run.client, run.ensure(), "FAILED", reason)
         raise
 
 
@@ -171,15 +192,33 @@ def _store_error(uri: str, error: Exception) -> str:
     )
 
 
-def _evaluate(
+@dataclass
+class Opened:
+    """An evaluation set up to run its cases: its run, plan, table, sink and loop options."""
+
+    config: EvalConfig
+    uri: str
+    output_dir: Path
+    run: _LazyRun
+    ev: Evaluation | SavedPlan
+    saved: bool
+    cases_name: str
+    table: CaseTable
+    sink: _MlflowSink
+    options: LoopOptions
+    counts: ForwardCounts = field(default_factory=ForwardCounts)
+
+
+def open_evaluation(
     config: EvalConfig,
     uri: str,
     output_dir: Path,
     run: _LazyRun,
     skip_finished: bool,
     cache: SweepCache | None,
-    share_forward: bool = False,
-) -> Outcome:
+) -> Opened | Outcome:
+    """Plan, skip a finished setting (`skip_finished`: its outcome), prepare, create the run
+    and log its parameters, tags, configuration, dataset and config-level findings."""
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
     saved = uses_saved_predictions(config)
     if saved:
@@ -210,7 +249,7 @@ def _evaluate(
         params, tags = run_params(config, ev), run_tags(config, ev)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
-        previous_rows, previous_findings, resumed_from = _resumable(client, earlier, output_dir)
+        previous_rows, previous_findings, resumed_from = resumable(client, earlier, output_dir)
     run_id = run.ensure()
     if resumed_from:
         tags["evalharness.resumed_from"] = resumed_from
@@ -239,39 +278,54 @@ def _evaluate(
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
-    counts = ForwardCounts()
-    if saved:
-        extremes = run_saved_cases(planned, table, sink, options)
-    else:
-        reset_peak_memory(ev.device)
-        extremes = run_cases(
-            ev,
-            table,
-            sink,
-            options,
-            cache.load_inputs if cache else load_case_inputs,
-            _outputs_for(config, ev, cache) if share_forward else None,
-            counts,
-        )
+    return Opened(config, uri, output_dir, run, ev, saved, cases.name, table, sink, options)
+
+
+def run_model_cases(
+    opened: Opened, cache: SweepCache | None, outputs_for: OutputsFor | None
+) -> Extremes:
+    """The cases of one opened evaluation, on its own (a sweep group: `evaluation.group`)."""
+    if opened.saved:
+        return run_saved_cases(opened.ev, opened.table, opened.sink, opened.options)
+    reset_peak_memory(opened.ev.device)
+    return run_cases(
+        opened.ev,
+        opened.table,
+        opened.sink,
+        opened.options,
+        cache.load_inputs if cache else load_case_inputs,
+        outputs_for,
+        opened.counts,
+    )
+
+
+def close_evaluation(opened: Opened, extremes: Extremes) -> Outcome:
+    """Log the results and the cost, finish the run FINISHED, print the summary."""
+    config, ev, saved, run = opened.config, opened.ev, opened.saved, opened.run
+    client, run_id, table = run.client, run.ensure(), opened.table
     frame = table.frame()
-    plot_dir = output_dir / "plots" if config.output.plots else None
-    context = saved_context(planned, cases.name) if saved else run_context(ev, cases.name)
+    plot_dir = opened.output_dir / "plots" if config.output.plots else None
+    page = saved_context if saved else run_context
+    context = page(ev, opened.cases_name)
     summary = log_results(
-        client, run_id, frame, table.csv_path, plot_dir, extremes, context, options.metrics
+        client, run_id, frame, table.csv_path, plot_dir, extremes, context, opened.options.metrics
     )
     device = ev.device if not saved else torch.device("cpu")
+    counts = opened.counts
     cost = {**counts.as_metrics(), "peak_device_memory_mb": peak_memory_mb(device)}
     tracking.log_metrics(client, run_id, cost)
     print(f"forward passes: {counts.executed} executed, {counts.reused} reused")
     tracking.finish(client, run_id, "FINISHED")
     quiet = config.checks.on_mismatch == "ignore" or (saved and not ev.findings)
     shown = None if quiet else ev.findings  # saved: no training configuration to agree with
-    print_summary(frame, summary, run_id, uri, shown)
+    print_summary(frame, summary, run_id, opened.uri, shown)
     code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
     return Outcome(code, run_id, case_ids=run.case_ids)
 
 
-def _outputs_for(config: EvalConfig, ev: Evaluation, cache: SweepCache | None) -> OutputsFor | None:
+def outputs_for_sweep(
+    config: EvalConfig, ev: Evaluation, cache: SweepCache | None
+) -> OutputsFor | None:
     """The case -> patch-output store of this setting's forward key in the sweep cache."""
     if cache is None:
         return None
@@ -317,51 +371,6 @@ def _check_config(policy: str, ev: Evaluation | SavedPlan, sink: _MlflowSink) ->
             f"preprocessing mismatch with the training configuration ({', '.join(errors)}); "
             f"see {REPORT_ARTIFACT} (checks.on_mismatch=error)"
         )
-
-
-def _resumable(
-    client: Any, earlier: list[Run], output_dir: Path
-) -> tuple[pd.DataFrame | None, list[Mismatch], str | None]:
-    """Finished cases (and their findings) of the latest interrupted run of this configuration.
-
-    Every RUNNING run whose process is gone is marked KILLED first. Only runs newer than the
-    latest FINISHED one count: a finished evaluation supersedes older interrupted ones.
-    """
-    statuses = []
-    for run in earlier:  # newest first
-        status = run.info.status
-        if status == "RUNNING" and not process_alive(run):
-            tracking.finish(client, run.info.run_id, "KILLED", "process ended without finishing")
-            status = "KILLED"
-        statuses.append((run, status))
-    for run, status in statuses:
-        if status == "FINISHED":
-            break
-        if status not in ("KILLED", "FAILED"):
-            continue
-        rows = tracking.download_csv(client, run.info.run_id, "per_case.csv", output_dir)
-        if rows is None:
-            continue
-        kept = rows[rows["status"].isin(KEPT_STATUSES)]
-        if kept.empty:
-            continue
-        findings = _previous_findings(client, run.info.run_id, set(kept["case"]), output_dir)
-        return kept, findings, run.info.run_id
-    return None, [], None
-
-
-def _previous_findings(
-    client: Any, run_id: str, cases: set[str], output_dir: Path
-) -> list[Mismatch]:
-    report = tracking.download_json(client, run_id, REPORT_ARTIFACT, output_dir)
-    if not report:
-        return []
-    names = {f.name for f in fields(Mismatch)}
-    return [
-        Mismatch(**{k: v for k, v in entry.items() if k in names})
-        for entry in report.get("data", [])
-        if entry.get("case") in cases
-    ]
 
 
 def run_params(config: EvalConfig, ev: Evaluation) -> dict[str, Any]:
