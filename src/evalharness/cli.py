@@ -9,6 +9,7 @@ training run first (`with_demo`), so the demo is evaluated like any user's run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import typing
@@ -19,9 +20,10 @@ from typing import Any
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
 from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
 from evalharness.demo.build import ensure_demo
@@ -29,7 +31,8 @@ from evalharness.demo.spec import DEMO, TINY
 from evalharness.errors import ConfigError
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import Outcome, evaluate, record_failure
-from evalharness.sweep.jobs import Job, evaluate_job
+from evalharness.sweep.groups import group_of
+from evalharness.sweep.jobs import GroupMember, Job, evaluate_job
 
 _HYDRA_SCHEMAS: dict[type, type] = {}
 
@@ -112,6 +115,27 @@ def evaluate_config(cfg: DictConfig, output_dir: Path, **options: Any) -> Outcom
     return evaluate(config, output_dir, complete=_completion(config), **options)
 
 
+def group_members(cfg: DictConfig, job: Job) -> tuple[GroupMember, ...]:
+    """The other jobs of `job`'s sweep group (`sweep.groups`), each configured as Hydra would
+    compose it: this job's config with the member's overrides of sharable keys applied (typed
+    and checked by the schema). None when the sweep was not planned or a member's overrides
+    do not apply."""
+    planned = group_of(job.sweep_dir, job.num, job.task_overrides)
+    members = []
+    parser = OverridesParser.create()
+    for other in planned:
+        member = copy.deepcopy(cfg)
+        try:
+            with open_dict(member):
+                for override in parser.parse_overrides(list(other.shared)):
+                    OmegaConf.update(member, override.key_or_group, override.value(), merge=False)
+            config = config_from(member)
+        except Exception:  # noqa: BLE001 - that job composes (and reports) on its own
+            return ()
+        members.append(GroupMember(other.num, config, other.overrides))
+    return tuple(members)
+
+
 class OutputsCheck(Callback):
     """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
 
@@ -145,7 +169,7 @@ def main(cfg: DictConfig) -> Any:
             task_overrides=tuple(hydra_cfg.overrides.task),
             num=int(hydra_cfg.job.num),
         )
-        return evaluate_job(config, job, _completion(config))
+        return evaluate_job(config, job, _completion(config), group_members(cfg, job))
     code = evaluate_config(cfg, output_dir).code
     if code:
         sys.exit(code)

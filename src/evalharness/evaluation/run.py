@@ -82,7 +82,7 @@ def tracking_uri_of(tracking_uri: str | None) -> str:
     return tracking.absolute_tracking_uri(uri)
 
 
-class _LazyRun:
+class LazyRun:
     """The evaluation run, created on first need so an early failure still gets one."""
 
     def __init__(self, client: Any, experiment_id: str, name: str | None, parent: str | None):
@@ -122,7 +122,7 @@ def evaluate(
     except Exception as error:  # the store itself is unusable: there is no run to mark
         print(f"error: {_store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
-    run = _LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
+    run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
 
     def whole() -> Outcome:
         completed = complete_config(config, uri, complete)
@@ -143,7 +143,7 @@ def complete_config(config: EvalConfig, uri: str, complete: ConfigCompletion | N
     return complete(config, uri)
 
 
-def guarded(run: _LazyRun, action: Callable[[], T]) -> T | Outcome:
+def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
     """`action()`, its run never left RUNNING: a `HarnessError` is one line on stderr and a
     FAILED run (the outcome says so); Ctrl-C marks it KILLED, anything else FAILED, and both
     propagate."""
@@ -171,7 +171,7 @@ def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
     uri = tracking_uri_of(mlflow_config.tracking_uri)
     try:
         client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
-        run = _LazyRun(client, experiment, mlflow_config.run_name, None)
+        run = LazyRun(client, experiment, mlflow_config.run_name, None)
         tracking.finish(client, run.ensure(), "FAILED", message)
     except Exception as store_error:  # the store is unusable too: say so, on one more line
         print(f"error: {_store_error(uri, store_error)}", file=sys.stderr)
@@ -192,14 +192,14 @@ def _store_error(uri: str, error: Exception) -> str:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class Opened:
     """An evaluation set up to run its cases: its run, plan, table, sink and loop options."""
 
     config: EvalConfig
     uri: str
     output_dir: Path
-    run: _LazyRun
+    run: LazyRun
     ev: Evaluation | SavedPlan
     saved: bool
     cases_name: str
@@ -213,7 +213,7 @@ def open_evaluation(
     config: EvalConfig,
     uri: str,
     output_dir: Path,
-    run: _LazyRun,
+    run: LazyRun,
     skip_finished: bool,
     cache: SweepCache | None,
 ) -> Opened | Outcome:

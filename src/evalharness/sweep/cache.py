@@ -67,6 +67,11 @@ class Counters:
             *(getattr(self, f.name) - getattr(other, f.name) for f in dataclasses.fields(self))
         )
 
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self))
+        )
+
     def as_metrics(self) -> dict[str, float]:
         """``cache.<counter>`` metrics of one child run."""
         return {f"cache.{f.name}": float(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
 from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
+from evalharness.sweep import groups
 from evalharness.sweep.report import closing_status, refresh
 from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_json, write_state
 from evalharness.track import tracking
@@ -44,6 +46,25 @@ def swept_keys(hydra_cfg: DictConfig) -> tuple[str, ...]:
     keys = [o.key_or_group for o in parsed if o.is_sweep_override()]
     params = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
     return tuple(dict.fromkeys([*keys, *params]))
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def expand_jobs(hydra_cfg: DictConfig) -> list[list[str]] | None:
+    """Every job's overrides in the order Hydra's basic sweeper numbers them (its
+    ``params`` first, then the command line); None for another sweeper or overrides it would
+    expand itself (``glob``, ranges resolved against the config)."""
+    if OmegaConf.select(hydra_cfg, "sweeper._target_") != BASIC_SWEEPER:
+        return None
+    params = OmegaConf.select(hydra_cfg, "sweeper.params") or {}
+    texts = [f"{k}={v}" for k, v in params.items()] + list(hydra_cfg.overrides.task)
+    try:
+        parsed = OverridesParser.create().parse_overrides(texts)
+        batches = BasicSweeper.split_arguments(parsed, None)
+    except Exception:  # noqa: BLE001 - the sweeper reports its own errors; no groups then
+        return None
+    return [list(job) for batch in batches for job in batch]
 
 
 def _num(hydra_cfg: DictConfig) -> int:
@@ -92,6 +113,10 @@ class SweepCallback(Callback):
         )
         for stale in (sweep_dir / STATE_DIR / "jobs").glob("*.json"):
             stale.unlink()  # a sweep folder reused by hand: forget the earlier jobs
+        groups.clear(sweep_dir)
+        expanded = expand_jobs(config.hydra)
+        if expanded is not None:
+            groups.write_groups(sweep_dir, groups.plan_jobs(expanded))
         write_state(sweep_dir, self.state)
         print(f"sweep: parent run {parent} ({sweep_dir.name}) in {uri}")
 

@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evalharness.config.schema import EvalConfig
-from evalharness.evaluation.run import ConfigCompletion, Outcome, evaluate, tracking_uri_of
-from evalharness.sweep.cache import shared_cache
-from evalharness.sweep.state import read_state, setting_of
-from evalharness.track import tracking
-
-SHARABLE_KEYS = frozenset(
-    {
-        "inference.aggregation",
-        "inference.keep_largest_component",
-        "inference.threshold",
-        "inference.tta",
-        "inference.restore",
-    }
+from evalharness.evaluation.group import Member, evaluate_group
+from evalharness.evaluation.run import (
+    EXIT_ERROR,
+    ConfigCompletion,
+    Outcome,
+    evaluate,
+    tracking_uri_of,
 )
-"""Swept keys whose settings can share forward passes: what they change happens after them
-(TTA: the identity flip and any flip two settings both use); every ``metrics.*`` key too."""
+from evalharness.evaluation.saved import uses_saved_predictions
+from evalharness.sweep import groups
+from evalharness.sweep.cache import SweepCache, shared_cache
+from evalharness.sweep.groups import is_sharable
+from evalharness.sweep.state import SweepState, read_state, setting_of
+from evalharness.track import tracking
 
 
 @dataclass(frozen=True)
@@ -35,21 +34,38 @@ class Job:
     num: int
 
 
-def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None = None) -> Outcome:
+@dataclass(frozen=True)
+class GroupMember:
+    """Another job of this job's sweep group: its number, configuration and overrides."""
+
+    num: int
+    config: EvalConfig
+    task_overrides: tuple[str, ...]
+
+
+def evaluate_job(
+    config: EvalConfig,
+    job: Job,
+    complete: ConfigCompletion | None = None,
+    members: Sequence[GroupMember] = (),
+) -> Outcome:
     """Evaluate `config` as job `job` of its sweep, named after its swept overrides.
 
     Skips the setting when a FINISHED run with the same configuration hash exists
-    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. When the
-    sweep varies a key of `SHARABLE_KEYS`, the per-patch model outputs are kept in the cache
-    for the settings that follow (`sweep.share_forward`).
+    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. With
+    `members` (the other jobs of its group, `sweep.groups`) and ``sweep.share_forward``, the
+    group is evaluated in one pass by whichever of its jobs starts first; otherwise, when the
+    sweep varies a sharable key, the per-patch model outputs are kept in the cache for the
+    settings that follow.
     """
     state = read_state(job.sweep_dir)
-    if state is not None and config.mlflow.run_name is None:
-        name = setting_of(job.task_overrides, state.swept_keys, job.num)[0]
-        config = dataclasses.replace(
-            config, mlflow=dataclasses.replace(config.mlflow, run_name=name)
-        )
+    config = _named(config, job.task_overrides, job.num, state)
     cache = shared_cache(float(config.sweep.cache_mb))
+    share = shares_forward(config, state.swept_keys if state else ())
+    if state is not None and members and share and not uses_saved_predictions(config):
+        outcome = _in_group(config, job, complete, members, state, cache)
+        if outcome is not None:
+            return outcome
     before = cache.counters()
     outcome = evaluate(
         config,
@@ -58,7 +74,7 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
         skip_finished=bool(config.sweep.resume),
         cache=cache,
         complete=complete,
-        share_forward=shares_forward(config, state.swept_keys if state else ()),
+        share_forward=share,
     )
     used = cache.counters() - before
     print(f"cache: {used.describe()}; {cache.nbytes / 2**20:.1f} MiB held")
@@ -70,5 +86,62 @@ def evaluate_job(config: EvalConfig, job: Job, complete: ConfigCompletion | None
 
 def shares_forward(config: EvalConfig, swept_keys: tuple[str, ...]) -> bool:
     """Keep patch outputs for reuse: sharing on, a budget, and a sharable key swept."""
-    sharable = [k for k in swept_keys if k in SHARABLE_KEYS or k.startswith("metrics.")]
+    sharable = [k for k in swept_keys if is_sharable(k)]
     return bool(config.sweep.share_forward and config.sweep.cache_mb > 0 and sharable)
+
+
+def _named(
+    config: EvalConfig, task_overrides: Sequence[str], num: int, state: SweepState | None
+) -> EvalConfig:
+    """`config` with its run named after its swept overrides (unless ``mlflow.run_name``)."""
+    if state is None or config.mlflow.run_name is not None:
+        return config
+    name = setting_of(task_overrides, state.swept_keys, num)[0]
+    return dataclasses.replace(config, mlflow=dataclasses.replace(config.mlflow, run_name=name))
+
+
+def _in_group(
+    config: EvalConfig,
+    job: Job,
+    complete: ConfigCompletion | None,
+    members: Sequence[GroupMember],
+    state: SweepState,
+    cache: SweepCache,
+) -> Outcome | None:
+    """This job's outcome from its group's one pass (run here if this job claims the group,
+    else written by the claimant); None when the claimant is gone: evaluate alone."""
+    sweep_dir = job.sweep_dir
+    group = groups.group_key(sweep_dir, job.num)
+    if not groups.try_claim(sweep_dir, group, job.num):
+        record = groups.wait_for(sweep_dir, group, job.num)
+        if record is None:
+            return None
+        groups.take_outputs(sweep_dir, job.num, job.output_dir)
+        return Outcome(record.code, record.run_id, record.skipped, record.case_ids)
+    specs = [Member(config, job.output_dir)]
+    for member in members:
+        named = _named(member.config, member.task_overrides, member.num, state)
+        specs.append(Member(named, groups.staged_dir(sweep_dir, member.num)))
+    print(f"sweep group: evaluating {len(specs)} settings in one pass over the cases")
+    outcomes: dict[int, Outcome] = {}
+    try:
+        with groups.heartbeat(sweep_dir, group):
+            results = evaluate_group(
+                specs, cache, state.parent_run_id, bool(config.sweep.resume), complete
+            )
+        client = tracking.prepare_store(tracking_uri_of(config.mlflow.tracking_uri))
+        nums = [job.num, *(m.num for m in members)]
+        for num, result in zip(nums, results, strict=True):
+            outcome = result.outcome
+            print(f"cache: {result.cache_used.describe()} (job {num})")
+            if outcome.run_id is not None and not outcome.skipped:
+                tracking.log_metrics(client, outcome.run_id, result.cache_used.as_metrics())
+            outcomes[num] = outcome
+    finally:
+        for member in members:  # every waiting job gets an answer, a failure too
+            outcome = outcomes.get(member.num, Outcome(EXIT_ERROR, None))
+            record = groups.DoneRecord(
+                outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids
+            )
+            groups.write_done(sweep_dir, member.num, record)
+    return outcomes[job.num]
