@@ -312,14 +312,31 @@ def test_failed_job_fails_the_parent_and_the_others_finish(store: Store, tmp_pat
 
 def test_sweep_over_the_restore_method_compares_each_method(store: Store, tmp_path) -> None:
     """`inference.restore` sweeps like any post-forward setting: one child per method, each
-    logging `effective.restore` and its own configuration hash, one comparison row each."""
+    logging `effective.restore` and its own configuration hash, one comparison row each.
+
+    On two joblib workers the three settings are one group: the worker that claims it
+    evaluates all three in one pass (one set of forward passes), the other waits for its
+    job's outcome, and every job's folder gets its own outputs."""
     methods = ("probabilities", "labels", "bspline")
     result = sweep(
-        store, "restore", "restore", "output.plots=false", f"inference.restore={','.join(methods)}"
+        store,
+        "restore",
+        "restore",
+        "output.plots=false",
+        f"inference.restore={','.join(methods)}",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     client, parents, children = runs(store, "restore")
     assert parents[0].info.status == "FINISHED"
+    passes = sorted(c.data.metrics["forward_passes"] for c in children)
+    assert passes[:2] == [0, 0] and passes[2] > 0
+    assert sorted(c.data.metrics["forward_passes_reused"] for c in children) == [0, *passes[2:] * 2]
+    pids = {c.data.tags["evalharness.pid"] for c in children}
+    assert len(pids) == 1 and parents[0].data.tags["evalharness.pid"] not in pids
+    folder = store.workdir / "sweeps" / "restore"
+    assert all((folder / str(num) / "per_case.csv").is_file() for num in range(3))
     assert {c.data.params["effective.restore"]: c.info.status for c in children} == dict.fromkeys(
         methods, "FINISHED"
     )
