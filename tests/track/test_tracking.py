@@ -54,3 +54,48 @@ def test_params_metrics_and_tables_round_trip(tracking_uri: str, tmp_path: Path)
     local = client.download_artifacts(run_id, "per_case.json", str(tmp_path))
     assert "0.9" in Path(local).read_text()
     assert tracking.download_csv(client, run_id, "missing.csv", tmp_path) is None
+
+
+class CountingClient:
+    """An `MlflowClient` that counts its artifact uploads."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self.client, self.calls = client, []
+
+    def log_artifacts(self, run_id: str, local_dir: str, artifact_path: str | None = None):
+        self.calls.append(("folder", artifact_path))
+        return self.client.log_artifacts(run_id, local_dir, artifact_path)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None):
+        self.calls.append(("file", artifact_path))
+        return self.client.log_artifact(run_id, local_path, artifact_path)
+
+
+def artifact_files(client: MlflowClient, run_id: str, folder: str) -> set[str]:
+    files = set()
+    for entry in client.list_artifacts(run_id, folder):
+        files |= artifact_files(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return files
+
+
+def test_a_plots_folder_is_logged_in_one_call_at_the_same_paths(sqlite_uri, tmp_path) -> None:
+    client = tracking.prepare_store(sqlite_uri)
+    experiment = tracking.experiment_id(client, sqlite_uri, "e")
+    folder = tmp_path / "plots"
+    (folder / "gallery").mkdir(parents=True)
+    paths = [folder / "metrics.png", folder / "gallery" / "label1_worst1_a.png"]
+    for path in paths:
+        path.write_bytes(b"png")
+    expected = {"plots/metrics.png", "plots/gallery/label1_worst1_a.png"}
+    counting = CountingClient(client)
+    run_id = client.create_run(experiment).info.run_id
+    tracking.log_folder(counting, run_id, folder, paths, "plots")
+    assert counting.calls == [("folder", "plots")]
+    assert artifact_files(client, run_id, "plots") == expected
+    # a stale file of an earlier run in the folder: each file on its own, the stale one not
+    (folder / "overlay_best_old.png").write_bytes(b"old")
+    counting = CountingClient(client)
+    run_id = client.create_run(experiment).info.run_id
+    tracking.log_folder(counting, run_id, folder, paths, "plots")
+    assert counting.calls == [("file", "plots"), ("file", "plots/gallery")]
+    assert artifact_files(client, run_id, "plots") == expected

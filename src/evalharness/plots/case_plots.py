@@ -20,13 +20,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-DPI = 100
+from evalharness.plots import layout
+from evalharness.plots.boxes import box_and_strip as _box_and_strip
+
+DPI = layout.DPI
 """Pixels per inch of the written PNGs (sizes below are in inches)."""
 
 GT_COLOURS = ("#00c853", "#00b0ff", "#aeea00", "#1de9b6")  # green, light blue, lime, teal
@@ -100,8 +101,9 @@ def plot_metric_distribution(
     table = per_case.assign(label=per_case["label"].astype(str))
     order = list(pd.unique(table["label"]))
     n_cases = table["case"].nunique()
-    fig = _figure(3.4 * max(len(shown), 2), 4.2)
+    fig = layout.figure(3.4 * max(len(shown), 2), 4.2)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    layout.adjust(fig, left=0.8, right=0.15, bottom=0.55, top=0.62, wspace=0.9, ncols=len(shown))
     for ax, metric in zip(axes, shown, strict=True):
         values, n_dropped = _finite(table, metric)
         info = metric_info(metric)
@@ -184,8 +186,9 @@ def plot_case_overlay(
     labels = sorted(set(np.unique(gt[gt > 0]).tolist()) | set(np.unique(pred[pred > 0]).tolist()))
     low, high = _intensity_window(image)
 
-    fig = _figure(13.0, 5.0)
+    fig = layout.figure(13.0, 5.0)
     axes = fig.subplots(1, 3)
+    layout.adjust(fig, left=0.65, right=0.2, bottom=0.9, top=0.7, wspace=0.75, ncols=3)
     planes = (
         ("Axial", 2, (0, 1)),  # fixed axis, (horizontal, vertical) axes
         ("Coronal", 1, (0, 2)),
@@ -222,7 +225,7 @@ def plot_case_overlay(
     ]
     if not gt.any():
         title = f"{title} (empty ground truth: slices through the volume centre)"
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncols=len(handles), frameon=False)
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -232,17 +235,11 @@ def plot_case_overlay(
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return layout.figure(width_in, height_in)
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    fig.clear()
-    return path
+    return layout.save(fig, path)
 
 
 def _finite(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, int]:
@@ -251,36 +248,6 @@ def _finite(table: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, int]:
     keep = np.isfinite(values.to_numpy())
     kept = table.loc[keep].assign(**{metric: values[keep]})
     return kept, int((~keep).sum())
-
-
-def _box_and_strip(
-    ax: Axes,
-    values: pd.DataFrame,
-    *,
-    x: str,
-    y: str,
-    order: list,
-    hue: str | None = None,
-    hue_order: list | None = None,
-) -> None:
-    """Box plot (no fliers) with every value as a jittered point on top."""
-    if hue:
-        hue_kwargs = {"hue": hue, "hue_order": hue_order, "dodge": True}
-    else:
-        hue_kwargs = {"hue": x, "hue_order": order, "legend": False}
-    common = {"data": values, "x": x, "y": y, "order": order, "ax": ax}
-    sns.boxplot(**common, showfliers=False, width=0.6, boxprops={"alpha": 0.45}, **hue_kwargs)
-    sns.stripplot(
-        **common,
-        size=4,
-        jitter=0.18,
-        alpha=0.85,
-        edgecolor="0.2",
-        linewidth=0.5,
-        **({**hue_kwargs, "legend": False} if hue else hue_kwargs),
-    )
-    if hue:
-        ax.legend(title=hue, fontsize=8)
 
 
 def _mean_intervals(ax: Axes, summary: Mapping[str, float], metric: str, order: list[str]) -> None:

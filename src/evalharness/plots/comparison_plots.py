@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib import rcParams
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
+from evalharness.plots import layout
+from evalharness.plots.boxes import box_and_strip as _box_and_strip
 from evalharness.plots.case_plots import (
     _apply_bounds,
-    _box_and_strip,
     _figure,
     _finite,
     _no_values,
@@ -45,6 +48,7 @@ def plot_setting_comparison(per_case_long: pd.DataFrame, metric: str, path: Path
     several_labels = len(labels) > 1
     fig = _figure(max(6.0, 2.0 + 0.9 * len(settings)), 5.0)
     ax = fig.subplots()
+    _fit_settings(fig, settings, left=0.85, right=0.2, top=0.45)
     if values.empty:
         _no_values(ax)
     else:
@@ -82,7 +86,13 @@ def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Pa
     info = metric_info(metric)
     fig = _figure(max(6.0, 3.5 + 1.1 * len(settings)), min(max(4.0, 2.0 + 0.35 * len(grid)), 60.0))
     ax = fig.subplots()
+    case_width = layout.widest_in(fig, grid.index.astype(str), rcParams["ytick.labelsize"])
+    box = _fit_settings(fig, settings, left=0.45 + case_width, right=1.35, top=0.45)
+    cbar_ax = fig.add_axes(
+        (box[0] + box[2] + 0.15 / fig.get_figwidth(), box[1], 0.2 / fig.get_figwidth(), box[3])
+    )
     if not np.isfinite(grid.to_numpy(dtype=float)).any():
+        cbar_ax.remove()
         _no_values(ax)
     else:
         kwargs: dict = {"cmap": "viridis" if info.higher_is_better is not False else "viridis_r"}
@@ -97,6 +107,7 @@ def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Pa
             fmt=_value_format(grid),
             linewidths=0.5,
             linecolor="white",
+            cbar_ax=cbar_ax,
             cbar_kws={"label": info.label},
             **kwargs,
         )
@@ -125,6 +136,8 @@ def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> P
     ax = fig.subplots()
     x = np.arange(len(settings))
     coloured = len(grid) <= 12
+    legend_width = layout.widest_in(fig, ["case", *grid.index.astype(str)], 8) + 0.75
+    _fit_settings(fig, settings, left=0.85, right=legend_width if coloured else 0.2, top=0.45)
     palette = sns.color_palette("tab20" if len(grid) > 10 else "tab10", max(len(grid), 1))
     for (case, row), colour in zip(grid.iterrows(), palette, strict=True):
         ax.plot(
@@ -180,6 +193,7 @@ def plot_accuracy_cost(
     shown = shown[np.isfinite(shown["v"]) & np.isfinite(shown["c"])]
     fig = _figure(7.0, 5.0)
     ax = fig.subplots()
+    layout.adjust(fig, left=0.85, right=0.35, bottom=0.6, top=0.45)
     if shown.empty:
         _no_values(ax)
     else:
@@ -241,6 +255,20 @@ def _case_setting_grid(table: pd.DataFrame, metric: str, settings: list[str]) ->
         sort=True,
     )
     return grid.reindex(columns=settings)
+
+
+def _fit_settings(
+    fig: Figure, settings: list[str], *, left: float, right: float, top: float
+) -> tuple[float, float, float, float]:
+    """Margins (inches) of one axes whose x tick labels are the rotated `settings`: room below
+    for them and the axis label, and left for the first one's overhang; the axes' box
+    (left, bottom, width, height) in figure fractions."""
+    width, height = fig.get_size_inches()
+    below, overhang = layout.rotated_label_margins(fig, settings, width - left - right)
+    bottom = min(below + 0.3, max(height - top - 0.6, 0.5))
+    left = max(left, overhang)
+    layout.adjust(fig, left=left, right=right, bottom=bottom, top=top)
+    return (left / width, bottom / height, 1 - (left + right) / width, 1 - (bottom + top) / height)
 
 
 def _rotate_ticks(ax: Axes) -> None:

@@ -24,6 +24,7 @@ from evalharness.plots.case_plots import (
     _save,
     show_plane,
 )
+from evalharness.plots.layout import adjust
 from evalharness.score.worst_cases import FIXED_AXIS, PLANES, CaseSlices
 
 GALLERY_DIR = "plots/gallery"
@@ -62,6 +63,7 @@ def plot_worst_case(
     axis_names = "xyz"
     fig = _figure(WIDTH_IN, HEIGHT_IN)
     axes = fig.subplots(1, 3)
+    adjust(fig, left=0.6, right=0.15, bottom=0.85, top=0.62, wspace=0.7, ncols=3)
     images = entry.image or tuple(np.zeros(r.shape, np.float32) for r in entry.reference)
     finite = np.concatenate([np.ravel(p) for p in images])
     low, high = _intensity_window(finite)
@@ -99,7 +101,7 @@ def plot_worst_case(
         Line2D([], [], color=GT_COLOURS[0], linewidth=2, label="reference"),
         Line2D([], [], color=PRED_COLOURS[0], linewidth=2, label="prediction"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncols=2, frameon=False)
     return _save(fig, path)
 
 

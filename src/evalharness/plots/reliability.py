@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from evalharness.plots.case_plots import _figure, _save
+from evalharness.plots.layout import adjust
 from evalharness.score.calibration import ReliabilityBins
 
 
@@ -17,6 +18,7 @@ def plot_reliability(bins_by_label: Mapping[int, ReliabilityBins], path: Path) -
     voxel counts per bin (log scale). Bins without voxels are not drawn. Returns `path`."""
     fig = _figure(5.6, 6.2)
     curve, counts = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    adjust(fig, left=1.1, right=0.15, bottom=0.55, top=0.4, hspace=0.15, nrows=2)
     curve.plot([0, 1], [0, 1], color="0.5", linestyle="--", linewidth=0.8, label="calibrated")
     for label, bins in bins_by_label.items():
         filled = bins.count > 0

@@ -23,6 +23,14 @@ from evalharness.track import tracking
 from evalharness.track.pages import log_sweep_summary
 
 REPLOT_AFTER_S = 60.0
+TERMINAL = frozenset({"FINISHED", "FAILED", "KILLED"})
+"""Statuses of a child run that has ended: its metrics, tags and per_case.csv no longer change."""
+_ENDED_RUNS: dict[tuple[str, str], RunData] = {}
+"""`RunData` of the child runs that had ended when a refresh read them, by (store URI, run id):
+later refreshes in this process reuse them instead of reading the run and downloading its
+per_case.csv again. A run is only read once its job record exists, which its job writes after
+its last logging (the cache counters come after the run ends), so what is kept is complete;
+running runs are read afresh every time."""
 
 
 def closing_status(comparison: Comparison, complete: bool) -> tuple[str, str | None, int]:
@@ -53,7 +61,7 @@ def refresh(sweep_dir: Path, state: SweepState, final: bool, figures: bool = Tru
         client = tracking.prepare_store(state.tracking_uri)
         records = read_records(sweep_dir)
         runs = {
-            r.run_id: _run_data(client, r.run_id, sweep_dir / STATE_DIR)
+            r.run_id: _run_data(client, state.tracking_uri, r.run_id, sweep_dir / STATE_DIR)
             for r in records
             if r.run_id is not None
         }
@@ -62,10 +70,17 @@ def refresh(sweep_dir: Path, state: SweepState, final: bool, figures: bool = Tru
     return comparison
 
 
-def _run_data(client: Any, run_id: str, scratch: Path) -> RunData:
+def _run_data(client: Any, store: str, run_id: str, scratch: Path) -> RunData:
+    """What the comparison needs of child run `run_id`; read once if the run has ended."""
+    kept = _ENDED_RUNS.get((store, run_id))
+    if kept is not None:
+        return kept
     run = client.get_run(run_id)
     per_case = tracking.download_csv(client, run_id, "per_case.csv", scratch)
-    return RunData(dict(run.data.metrics), dict(run.data.tags), per_case, run.info.status)
+    data = RunData(dict(run.data.metrics), dict(run.data.tags), per_case, run.info.status)
+    if data.status in TERMINAL:
+        _ENDED_RUNS[(store, run_id)] = data
+    return data
 
 
 def _log_comparison(

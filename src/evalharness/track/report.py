@@ -89,11 +89,9 @@ def log_results(
     gallery: list[Path] = []
     if plot_dir is not None:
         figures = _plots(table, plot_dir, extremes, summary)
-        for path in figures:
-            tracking.log_file(client, run_id, path, "plots")
         gallery = _gallery(extremes, plot_dir / "gallery", context.label_names)
-        for path in gallery:
-            tracking.log_file(client, run_id, path, "plots/gallery")
+        # plots/<figure> and plots/gallery/<case>: one upload of the folder
+        tracking.log_folder(client, run_id, plot_dir, [*figures, *gallery], "plots")
     tracking.set_tags(client, run_id, {"evalharness.failed_cases": int(summary["n_failed_cases"])})
     findings = [m.as_dict() for m in context.findings]
     log_run_summary(

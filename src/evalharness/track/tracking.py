@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
@@ -220,6 +220,26 @@ def log_file(
     client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None
 ) -> None:
     client.log_artifact(run_id, str(path), artifact_dir)
+
+
+def log_folder(
+    client: MlflowClient, run_id: str, folder: Path, paths: Sequence[Path], artifact_dir: str
+) -> None:
+    """Log `paths`, files under `folder`, to `artifact_dir` at their place under `folder`
+    (``folder/gallery/a.png`` -> ``<artifact_dir>/gallery/a.png``): one `log_artifacts` call
+    when they are every file there, else one `log_artifact` call each (stale files left in
+    `folder` by an earlier run are not logged)."""
+    root = Path(folder).resolve()
+    wanted = {Path(p).resolve() for p in paths}
+    present = {p.resolve() for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
+    if wanted and wanted == present:
+        client.log_artifacts(run_id, str(root), artifact_dir)
+        return
+    for path in paths:
+        parent = Path(path).resolve().relative_to(root).parent.as_posix()
+        log_file(
+            client, run_id, path, artifact_dir if parent == "." else f"{artifact_dir}/{parent}"
+        )
 
 
 def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
