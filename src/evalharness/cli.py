@@ -169,7 +169,8 @@ def main(cfg: DictConfig) -> Any:
             task_overrides=tuple(hydra_cfg.overrides.task),
             num=int(hydra_cfg.job.num),
         )
-        return evaluate_job(config, job, _completion(config), group_members(cfg, job))
+        members = lambda: group_members(cfg, job)  # noqa: E731 - built only by a claimant
+        return evaluate_job(config, job, _completion(config), members)
     code = evaluate_config(cfg, output_dir).code
     if code:
         sys.exit(code)

@@ -49,6 +49,8 @@ def test_one_claimant_per_group_and_waiting_jobs_get_their_record(tmp_path: Path
     groups.take_outputs(tmp_path, 1, own)
     assert (own / "per_case.csv").read_text() == "case\n" and (own / "plots").is_dir()
     assert not staged.exists()
+    groups.release(tmp_path, "g")  # the claimant could not run the group: the others go alone
+    assert groups.wait_for(tmp_path, "g", 2) is None
     groups.clear(tmp_path)
     assert groups.try_claim(tmp_path, "g", 2)  # a new sweep in the same folder claims anew
 

@@ -5,7 +5,8 @@ starts and writes ``<sweep dir>/.evalharness/sweep.json``; every job, whatever t
 (basic: this process; joblib: loky workers; submitit: other processes or nodes sharing the sweep
 folder), reads it (`sweep.jobs.evaluate_job`) and evaluates as a child of the parent, named
 after its swept overrides. When a job ends, `on_job_end` (run where the job ran) writes the
-job's record next to it and refreshes the comparison on the parent. When the multirun ends, the
+job's record next to it and refreshes the comparison on the parent (at most every
+`REFRESH_AFTER_S` seconds). When the multirun ends, the
 parent is closed FINISHED, or FAILED with the failed settings as the reason, and the process
 exits non-zero if any job failed. Hydra does not call `on_multirun_end` when a job raised, nor
 after Ctrl-C (SIGTERM is turned into Ctrl-C): an `atexit` guard then closes the parent (FAILED,
@@ -20,6 +21,7 @@ import dataclasses
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ from evalharness.track import tracking
 from evalharness.track.liveness import liveness_tags, process_alive
 
 _STOP_REQUESTED = threading.Event()  # SIGTERM seen (see `_stop`)
+REFRESH_AFTER_S = 10.0
+"""After a job, the parent's comparison is refreshed when the last refresh in this process is
+at least this old (a group's jobs end within a second of each other); the end always does."""
 
 
 def swept_keys(hydra_cfg: DictConfig) -> tuple[str, ...]:
@@ -82,6 +87,7 @@ class SweepCallback(Callback):
         self.sweep_dir: Path | None = None
         self.state: SweepState | None = None
         self.closed = False
+        self.refreshed_at: float | None = None  # monotonic time of the last comparison here
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).absolute()
@@ -132,7 +138,10 @@ class SweepCallback(Callback):
         shard = setting_of(hydra_cfg.overrides.task, (SHARD_KEY,), num)[1].get(SHARD_KEY, "")
         record = dataclasses.replace(_record(num, name, values, job_return), shard=shard)
         write_json(self.sweep_dir / STATE_DIR / "jobs" / f"{num:05d}.json", record.to_dict())
-        refresh(self.sweep_dir, self.state, final=False)
+        now = time.monotonic()
+        if self.refreshed_at is None or now - self.refreshed_at >= REFRESH_AFTER_S:
+            refresh(self.sweep_dir, self.state, final=False)
+            self.refreshed_at = time.monotonic()
         if _STOP_REQUESTED.is_set():
             raise KeyboardInterrupt("stopped by SIGTERM")  # not an Exception: ends the sweep
 

@@ -174,15 +174,21 @@ def heartbeat(sweep_dir: Path, group: str) -> Iterator[None]:
         thread.join()
 
 
+def release(sweep_dir: Path, group: str) -> None:
+    """Tell the group's waiting jobs to evaluate on their own (the claimant cannot run it)."""
+    _claim_path(sweep_dir, group).with_suffix(".released").touch()
+
+
 def wait_for(sweep_dir: Path, group: str, num: int) -> DoneRecord | None:
-    """Job `num`'s record once the claimant wrote it; None when the claimant is gone first."""
+    """Job `num`'s record once the claimant wrote it; None when the claimant is gone first
+    or released the group."""
     claim = _claim_path(sweep_dir, group)
     announced = False
     while True:
         record = read_done(sweep_dir, num)
         if record is not None:
             return record
-        if not _claimant_alive(claim):
+        if claim.with_suffix(".released").exists() or not _claimant_alive(claim):
             return None
         if not announced:
             print(f"sweep group: waiting for the job evaluating it ({claim.read_text()})")

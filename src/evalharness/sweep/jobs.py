@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,14 +47,15 @@ def evaluate_job(
     config: EvalConfig,
     job: Job,
     complete: ConfigCompletion | None = None,
-    members: Sequence[GroupMember] = (),
+    members: Callable[[], Sequence[GroupMember]] = tuple,
 ) -> Outcome:
     """Evaluate `config` as job `job` of its sweep, named after its swept overrides.
 
     Skips the setting when a FINISHED run with the same configuration hash exists
     (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. With
-    `members` (the other jobs of its group, `sweep.groups`) and ``sweep.share_forward``, the
-    group is evaluated in one pass by whichever of its jobs starts first; otherwise, when the
+    a sweep group (`sweep.groups`) and ``sweep.share_forward``, the group is evaluated in one
+    pass by whichever of its jobs starts first, `members` building the other jobs' configs
+    (called only there); otherwise, when the
     sweep varies a sharable key, the per-patch model outputs are kept in the cache for the
     settings that follow.
     """
@@ -62,7 +63,8 @@ def evaluate_job(
     config = _named(config, job.task_overrides, job.num, state)
     cache = shared_cache(float(config.sweep.cache_mb))
     share = shares_forward(config, state.swept_keys if state else ())
-    if state is not None and members and share and not uses_saved_predictions(config):
+    grouped = state is not None and groups.group_of(job.sweep_dir, job.num, job.task_overrides)
+    if grouped and share and not uses_saved_predictions(config):
         outcome = _in_group(config, job, complete, members, state, cache)
         if outcome is not None:
             return outcome
@@ -104,7 +106,7 @@ def _in_group(
     config: EvalConfig,
     job: Job,
     complete: ConfigCompletion | None,
-    members: Sequence[GroupMember],
+    build_members: Callable[[], Sequence[GroupMember]],
     state: SweepState,
     cache: SweepCache,
 ) -> Outcome | None:
@@ -118,6 +120,10 @@ def _in_group(
             return None
         groups.take_outputs(sweep_dir, job.num, job.output_dir)
         return Outcome(record.code, record.run_id, record.skipped, record.case_ids)
+    members = build_members()
+    if not members:  # the members' configs did not compose: each job evaluates alone
+        groups.release(sweep_dir, group)
+        return None
     specs = [Member(config, job.output_dir)]
     for member in members:
         named = _named(member.config, member.task_overrides, member.num, state)
