@@ -18,6 +18,7 @@ the model once per setting: results are the same, only the sharing is lost.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from evalharness.config.schema import EvalConfig
 from evalharness.data.datasets import Case
 from evalharness.evaluation.case_loop import CaseStep, Extremes, Lane, case_step, loop_lanes
 from evalharness.evaluation.run import (
+    EXIT_ERROR,
     ConfigCompletion,
     LazyRun,
     Opened,
@@ -37,6 +39,7 @@ from evalharness.evaluation.run import (
     open_evaluation,
     outputs_for_sweep,
     run_model_cases,
+    store_error,
     tracking_uri_of,
 )
 from evalharness.predict.memory import reset_peak_memory
@@ -74,7 +77,11 @@ def evaluate_group(
     error ends every member's run (FAILED; KILLED on Ctrl-C) and propagates."""
     first = members[0].config.mlflow
     uri = tracking_uri_of(first.tracking_uri)
-    client, experiment = tracking.open_experiment(uri, first.experiment)
+    try:
+        client, experiment = tracking.open_experiment(uri, first.experiment)
+    except Exception as error:  # the store itself is unusable: there is no run to mark
+        print(f"error: {store_error(uri, error)}", file=sys.stderr)
+        return [MemberResult(Outcome(EXIT_ERROR, None), Counters()) for _ in members]
     runs = [LazyRun(client, experiment, m.config.mlflow.run_name, parent_run_id) for m in members]
     results: list[Outcome | Opened] = []
     opening: list[Counters] = []

@@ -120,7 +120,7 @@ def evaluate(
     try:
         client, experiment = tracking.open_experiment(uri, config.mlflow.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: {_store_error(uri, error)}", file=sys.stderr)
+        print(f"error: {store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
     run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
 
@@ -173,13 +173,13 @@ def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
         client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
         run = LazyRun(client, experiment, mlflow_config.run_name, None)
         tracking.finish(client, run.ensure(), "FAILED", message)
-    except Exception as store_error:  # the store is unusable too: say so, on one more line
-        print(f"error: {_store_error(uri, store_error)}", file=sys.stderr)
+    except Exception as unusable:  # the store is unusable too: say so, on one more line
+        print(f"error: {store_error(uri, unusable)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
     return Outcome(EXIT_ERROR, run.run_id)
 
 
-def _store_error(uri: str, error: Exception) -> str:
+def store_error(uri: str, error: Exception) -> str:
     """One line for an unusable tracking store; a server that does not answer said plainly."""
     cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
     if not isinstance(cause, RequestException):
