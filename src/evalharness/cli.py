@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import MISSING as NO_VALUE
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from evalharness.demo.spec import DEMO, TINY
 from evalharness.errors import ConfigError
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import Outcome, evaluate, record_failure
-from evalharness.sweep.groups import group_of
+from evalharness.sweep.groups import PlannedJob
 from evalharness.sweep.jobs import GroupMember, Job, evaluate_job
 
 _HYDRA_SCHEMAS: dict[type, type] = {}
@@ -115,12 +116,10 @@ def evaluate_config(cfg: DictConfig, output_dir: Path, **options: Any) -> Outcom
     return evaluate(config, output_dir, complete=_completion(config), **options)
 
 
-def group_members(cfg: DictConfig, job: Job) -> tuple[GroupMember, ...]:
-    """The other jobs of `job`'s sweep group (`sweep.groups`), each configured as Hydra would
-    compose it: this job's config with the member's overrides of sharable keys applied (typed
-    and checked by the schema). None when the sweep was not planned or a member's overrides
-    do not apply."""
-    planned = group_of(job.sweep_dir, job.num, job.task_overrides)
+def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[GroupMember, ...]:
+    """The other jobs of a sweep group (`sweep.groups`), each configured as Hydra would
+    compose it: this job's config `cfg` with the job's overrides of sharable keys applied
+    (typed and checked by the schema); none when one of them does not apply."""
     members = []
     parser = OverridesParser.create()
     for other in planned:
@@ -169,7 +168,7 @@ def main(cfg: DictConfig) -> Any:
             task_overrides=tuple(hydra_cfg.overrides.task),
             num=int(hydra_cfg.job.num),
         )
-        members = lambda: group_members(cfg, job)  # noqa: E731 - built only by a claimant
+        members = lambda planned: group_members(cfg, planned)  # noqa: E731 - by a claimant
         return evaluate_job(config, job, _completion(config), members)
     code = evaluate_config(cfg, output_dir).code
     if code:

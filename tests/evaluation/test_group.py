@@ -128,3 +128,20 @@ def test_an_interrupted_group_resumes_each_setting_where_it_stopped(inputs, tmp_
     assert [m["forward_passes_reused"] for _, m in resumed] == [0, PATCHES_PER_CASE]
     for (one, _), (other, _) in zip(alone, resumed, strict=True):
         pd.testing.assert_frame_equal(one[COLUMNS], other[COLUMNS], check_exact=True)
+
+
+def test_members_with_other_preprocessing_get_a_pass_of_their_own(inputs, tmp_path: Path) -> None:  # noqa: F811
+    """Settings of one group share their preprocessing; given one that differs, it gets its
+    own pass over the cases, and every setting still gets what it gets alone."""
+    settings = [
+        ["inference.aggregation=hann"],
+        ["inference.aggregation=crop"],
+        ["inference.aggregation=hann", "preprocessing.apply_reorder=false"],
+    ]
+    alone = evaluate_settings(inputs, tmp_path / "alone", "pre-alone", settings, None)
+    group = members(inputs, tmp_path / "group", "pre", settings)
+    shared = tables(inputs, evaluate_group(group, SweepCache(64 * 2**20)), tmp_path)
+    patches = N_CASES * PATCHES_PER_CASE
+    assert [m["forward_passes"] for _, m in shared] == [patches, 0, patches]
+    for (one, _), (other, _) in zip(alone, shared, strict=True):
+        pd.testing.assert_frame_equal(one[COLUMNS], other[COLUMNS], check_exact=True)

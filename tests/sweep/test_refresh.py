@@ -1,4 +1,5 @@
-"""The sweep's refresh reads an ended child run once per process, a running one every time."""
+"""The sweep's refresh reads an ended child run once per process, a running one every time;
+between jobs it waits for its interval."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 
 from evalharness.score.comparison import JobRecord
 from evalharness.sweep import report
+from evalharness.sweep.callback import REFRESH_AFTER_S, SweepCallback
 from evalharness.sweep.state import STATE_DIR, SweepState, write_json
 from evalharness.track import tracking
 
@@ -55,3 +59,31 @@ def test_an_ended_run_is_read_once_a_running_one_each_refresh(
         assert set(comparison.per_case_long["setting"]) == {"a=1", "a=2"}
         assert len(comparison.per_case_long) == 6
     assert first.table.equals(second.table)
+
+
+def test_between_jobs_the_comparison_waits_for_the_refresh_interval(
+    sqlite_uri: str, tmp_path: Path
+) -> None:
+    """A group's jobs end within a second of each other: the parent's comparison is refreshed
+    after a job only once `REFRESH_AFTER_S` have passed, and always at the end."""
+    client, experiment = tracking.open_experiment(sqlite_uri, "throttle")
+    parent = tracking.create_run(client, experiment, "parent", {"evalharness.kind": "sweep"})
+    callback = SweepCallback()
+    callback.sweep_dir = tmp_path
+    callback.state = SweepState(parent, sqlite_uri, ("inference.aggregation",), "dsc_mean", False)
+
+    def end(num: int, value: str) -> list[str]:
+        task = {"overrides": {"task": [f"inference.aggregation={value}"]}, "job": {"num": num}}
+        failed = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("boom"))
+        callback.on_job_end(OmegaConf.create({"hydra": task}), failed)
+        return sorted(pd.read_csv(tmp_path / "comparison.csv")["setting"])
+
+    assert end(0, "hann") == ["aggregation=hann"]
+    assert end(1, "crop") == ["aggregation=hann"]  # within the interval: not refreshed
+    assert callback.refreshed_at is not None
+    callback.refreshed_at -= REFRESH_AFTER_S
+    assert end(2, "average") == ["aggregation=average", "aggregation=crop", "aggregation=hann"]
+    end(3, "gaussian")
+    assert callback._close(complete=True) == 1  # every job failed
+    final = pd.read_csv(tmp_path / "comparison.csv")
+    assert len(final) == 4 and set(final["status"]) == {"failed"}

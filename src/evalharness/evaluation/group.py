@@ -18,6 +18,7 @@ the model once per setting: results are the same, only the sharing is lost.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from evalharness.checks.mismatches import Mismatch
 from evalharness.config.schema import EvalConfig
+from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
 from evalharness.evaluation.case_loop import CaseStep, Extremes, Lane, case_step, loop_lanes
 from evalharness.evaluation.run import (
@@ -132,23 +134,31 @@ def _close(opened: Opened, extremes: Extremes | Exception) -> Outcome:
 def _run_together(
     opened: Sequence[Opened], cache: SweepCache
 ) -> dict[int, tuple[Extremes | Exception, Counters]]:
-    """The cases of every opened member in one loop; per member (by id): its extremes, or the
-    `CaseError` that stopped it, and its cache use. Members that cannot share (saved
-    predictions, other preprocessing) run on their own."""
+    """The cases of the opened members, one pass per preprocessing (all of a sweep group share
+    one); per member (by id): its extremes, or the `CaseError` that stopped it, and its cache
+    use. Scoring saved predictions runs no model: such a member runs on its own."""
     results: dict[int, tuple[Extremes | Exception, Counters]] = {}
-    shared = [o for o in opened if not o.saved]
-    pre = [preprocess_settings(o.ev.settings) for o in shared]
-    together = [o for o, p in zip(shared, pre, strict=True) if p == pre[0]]
-    sharing = {id(o) for o in together}
-    for member in [o for o in opened if id(o) not in sharing]:
-        before = cache.counters()
-        outputs_for = None if member.saved else outputs_for_sweep(member.config, member.ev, cache)
-        extremes = run_model_cases(member, cache, outputs_for)
-        results[id(member)] = (extremes, cache.counters() - before)
-    if not together:
-        return results
-    lanes, extremes_of, used = [], [], [Counters() for _ in together]
-    for index, member in enumerate(together):
+    passes: dict[str, list[Opened]] = {}
+    for member in opened:
+        if member.saved:
+            before = cache.counters()
+            extremes = run_model_cases(member, cache, None)
+            results[id(member)] = (extremes, cache.counters() - before)
+            continue
+        pre = dataclasses.asdict(preprocess_settings(member.ev.settings))
+        passes.setdefault(stable_hash(pre), []).append(member)
+    for members in passes.values():
+        results.update(_one_pass(members, cache))
+    return results
+
+
+def _one_pass(
+    members: Sequence[Opened], cache: SweepCache
+) -> dict[int, tuple[Extremes | Exception, Counters]]:
+    """One loop over the cases for `members` (same preprocessing), a lane each."""
+    pre = preprocess_settings(members[0].ev.settings)
+    lanes, extremes_of, used = [], [], [Counters() for _ in members]
+    for index, member in enumerate(members):
         reset_peak_memory(member.ev.device)
         outputs_for = outputs_for_sweep(member.config, member.ev, cache)
         step, extremes = case_step(member.ev, member.sink, member.options, outputs_for)
@@ -170,20 +180,22 @@ def _run_together(
     def load(case: Case) -> CaseInputs:
         before = cache.counters()  # only this thread loads cases: the difference is this one's
         try:
-            return cache.load_inputs(case, pre[0])
+            return cache.load_inputs(case, pre)
         finally:
             loads[case.case_id] = _case_part(cache.counters() - before)
 
-    cases = _union_of_cases([m.ev.dataset.cases for m in together])
-    loop_lanes(cases, lanes, load, together[0].options.prefetch)
+    cases = _union_of_cases([m.ev.dataset.cases for m in members])
+    loop_lanes(cases, lanes, load, members[0].options.prefetch)
     for case_id, counted in loads.items():
         needing = [i for i, lane in enumerate(lanes) if case_id in lane.case_ids]
         for rank, index in enumerate(needing):
             used[index] += counted if rank == 0 else Counters(case_hits=1)
-    for member, lane, extremes, member_used in zip(together, lanes, extremes_of, used, strict=True):
-        outcome = lane.stopped if lane.stopped is not None else extremes
-        results[id(member)] = (outcome, member_used)
-    return results
+    return {
+        id(member): (lane.stopped if lane.stopped is not None else extremes, member_used)
+        for member, lane, extremes, member_used in zip(
+            members, lanes, extremes_of, used, strict=True
+        )
+    }
 
 
 def _tallied(step: CaseStep, cache: SweepCache, used: list[Counters], index: int) -> CaseStep:

@@ -201,12 +201,16 @@ class Opened:
     output_dir: Path
     run: LazyRun
     ev: Evaluation | SavedPlan
-    saved: bool
     cases_name: str
     table: CaseTable
     sink: _MlflowSink
     options: LoopOptions
     counts: ForwardCounts = field(default_factory=ForwardCounts)
+
+    @property
+    def saved(self) -> bool:
+        """Scoring saved predictions (no model)."""
+        return isinstance(self.ev, SavedPlan)
 
 
 def open_evaluation(
@@ -278,7 +282,7 @@ def open_evaluation(
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
-    return Opened(config, uri, output_dir, run, ev, saved, cases.name, table, sink, options)
+    return Opened(config, uri, output_dir, run, ev, cases.name, table, sink, options)
 
 
 def run_model_cases(

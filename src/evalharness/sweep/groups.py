@@ -103,11 +103,6 @@ def group_of(sweep_dir: Path, num: int, task_overrides: Sequence[str]) -> list[P
     return [j for j in jobs if j.group == mine.group and j.num != num]
 
 
-def group_key(sweep_dir: Path, num: int) -> str:
-    """The group of planned job `num` (KeyError: not planned)."""
-    return next(j.group for j in read_jobs(sweep_dir) if j.num == num)
-
-
 def clear(sweep_dir: Path) -> None:
     """Forget the claims, records and outputs of an earlier sweep in the same folder."""
     for name in ("groups", "done", "outputs"):

@@ -43,11 +43,15 @@ class GroupMember:
     task_overrides: tuple[str, ...]
 
 
+MemberBuilder = Callable[[Sequence[groups.PlannedJob]], Sequence[GroupMember]]
+"""The other jobs of a group, as planned -> their configurations (none: they do not compose)."""
+
+
 def evaluate_job(
     config: EvalConfig,
     job: Job,
     complete: ConfigCompletion | None = None,
-    members: Callable[[], Sequence[GroupMember]] = tuple,
+    members: MemberBuilder = lambda planned: (),
 ) -> Outcome:
     """Evaluate `config` as job `job` of its sweep, named after its swept overrides.
 
@@ -55,7 +59,7 @@ def evaluate_job(
     (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. With
     a sweep group (`sweep.groups`) and ``sweep.share_forward``, the group is evaluated in one
     pass by whichever of its jobs starts first, `members` building the other jobs' configs
-    (called only there); otherwise, when the
+    from their plans (called only there); otherwise, when the
     sweep varies a sharable key, the per-patch model outputs are kept in the cache for the
     settings that follow.
     """
@@ -63,9 +67,9 @@ def evaluate_job(
     config = _named(config, job.task_overrides, job.num, state)
     cache = shared_cache(float(config.sweep.cache_mb))
     share = shares_forward(config, state.swept_keys if state else ())
-    grouped = state is not None and groups.group_of(job.sweep_dir, job.num, job.task_overrides)
-    if grouped and share and not uses_saved_predictions(config):
-        outcome = _in_group(config, job, complete, members, state, cache)
+    others = groups.group_of(job.sweep_dir, job.num, job.task_overrides) if state else []
+    if others and share and not uses_saved_predictions(config):
+        outcome = _in_group(config, job, complete, others, members, state, cache)
         if outcome is not None:
             return outcome
     before = cache.counters()
@@ -106,21 +110,22 @@ def _in_group(
     config: EvalConfig,
     job: Job,
     complete: ConfigCompletion | None,
-    build_members: Callable[[], Sequence[GroupMember]],
+    others: Sequence[groups.PlannedJob],
+    build_members: MemberBuilder,
     state: SweepState,
     cache: SweepCache,
 ) -> Outcome | None:
     """This job's outcome from its group's one pass (run here if this job claims the group,
     else written by the claimant); None when the claimant is gone: evaluate alone."""
     sweep_dir = job.sweep_dir
-    group = groups.group_key(sweep_dir, job.num)
+    group = others[0].group
     if not groups.try_claim(sweep_dir, group, job.num):
         record = groups.wait_for(sweep_dir, group, job.num)
         if record is None:
             return None
         groups.take_outputs(sweep_dir, job.num, job.output_dir)
         return Outcome(record.code, record.run_id, record.skipped, record.case_ids)
-    members = build_members()
+    members = build_members(others)
     if not members:  # the members' configs did not compose: each job evaluates alone
         groups.release(sweep_dir, group)
         return None
