@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from evalharness.checks.mismatches import AXIS_NAMES, Mismatch, axis_label, format_value
+from evalharness.checks.mismatches import AXIS_NAMES, Mismatch, axis_label
+from evalharness.config.values import format_value
 
 SPACING_FACTOR_LIMIT = 2.0
 """`spacing_check` warns when target and native spacing differ by more than this factor."""

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.probes import mirror_probe, spacing_check
+from evalharness.config.schema import MetricsConfig
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
@@ -34,7 +35,6 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable, failure_rows
 from evalharness.score.worst_cases import WorstCases
 
@@ -112,7 +112,7 @@ class LoopOptions:
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
     gallery_k: int = 3  # worst cases per label kept for the gallery
-    metrics: MetricOptions = field(default_factory=MetricOptions)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def case_step(
@@ -297,7 +297,7 @@ def _lane_case(
 
 
 def _score(
-    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricOptions
+    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricsConfig
 ) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:

@@ -50,7 +50,6 @@ from evalharness.evaluation.saved import (
 from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import forward_key, load_case_inputs
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
 from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
@@ -278,7 +277,7 @@ def open_evaluation(
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
         gallery_k=config.output.gallery_k,
-        metrics=MetricOptions.from_mapping(as_dict(config.metrics)),
+        metrics=config.metrics,
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
