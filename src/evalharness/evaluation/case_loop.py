@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.probes import mirror_probe, spacing_check
-from evalharness.config.schema import MetricsConfig
+from evalharness.config.schema import MetricsConfig, ModelConfig
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
+from evalharness.model.loaders import LoadedModel
+from evalharness.model.sources import ResolvedModel
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.pipeline import (
     CaseInputs,
@@ -55,6 +57,20 @@ class CaseSink(Protocol):
     def findings(self, findings: list[Mismatch]) -> None: ...
 
     def prediction_saved(self, path: Path) -> None: ...
+
+
+class Reuse(Protocol):
+    """What a sweep keeps for the settings that follow (`sweep.cache.SweepCache` implements it,
+    so evaluation never imports the sweep): the loaded model, each case's inputs and the
+    per-patch model outputs of a forward key. What it returns is shared: read-only."""
+
+    def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel: ...
+
+    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs: ...
+
+    def patch_outputs(
+        self, case: Case, settings: PreprocessSettings, forward_key: str
+    ) -> OutputStore: ...
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ Keys say exactly what decides a value, so a hit can never serve something stale:
   one flip, float32 on the CPU: about (patches x patch voxels x K') x 4 bytes, K' the output
   channels (1 for two classes) -- for an overlap of half the patch about 8 times the case's
   probability volume. A case whose entry does not fit the budget is recomputed. A sweep
-  group (`evaluation.group`, case by case) needs one case's entries at a time; settings that
+  group (`sweep.group_pass`, case by case) needs one case's entries at a time; settings that
   share one after another (sweepers other than the basic one) need every case's to stay.
 
 Cached values are shared, never copied: consumers must treat them as read-only (the pipeline
