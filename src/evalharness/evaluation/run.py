@@ -39,6 +39,7 @@ from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, 
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
+from evalharness.evaluation.run_report import log_results, print_summary, run_context
 from evalharness.evaluation.saved import (
     SavedPlan,
     plan_saved,
@@ -54,7 +55,6 @@ from evalharness.score.table import CaseTable
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
 from evalharness.track.liveness import liveness_tags
-from evalharness.track.report import log_results, print_summary, run_context
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)

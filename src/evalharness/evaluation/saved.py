@@ -37,12 +37,12 @@ from evalharness.data.saved_predictions import (
 )
 from evalharness.errors import CaseError, ConfigError, SourceError
 from evalharness.evaluation.case_loop import CaseSink, Extremes, LoopOptions, loop_cases
+from evalharness.evaluation.run_report import RunContext
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import metric_rows
 from evalharness.score.table import CaseTable
 from evalharness.score.worst_cases import WorstCases
 from evalharness.track import tracking
-from evalharness.track.report import RunContext
 
 PREDICTIONS_ARTIFACT = "predictions"
 """Where an evaluation run logs its predictions (`output.save_predictions`)."""

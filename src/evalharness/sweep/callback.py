@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
 from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
 from evalharness.sweep import grouping
-from evalharness.sweep.report import closing_status, refresh
+from evalharness.sweep.parent_report import closing_status, refresh
 from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_json, write_state
 from evalharness.track import tracking
 from evalharness.track.liveness import liveness_tags, process_alive

@@ -23,7 +23,7 @@ from evalharness.score.intervals import MIN_CASES
 from evalharness.score.table import HEADLINE, case_scores, console_table, summarize
 from evalharness.score.worst_cases import CaseSlices, with_image
 from evalharness.track import tracking
-from evalharness.track.pages import headline_first, log_run_summary
+from evalharness.track.summaries import headline_first, log_run_summary
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
 OPTIONAL_MEANS = ("lesion_f1_mean", "lesion_dsc_mean", "ece_mean", "brier_mean")
