@@ -157,7 +157,6 @@ def mirror_probe(case_id: str, prediction: np.ndarray, ground_truth: np.ndarray)
     return Mismatch(
         "data",
         "mirror_probe",
-        "prediction_grid_check",
         None,
         {"transform": text, "dsc_as_is": round(direct, 4), "dsc_transformed": round(best_dsc, 4)},
         "error",
