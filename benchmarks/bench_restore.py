@@ -34,9 +34,8 @@ import torch
 from scipy import ndimage
 
 from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
+from evalharness.predict.resample import bspline_coefficients, resample_channels
 from evalharness.predict.restore import (
-    bspline_coefficients,
-    resample_channels,
     restore_by_labels,
     restore_by_probabilities,
     restore_labels,

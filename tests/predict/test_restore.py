@@ -27,17 +27,15 @@ from evalharness.predict.preprocess import (
     PreprocessSettings,
     native_grid,
     prepare_image,
-    restores_by_voxels,
 )
-from evalharness.predict.restore import (
-    METHODS,
+from evalharness.predict.resample import (
     _bspline_coefficients_torch,
-    _resample_general,
+    _cubic_general,
     bspline_coefficients,
     resample_channels,
-    restore_by_shape,
-    restore_labels,
+    restores_by_voxels,
 )
+from evalharness.predict.restore import METHODS, restore_by_shape, restore_labels
 from evalharness.score.metrics import label_metrics
 
 REFERENCE = REPO / "tests" / "fixtures" / "fastmonai_shape_restore" / "reference.npz"
@@ -130,7 +128,7 @@ def test_cubic_resampling_matches_scipy_map_coordinates() -> None:
 
 
 def test_rotated_grids_take_the_general_path_with_the_same_values() -> None:
-    """`_resample_general` (any affine) gives the separable passes' values on an axis-aligned
+    """`_cubic_general` (any affine) gives the separable passes' values on an axis-aligned
     grid; a rotated grid goes through it."""
     prepared = _anisotropic_prepared()
     coeffs = bspline_coefficients(
@@ -138,7 +136,7 @@ def test_rotated_grids_take_the_general_path_with_the_same_values() -> None:
     )
     native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
     outside = torch.tensor([-9.0, -9.0]).view(-1, 1, 1, 1)
-    general = _resample_general(coeffs, native_to_model, prepared.native.shape_vox, 3, outside)
+    general = _cubic_general(coeffs, native_to_model, prepared.native.shape_vox, outside)
     separable = resample_channels(coeffs, prepared, 3, torch.tensor([-9.0, -9.0]))
     np.testing.assert_allclose(general.numpy(), separable.numpy(), atol=1e-5)
     angle = np.deg2rad(20)

@@ -121,11 +121,6 @@ class EffectiveSettings:
         """Flat JSON-friendly dict, logged as `effective.<name>` params."""
         return {k: _jsonable(v) for k, v in asdict(self).items()}
 
-    def preprocessing_key(self) -> str:
-        """Hash of what decides a preprocessed volume (for caching across sweep jobs)."""
-        keys = ("apply_reorder", "target_spacing_mm", "normalization", "padding_mode")
-        return stable_hash({k: _jsonable(getattr(self, k)) for k in keys})
-
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):

@@ -55,9 +55,6 @@ from evalharness.demo.training import LABEL_PROBABILITIES, train_model
 from evalharness.demo.training_run import log_training_run, run_is_usable
 from evalharness.track import tracking
 
-DEFAULT_CACHE_DIR = Path("outputs") / "demo"
-"""Where `python -m evalharness` caches the demo (relative to the working directory)."""
-
 DEFAULT_EXPERIMENT = "evalharness-demo-training"
 MARKER_NAME = "demo.json"
 MARKER_VERSION = 1

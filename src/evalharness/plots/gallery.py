@@ -27,8 +27,6 @@ from evalharness.plots.case_plots import (
 from evalharness.plots.layout import adjust
 from evalharness.score.worst_cases import FIXED_AXIS, PLANES, CaseSlices
 
-GALLERY_DIR = "plots/gallery"
-"""Artifact folder of the gallery in the evaluation run."""
 WIDTH_IN, HEIGHT_IN = 11.0, 4.2
 
 

@@ -25,13 +25,8 @@ from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.predict.memory import plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
-from evalharness.predict.preprocess import (
-    PreparedImage,
-    PreprocessSettings,
-    prepare_image,
-    restore_to_native,
-)
-from evalharness.predict.restore import restore_labels
+from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
+from evalharness.predict.restore import restore_labels, restore_to_native
 from evalharness.predict.sliding_window import sliding_window_probs
 from evalharness.score.masks import keep_largest_component
 from evalharness.score.metrics import case_metrics

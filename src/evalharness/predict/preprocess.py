@@ -1,4 +1,4 @@
-"""Load, reorient, resample and normalise an image as fastMONAI training did; and the inverse.
+"""Load, reorient, resample and normalise an image as fastMONAI training did.
 
 Forward (`prepare_image`) runs the very TorchIO transforms fastMONAI's `PatchInferenceEngine`
 runs, in the same order and dtypes, so the tensor the model sees is bit-for-bit the training
@@ -10,12 +10,8 @@ SimpleITK, in the file's dtype; skipped when the spacing already matches, as fas
 (ZNormalization over all voxels computed directly, bit-identical to TorchIO's and faster), and
 symmetric `CropOrPad` up to the patch size.
 
-Inverse (`restore_to_native`) deliberately differs from fastMONAI: it resamples class
-*probabilities* (trilinear, one step: native voxel -> world -> model voxel) and leaves decoding
-to the caller, which scores higher than resampling decoded labels (see DESIGN.md); it is the
-`probabilities` method of `inference.restore` (`restore.py` holds them all). Where the
-native grid is the model grid's voxels reoriented or padded (`restores_by_voxels`), it moves
-decoded labels instead: the same result, no interpolation either way.
+The way back, from the model grid to the native grid (`NativeGrid`, kept in `PreparedImage`),
+is `predict.restore`.
 """
 
 from __future__ import annotations
@@ -37,8 +33,6 @@ from evalharness.data.nifti_io import read_image
 from evalharness.errors import CaseError, ConfigError
 
 NORMALIZATION_KEY = "preprocessing.normalization"
-SLAB_VOXELS = 1 << 22  # native voxels restored per step (bounds restore memory)
-WHOLE_VOXEL_TOLERANCE = 1e-3  # model coordinates this close to whole voxels need no interpolation
 
 
 @dataclass(frozen=True)
@@ -233,162 +227,3 @@ def _c_order_copy(data: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
         index[axis] = i
         out[tuple(index)] = data[tuple(index)]
     return out
-
-
-def _axis_aligned(native_to_model: np.ndarray) -> list[int] | None:
-    """Model axis of each native axis, when each native axis runs along exactly one model axis
-    (any reorientation, spacing change or shift, but no rotation); None otherwise."""
-    linear = np.abs(native_to_model[:3, :3])
-    significant = linear > 1e-6 * linear.max()
-    if (significant.sum(axis=0) == 1).all() and (significant.sum(axis=1) == 1).all():
-        return [int(np.argmax(linear[:, j])) for j in range(3)]
-    return None
-
-
-def _fill_background(values: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
-    """Set probabilities [K, ...] to background where `outside` [...]: class 0 if K > 1."""
-    values.masked_fill_(outside, 0.0)
-    if values.shape[0] > 1:
-        values[0].masked_fill_(outside, 1.0)
-    return values
-
-
-def _voxel_run(line: np.ndarray, size: int) -> tuple[int, bool] | None:
-    """(first model voxel, reversed) when the model coordinates `line` [n] are whole voxels one
-    apart inside an axis of `size` voxels (a reorientation, shift or crop: nothing to
-    interpolate); None otherwise."""
-    nearest = np.round(line)
-    steps = np.unique(np.diff(nearest))
-    whole = np.abs(line - nearest).max() < WHOLE_VOXEL_TOLERANCE
-    if whole and nearest.min() >= 0 and nearest.max() <= size - 1 and set(steps) <= {-1, 1}:
-        return int(nearest.min()), bool(steps.size == 1 and steps[0] < 0)
-    return None
-
-
-def _resample_axis(values: torch.Tensor, dim: int, line: np.ndarray) -> torch.Tensor:
-    """`values` at model-voxel coordinates `line` [n] along `dim`: linear interpolation, clamped
-    to the border. Whole voxels one apart (`_voxel_run`) are taken as they are: a view of
-    `values`, or a flipped copy (any dtype; interpolation needs floats)."""
-    size = values.shape[dim]
-    run = _voxel_run(line, size)
-    if run is not None:
-        view = values.narrow(dim, run[0], len(line))
-        return view.flip(dim) if run[1] else view
-    clamped = np.clip(line, 0, size - 1)
-    low = np.minimum(np.floor(clamped), max(size - 2, 0))
-    shape = [1] * values.ndim
-    shape[dim] = -1
-    weight = torch.as_tensor(clamped - low, dtype=torch.float32, device=values.device).view(shape)
-    low_t = torch.as_tensor(low, dtype=torch.long, device=values.device)
-    high_t = (low_t + 1).clamp(max=size - 1)
-    return torch.lerp(values.index_select(dim, low_t), values.index_select(dim, high_t), weight)
-
-
-def _native_lines(
-    native_to_model: np.ndarray, model_axes: list[int], native: NativeGrid
-) -> list[np.ndarray]:
-    """Model-voxel coordinates [n] of the native voxels along each native axis (axis-aligned)."""
-    return [
-        native_to_model[model_axis, axis] * np.arange(n) + native_to_model[model_axis, 3]
-        for axis, (model_axis, n) in enumerate(zip(model_axes, native.shape_vox, strict=True))
-    ]
-
-
-def restores_by_voxels(prepared: PreparedImage) -> bool:
-    """Whether every native voxel is a whole model voxel (the native grid is the model grid
-    reoriented, shifted or cropped: no interpolation). Then decoding on the model grid and
-    restoring the labels equals restoring probabilities and decoding, for a fraction of the
-    bytes."""
-    native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
-    model_axes = _axis_aligned(native_to_model)
-    if model_axes is None:
-        return False
-    model_shape = prepared.tensor.shape[1:]
-    lines = _native_lines(native_to_model, model_axes, prepared.native)
-    return all(
-        _voxel_run(line, model_shape[m]) is not None
-        for m, line in zip(model_axes, lines, strict=True)
-    )
-
-
-def _restore_separable(
-    probs: torch.Tensor, native_to_model: np.ndarray, model_axes: list[int], native: NativeGrid
-) -> torch.Tensor:
-    """Trilinear resampling of axis-aligned grids as three 1-D linear passes (trilinear weights
-    are products of 1-D ones), in slabs along native X."""
-    source = probs.float() if probs.is_floating_point() else probs
-    source = source.permute(0, *(1 + a for a in model_axes))  # model axes in native order
-    lines = _native_lines(native_to_model, model_axes, native)
-    outside = [
-        (line < -0.5) | (line > source.shape[1 + axis] - 0.5) for axis, line in enumerate(lines)
-    ]
-    device = probs.device
-    out = torch.empty((probs.shape[0], *native.shape_vox), dtype=source.dtype, device=device)
-    slab = max(1, SLAB_VOXELS // (native.shape_vox[1] * native.shape_vox[2]))
-    for x0 in range(0, native.shape_vox[0], slab):
-        x1 = min(native.shape_vox[0], x0 + slab)
-        values = _resample_axis(source, 1, lines[0][x0:x1])
-        values = _resample_axis(values, 2, lines[1])
-        values = _resample_axis(values, 3, lines[2])
-        out[:, x0:x1] = values
-        if outside[0][x0:x1].any() or outside[1].any() or outside[2].any():
-            mask = outside[0][x0:x1, None, None] | outside[1][:, None] | outside[2]
-            _fill_background(out[:, x0:x1], torch.as_tensor(mask, device=device))
-    return out
-
-
-def _restore_general(
-    probs: torch.Tensor, native_to_model: np.ndarray, native: NativeGrid
-) -> torch.Tensor:
-    """Trilinear resampling with `grid_sample` (align_corners=True) for any affine, in slabs.
-
-    Model voxel i on an axis of n voxels is grid coordinate 2 i / (n - 1) - 1 (an axis of one
-    voxel uses 2 i: any value samples it); grid_sample wants rows in (z', y', x') order.
-    """
-    sizes = np.asarray(probs.shape[1:], dtype=np.float64)
-    single = sizes == 1
-    scale = np.where(single, 2.0, 2.0 / np.maximum(sizes - 1.0, 1.0))
-    matrix = scale[:, None] * native_to_model[:3]
-    matrix[:, 3] -= np.where(single, 0.0, 1.0)
-    half_extent = np.where(single, 1.0, sizes / np.maximum(sizes - 1.0, 1.0))  # voxel -0.5, n-0.5
-    device = probs.device
-    matrix_t = torch.as_tensor(matrix[::-1].copy(), dtype=torch.float32, device=device)
-    half_extent_t = torch.as_tensor(half_extent[::-1].copy(), dtype=torch.float32, device=device)
-    index = [torch.arange(n, dtype=torch.float32, device=device) for n in native.shape_vox]
-    plane = (  # [Y, Z, 3]: contribution of native y and z, plus the offset
-        index[1][:, None, None] * matrix_t[:, 1] + index[2][None, :, None] * matrix_t[:, 2]
-    ) + matrix_t[:, 3]
-    source = probs.float()[None]  # [1, K, X', Y', Z']
-    out = torch.empty((probs.shape[0], *native.shape_vox), dtype=torch.float32, device=device)
-    slab = max(1, SLAB_VOXELS // (native.shape_vox[1] * native.shape_vox[2]))
-    for x0 in range(0, native.shape_vox[0], slab):
-        x1 = min(native.shape_vox[0], x0 + slab)
-        grid = index[0][x0:x1, None, None, None] * matrix_t[:, 0] + plane  # [x, Y, Z, 3]
-        values = torch.nn.functional.grid_sample(
-            source, grid[None], mode="bilinear", padding_mode="border", align_corners=True
-        )[0]
-        out[:, x0:x1] = _fill_background(values, (grid.abs() > half_extent_t).any(dim=-1))
-    return out
-
-
-@torch.inference_mode()
-def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
-    """[K, X', Y', Z'] probabilities on the model grid → [K, X, Y, Z] float32 on the native grid
-    (or a label map, moved: see the end).
-
-    One trilinear resampling step through native voxel -> world -> model voxel, on `probs`'s
-    device, in slabs along native X so memory stays bounded. Axis-aligned grids (reorientation
-    and spacing changes: the usual case) take three exact 1-D passes; rotated ones
-    `grid_sample` (align_corners=True); both compute the same trilinear weights. Like
-    SimpleITK's linear interpolator (what TorchIO's Resample uses), points up to half a voxel
-    outside the model grid take the border value; points farther out get background
-    (probability 1 for class 0 when K > 1, 0 when K == 1). A label map [1, X', Y', Z'] (integer
-    dtype) can be restored where `restores_by_voxels`: the same voxels, moved.
-    """
-    if not probs.is_floating_point() and not restores_by_voxels(prepared):
-        raise ValueError("restore_to_native: integer values need a grid restored by voxels")
-    native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
-    model_axes = _axis_aligned(native_to_model)
-    if model_axes is None:
-        return _restore_general(probs, native_to_model, prepared.native)
-    return _restore_separable(probs, native_to_model, model_axes, prepared.native)

@@ -1,7 +1,7 @@
 """Comparison of a sweep's settings (pure pandas/scipy): the table, the best, paired tests.
 
 Inputs are the sweep's job records and, per run, its summary metrics, tags and per-case table
-(`RunData`); `sweep.py` reads those from MLflow and logs what these functions return.
+(`RunData`); `sweep.parent_report` reads those from MLflow and logs what these functions return.
 
 The best setting maximises the primary metric, except distances (`LOWER_IS_BETTER`, plus
 seconds per case and failed-case counts), which are minimised, and the signed relative volume
