@@ -56,13 +56,8 @@ from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, load_volume, write_nifti
 from evalharness.demo.synthetic import make_case
-from evalharness.predict.pipeline import (
-    load_case_inputs,
-    native_labels,
-    predict,
-    preprocess_settings,
-    window_probs,
-)
+from evalharness.predict.case_inputs import load_case_inputs, preprocess_settings
+from evalharness.predict.pipeline import native_labels, predict, window_probs
 from evalharness.predict.preprocess import (
     prepare_image,
 )

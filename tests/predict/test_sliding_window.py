@@ -22,7 +22,8 @@ from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, write_nifti
 from evalharness.errors import ConfigError
 from evalharness.evaluation.case_loop import LoopOptions, _save_prediction
-from evalharness.predict.pipeline import CaseInputs, predict, preprocess_settings
+from evalharness.predict.case_inputs import CaseInputs, preprocess_settings
+from evalharness.predict.pipeline import predict
 from evalharness.predict.preprocess import PreprocessSettings, prepare_image
 from evalharness.predict.restore import restore_to_native
 from evalharness.predict.sliding_window import (

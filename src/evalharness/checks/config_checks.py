@@ -233,7 +233,7 @@ def _overlap(setting: Setting, t: Any, settings: EffectiveSettings) -> Finding |
         t_vox: Any = list(overlap_to_voxels(t, patch))
     except (TypeError, ValueError):
         t_vox = jsonable(t)
-    e_vox = list(overlap_to_voxels(settings.overlap, patch))
+    e_vox = list(settings.overlap_vox)
     if t_vox == e_vox:
         return None
     return (

@@ -2,10 +2,11 @@
 
 `SETTINGS` is the one vocabulary: for each setting, its config key, its field in fastMONAI's
 training configuration, its name here (logged as ``effective.<name>``), fastMONAI's default
-and the rule its value must follow. Each value comes from the evaluation config when set, else
-from the training configuration, else from fastMONAI's default (recorded as *assumed* so the
-mismatch report can say so). The config-level checks (`checks.config_checks`) walk the same
-table.
+and the rule its value must follow (`config.validate` applies it to the user's value,
+`resolve_settings` to the merged one; the code that acts on a setting trusts the value). Each
+value comes from the evaluation config when set, else from the training configuration, else
+from fastMONAI's default (recorded as *assumed* so the mismatch report can say so). The
+config-level checks (`checks.config_checks`) walk the same table.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from evalharness.config import rules
 from evalharness.config.schema import EvalConfig
+from evalharness.errors import ConfigError
 
 NO_DEFAULT = object()
 """`Setting.fallback` of a setting that only the evaluation config sets."""
@@ -33,6 +35,11 @@ class Setting:
     fallback: Any  # fastMONAI's default, used when neither side says; NO_DEFAULT: config only
     rule: Callable[[str, Any], Any]  # validates a value (naming its origin) and normalises it
 
+    @property
+    def from_training(self) -> bool:
+        """Whether a training configuration provides it (when the config leaves it null)."""
+        return self.fallback is not NO_DEFAULT
+
 
 def _as_bool(key: str, value: Any) -> bool:
     return bool(value)
@@ -47,11 +54,13 @@ def _aggregation(key: str, value: Any) -> str:
 
 
 def _batch_size(key: str, value: Any) -> int:
+    if value < 1:
+        raise ConfigError(f"{key}={value}: expected >= 1")
     return int(value)
 
 
 def _device(key: str, value: Any) -> str:
-    return str(value)
+    return rules.choice(key, value, rules.DEVICES)
 
 
 def _restore(key: str, value: Any) -> str:
@@ -94,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("inference.restore", None, "restore", NO_DEFAULT, _restore),
 )
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
-FROM_TRAINING: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.fallback is not NO_DEFAULT)
+FROM_TRAINING: tuple[Setting, ...] = tuple(s for s in SETTINGS if s.from_training)
 """The settings a training configuration provides when the evaluation config leaves them null."""
 
 
@@ -116,6 +125,12 @@ class EffectiveSettings:
     amp: bool
     tta: Any
     restore: str = rules.DEFAULT_RESTORE  # how predictions go back to the native grid
+
+    @property
+    def overlap_vox(self) -> tuple[int, int, int]:
+        """The patch overlap in voxels per axis, as the sliding window uses it (the one
+        conversion of `overlap`: `rules.overlap_to_voxels`)."""
+        return rules.overlap_to_voxels(self.overlap, self.patch_size_vox)
 
     def as_params(self) -> dict[str, Any]:
         """Flat JSON-friendly dict, logged as `effective.<name>` params."""

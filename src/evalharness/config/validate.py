@@ -1,13 +1,15 @@
 """`validate`: every value of the evaluation config that can be checked before any work starts.
 
-Raises `ConfigError` naming the key. The values that may also come from the training
-configuration are checked again once merged (`config.settings`), by the same rules.
+Raises `ConfigError` naming the key. The settings (`config.settings.SETTINGS`) are checked by
+their rule in that one table; the values that may also come from the training configuration
+are checked again once merged (`config.settings.resolve_settings`), by the same rules.
 """
 
 from __future__ import annotations
 
 from evalharness.config import rules
 from evalharness.config.schema import EvalConfig, MetricsConfig
+from evalharness.config.settings import SETTINGS, configured
 from evalharness.errors import ConfigError
 
 
@@ -17,25 +19,17 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.name", data.name, rules.DATA_LAYOUTS)
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
-    rules.choice("inference.device", inference.device, rules.DEVICES)
-    rules.choice("inference.restore", inference.restore, rules.RESTORE_METHODS)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)
     rules.choice("checks.on_mismatch", config.checks.on_mismatch, rules.MISMATCH_POLICIES)
     rules.choice("demo.size", config.demo.size, rules.DEMO_SIZES)
-    if inference.aggregation is not None:
-        rules.choice("inference.aggregation", inference.aggregation, rules.AGGREGATIONS)
-    size = None if patch.size is None else rules.patch_size_vox("patch.size", patch.size)
+    checked = {  # each setting by its rule in the one table; null: the training value's
+        setting.key: setting.rule(setting.key, value)
+        for setting in SETTINGS
+        if (value := configured(config, setting.key)) is not None or not setting.from_training
+    }
     if patch.overlap is not None:
-        rules.overlap("patch.overlap", patch.overlap, size)
-    if inference.batch_size < 1:
-        raise ConfigError(f"inference.batch_size={inference.batch_size}: expected >= 1")
-    rules.tta("inference.tta", inference.tta)
+        rules.overlap("patch.overlap", patch.overlap, checked.get("patch.size"))
     rules.positive_mb("inference.max_device_memory_mb", inference.max_device_memory_mb)
-    if inference.threshold is not None:
-        rules.probability("inference.threshold", inference.threshold)
-    rules.spacing_mm("preprocessing.target_spacing", config.preprocessing.target_spacing)
-    if config.preprocessing.normalization is not None:
-        rules.normalization_specs("preprocessing.normalization", config.preprocessing.normalization)
     if data.limit is not None and (isinstance(data.limit, bool) or data.limit < 1):
         raise ConfigError(f"data.limit={data.limit!r}: expected a positive integer or null")
     if data.shard is not None:

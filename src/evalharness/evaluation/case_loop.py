@@ -26,18 +26,16 @@ from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
 from evalharness.model.loaders import LoadedModel
 from evalharness.model.sources import ResolvedModel
-from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
-from evalharness.predict.pipeline import (
+from evalharness.predict.case_inputs import (
     CaseInputs,
-    CasePrediction,
     check_inputs,
     load_case_inputs,
-    metric_rows,
-    predict,
     preprocess_settings,
 )
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
+from evalharness.predict.pipeline import CasePrediction, predict
 from evalharness.predict.preprocess import PreprocessSettings
-from evalharness.score.table import CaseTable, failure_rows
+from evalharness.score.table import CaseTable, failure_rows, metric_rows
 from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]

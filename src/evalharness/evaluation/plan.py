@@ -36,8 +36,8 @@ from evalharness.model.members import (
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
 from evalharness.model.training_config import TrainingConfig
+from evalharness.predict.channels import probe_channels
 from evalharness.predict.ensemble import Ensemble
-from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
 

@@ -48,9 +48,9 @@ from evalharness.evaluation.saved import (
     saved_tags,
     uses_saved_predictions,
 )
+from evalharness.predict.case_inputs import load_case_inputs
 from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
-from evalharness.predict.patch_outputs import ForwardCounts
-from evalharness.predict.pipeline import forward_key, load_case_inputs
+from evalharness.predict.patch_outputs import ForwardCounts, forward_key
 from evalharness.score.table import CaseTable
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset

@@ -39,8 +39,7 @@ from evalharness.errors import CaseError, ConfigError, SourceError
 from evalharness.evaluation.case_loop import CaseSink, Extremes, LoopOptions, loop_cases
 from evalharness.evaluation.run_report import RunContext
 from evalharness.predict.patch_outputs import ForwardCounts
-from evalharness.predict.pipeline import metric_rows
-from evalharness.score.table import CaseTable
+from evalharness.score.table import CaseTable, metric_rows
 from evalharness.score.worst_cases import WorstCases
 from evalharness.track import tracking
 

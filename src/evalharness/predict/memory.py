@@ -10,18 +10,22 @@ warning; one too large for the CPU fails the case, not the run.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-from evalharness.errors import CaseError
+from evalharness.errors import CaseError, first_line
 
 LIMIT_KEY = "inference.max_device_memory_mb"
 MB = 1 << 20
 CPU = torch.device("cpu")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,19 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # Linux: KiB
+
+
+def with_cpu_fallback(run: Callable[[torch.device], T], buffers: torch.device) -> T:
+    """`run(buffers)`; CUDA out of memory with the buffers on the GPU retries on the CPU (a
+    warning), and with them on the CPU fails the case."""
+    try:
+        return run(buffers)
+    except torch.cuda.OutOfMemoryError as error:
+        if buffers.type == "cpu":
+            raise CaseError(
+                f"out of GPU memory with the aggregation on the CPU ({first_line(error)}); "
+                "expected a smaller inference.batch_size or patch.size"
+            ) from error
+        log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
+        torch.cuda.empty_cache()
+        return run(CPU)

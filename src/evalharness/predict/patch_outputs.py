@@ -19,6 +19,8 @@ from typing import Protocol
 
 import torch
 
+from evalharness.config.settings import EffectiveSettings, stable_hash
+
 Flip = tuple[int, ...]
 """Spatial axes (0, 1, 2 of [X, Y, Z]) mirrored before the forward pass; () is the identity."""
 
@@ -71,3 +73,21 @@ class ForwardCounts:
 
     def as_metrics(self) -> dict[str, float]:
         return {"forward_passes": float(self.executed), "forward_passes_reused": float(self.reused)}
+
+
+def forward_key(model_key: str, settings: EffectiveSettings, device: torch.device) -> str:
+    """What decides a case's per-patch model outputs besides the case and its preprocessing
+    (patch size is in the case key too): the model (`model_key`: checksum and loading options),
+    the patch grid, the batch size (a patch's output may depend on its batch at float
+    precision: not assumed otherwise), the device and the precision. Aggregation, flips,
+    keep-largest and threshold are not in it: they are what the settings sharing it vary."""
+    return stable_hash(
+        {
+            "model": model_key,
+            "patch_size_vox": list(settings.patch_size_vox),
+            "overlap_vox": list(settings.overlap_vox),
+            "batch_size": settings.batch_size,
+            "device": str(device),
+            "amp": bool(settings.amp and device.type == "cuda"),
+        }
+    )

@@ -1,7 +1,8 @@
-"""The per-case path: load → preprocess → sliding window → restore → decode → metrics.
+"""The per-case prediction: sliding window -> restore -> decode -> post-process.
 
-Pure with respect to tracking: takes files and settings, returns arrays and metric rows. The
-shell (`run.py`) decides what is logged and where.
+Pure with respect to tracking: takes a prepared case and the effective settings, returns
+native-grid labels. The evaluation (`evaluation.case_loop`) loads the case before
+(`case_inputs`) and scores it after.
 """
 
 from __future__ import annotations
@@ -9,39 +10,22 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from evalharness.checks.probes import header_check
-from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
-from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
-from evalharness.config.settings import EffectiveSettings, stable_hash
-from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
-from evalharness.errors import CaseError, ConfigError, first_line
-from evalharness.predict.memory import plan_for
+from evalharness.config.rules import DEFAULT_RESTORE
+from evalharness.config.settings import EffectiveSettings
+from evalharness.predict.memory import plan_for, with_cpu_fallback
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
-from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
+from evalharness.predict.preprocess import PreparedImage
 from evalharness.predict.restore import restore_labels, restore_to_native
 from evalharness.predict.sliding_window import sliding_window_probs
 from evalharness.score.masks import keep_largest_component
-from evalharness.score.metrics import case_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class CaseInputs:
-    """A case ready for the model: preprocessed image plus native ground truth [X, Y, Z]."""
-
-    case: Case
-    prepared: PreparedImage
-    gt_labels: np.ndarray | None
-    gt_affine: np.ndarray | None
 
 
 @dataclass
@@ -53,68 +37,6 @@ class CasePrediction:
     timings_s: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None
     """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
-
-
-def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
-    return PreprocessSettings(
-        apply_reorder=settings.apply_reorder,
-        target_spacing_mm=settings.target_spacing_mm,
-        normalization=settings.normalization,
-        padding_mode=settings.padding_mode,
-        min_shape_vox=settings.patch_size_vox,
-    )
-
-
-def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
-    """Read and preprocess the image, read the label, and check both share one grid."""
-    if not case.image.is_file():
-        raise CaseError(f"{case.image}: image file not found")
-    prepared = prepare_image(case.image, settings)
-    gt_labels = gt_affine = None
-    if case.label is not None:
-        if not case.label.is_file():
-            raise CaseError(f"{case.label}: label file not found")
-        gt_labels, gt_affine = load_label(case.label)
-        check_same_grid(case, prepared, gt_labels.shape, gt_affine)
-    return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)
-
-
-def check_same_grid(
-    case: Case, prepared: PreparedImage, label_shape: Sequence[int], label_affine: np.ndarray
-) -> None:
-    """Image and label must share one grid; a mismatch fails the case, never a resample."""
-    native = prepared.native
-    mismatch = header_check(
-        case.case_id, native.shape_vox, native.affine, tuple(label_shape), label_affine
-    )
-    if mismatch is not None:
-        raise CaseError(f"{case.label}: {mismatch.message}", findings=(mismatch,))
-
-
-def check_inputs(inputs: CaseInputs, n_input_channels: int, label_values: Set[int]) -> None:
-    """The image has the model's input channels; the label map holds only `label_values`."""
-    channels = int(inputs.prepared.tensor.shape[0])
-    if channels != n_input_channels:
-        raise CaseError(
-            f"{inputs.case.image}: the image has {channels} channel(s); the model expects "
-            f"{n_input_channels} (its in_channels)"
-        )
-    if inputs.gt_labels is None or not label_values:
-        return
-    unexpected = unexpected_labels(inputs.gt_labels, label_values)
-    if unexpected:
-        raise CaseError(
-            f"{inputs.case.label}: label values {unexpected} are not among the dataset's labels "
-            f"{sorted(label_values)}"
-        )
-
-
-def unexpected_labels(labels: np.ndarray, allowed: Set[int]) -> list[int]:
-    """Values of the label map [X, Y, Z] outside `allowed` (a range check first: no sort)."""
-    low, high = int(labels.min()), int(labels.max())
-    if high - low < len(allowed) and set(range(low, high + 1)) <= allowed:
-        return []
-    return [int(v) for v in np.unique(labels) if int(v) not in allowed]
 
 
 def predict(
@@ -190,7 +112,7 @@ def window_probs(
         model,
         prepared.tensor,
         patch_size_vox=settings.patch_size_vox,
-        overlap=settings.overlap,
+        overlap=settings.overlap_vox,
         aggregation=settings.aggregation,
         batch_size=settings.batch_size,
         device=device,
@@ -210,78 +132,6 @@ def _sliding_window(
     buffers: torch.device,
     share: dict[str, Any],
 ) -> torch.Tensor:
-    """`window_probs`; CUDA out of memory with the buffers on the GPU retries on the CPU."""
+    """`window_probs`, the aggregation buffers on `buffers` (`memory.with_cpu_fallback`)."""
     run = functools.partial(window_probs, model, prepared, settings, device, **share)
-    try:
-        return run(buffers)
-    except torch.cuda.OutOfMemoryError as error:
-        if buffers.type == "cpu":
-            raise CaseError(
-                f"out of GPU memory with the aggregation on the CPU ({first_line(error)}); "
-                "expected a smaller inference.batch_size or patch.size"
-            ) from error
-        log.warning("out of GPU memory aggregating on %s: retrying on the CPU", buffers)
-        torch.cuda.empty_cache()
-        return run(torch.device("cpu"))
-
-
-def probe_channels(
-    model: torch.nn.Module, patch_size_vox: Sequence[int], device: torch.device
-) -> tuple[int, int]:
-    """(input, output) channels of `model`, found by one forward pass of a zero patch.
-
-    Also proves the model runs at this patch size before any case is touched.
-    """
-    in_channels = next(
-        (int(m.in_channels) for m in model.modules() if hasattr(m, "in_channels")), 1
-    )
-    patch = torch.zeros((1, in_channels, *patch_size_vox), device=device)
-    try:
-        with torch.inference_mode():
-            output = model(patch)
-    except RuntimeError as error:
-        message = " ".join(str(error).split())[:300]
-        raise ConfigError(
-            f"patch.size={list(patch_size_vox)}: the model cannot run on patches of this size "
-            f"({message})"
-        ) from error
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if output.shape[2:] != patch.shape[2:]:
-        raise ConfigError(
-            f"patch.size={list(patch_size_vox)}: the model returns {list(output.shape[2:])} "
-            "for this patch size (expected the same spatial size)"
-        )
-    return in_channels, int(output.shape[1])
-
-
-def metric_rows(
-    case_id: str,
-    prediction: np.ndarray,
-    gt_labels: np.ndarray,
-    spacing_mm: Sequence[float],
-    labels: Sequence[int],
-    options: MetricsConfig = DEFAULT_METRICS,
-    probabilities: np.ndarray | None = None,
-) -> list[dict]:
-    """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
-    rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
-    return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]
-
-
-def forward_key(model_key: str, settings: EffectiveSettings, device: torch.device) -> str:
-    """What decides a case's per-patch model outputs besides the case and its preprocessing
-    (patch size is in the case key too): the model (`model_key`: checksum and loading options),
-    the patch grid, the batch size (a patch's output may depend on its batch at float
-    precision: not assumed otherwise), the device and the precision. Aggregation, flips,
-    keep-largest and threshold are not in it: they are what the settings sharing it vary."""
-    return stable_hash(
-        {
-            "model": model_key,
-            "patch_size_vox": list(settings.patch_size_vox),
-            "overlap_vox": list(overlap_to_voxels(settings.overlap, settings.patch_size_vox)),
-            "batch_size": settings.batch_size,
-            "device": str(device),
-            "amp": bool(settings.amp and device.type == "cuda"),
-        }
-    )
+    return with_cpu_fallback(run, buffers)

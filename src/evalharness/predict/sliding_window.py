@@ -61,8 +61,7 @@ def _window_factors(
 
 @functools.lru_cache(maxsize=16)
 def _window(patch_size_vox: tuple[int, int, int], aggregation: str, device: torch.device):
-    if aggregation not in ("hann", "average", "gaussian"):
-        raise ValueError(f"no blending window for aggregation {aggregation!r}")
+    """The blending window of a validated aggregation other than 'crop' (which has none)."""
     factors = _window_factors(patch_size_vox, aggregation)
     if factors is None:  # gaussian
         from monai.data.utils import compute_importance_map

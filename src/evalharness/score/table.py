@@ -14,11 +14,25 @@ from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.score.calibration import CALIBRATION_METRICS
 from evalharness.score.intervals import MIN_CASES, bootstrap_mean_ci
 from evalharness.score.lesions import LESION_METRICS
-from evalharness.score.metrics import METRIC_NAMES
+from evalharness.score.metrics import METRIC_NAMES, case_metrics
 
 COLUMNS = ("case", "label", *METRIC_NAMES, "status", "error", "seconds", "flags")
 HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
 log = logging.getLogger(__name__)
+
+
+def metric_rows(
+    case_id: str,
+    prediction: np.ndarray,
+    gt_labels: np.ndarray,
+    spacing_mm: Sequence[float],
+    labels: Sequence[int],
+    options: MetricsConfig = DEFAULT_METRICS,
+    probabilities: np.ndarray | None = None,
+) -> list[dict]:
+    """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""
+    rows = case_metrics(prediction, gt_labels, spacing_mm, labels, options, probabilities)
+    return [{"case": case_id, **row, "status": "ok", "error": ""} for row in rows]
 
 
 def failure_rows(case_id: str, labels: Sequence[int], error: str, seconds: float) -> list[dict]:

@@ -13,7 +13,7 @@ Keys say exactly what decides a value, so a hit can never serve something stale:
   setting including ``min_shape_vox`` (volumes are padded to the patch size, so another patch
   size is another entry);
 - patch outputs (forward-pass sharing, `patch_outputs`): the case key, the forward key
-  (`pipeline.forward_key`: model checksum and loading options, patch size, overlap, batch
+  (`patch_outputs.forward_key`: model checksum and loading options, patch size, overlap, batch
   size, device, precision) and the mirror flip. One entry holds every patch of one case under
   one flip, float32 on the CPU: about (patches x patch voxels x K') x 4 bytes, K' the output
   channels (1 for two classes) -- for an overlap of half the patch about 8 times the case's
@@ -42,8 +42,8 @@ from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
 from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.sources import ResolvedModel
+from evalharness.predict.case_inputs import CaseInputs, load_case_inputs
 from evalharness.predict.patch_outputs import Flip, PatchOutputs
-from evalharness.predict.pipeline import CaseInputs, load_case_inputs
 from evalharness.predict.preprocess import PreprocessSettings
 
 DEFAULT_CACHE_MB = 2048
@@ -156,7 +156,7 @@ class SweepCache:
         return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
     def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
-        """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""
+        """`case_inputs.load_case_inputs`, once per case files and preprocessing settings."""
         key = ("case", *_case_key(case, settings))
         return self._get(key, "case", lambda: load_case_inputs(case, settings), _inputs_nbytes)
 

@@ -44,9 +44,9 @@ from evalharness.evaluation.run import (
     store_error,
     tracking_uri_of,
 )
+from evalharness.predict.case_inputs import CaseInputs, preprocess_settings
 from evalharness.predict.memory import reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
-from evalharness.predict.pipeline import CaseInputs, preprocess_settings
 from evalharness.sweep.cache import Counters, SweepCache
 from evalharness.track import tracking
 
