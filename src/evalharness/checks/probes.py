@@ -19,6 +19,7 @@ import numpy as np
 
 from evalharness.checks.mismatches import AXIS_NAMES, Mismatch, axis_label
 from evalharness.config.values import format_value
+from evalharness.score.masks import bounding_box
 
 SPACING_FACTOR_LIMIT = 2.0
 """`spacing_check` warns when target and native spacing differ by more than this factor."""
@@ -97,14 +98,9 @@ def _as_mask(array: Any) -> np.ndarray:
 
 def _foreground_coords(mask: np.ndarray, n_max: int) -> np.ndarray:
     """Int64 [3, n] coordinates of (at most n_max, drawn with a fixed seed) foreground voxels."""
-    lo, hi = [], []
-    sub = mask
-    for axis in range(3):  # bounding box, narrowing the array as it goes
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(sub.any(axis=other))
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]) + 1)
-        sub = sub[(slice(None),) * axis + (slice(lo[axis], hi[axis]),)]
+    box = bounding_box(mask)
+    lo = [s.start for s in box]
+    sub = mask[box]
     flat = np.flatnonzero(sub)
     if flat.size > n_max:
         flat = np.sort(np.random.default_rng(0).choice(flat, size=n_max, replace=False))

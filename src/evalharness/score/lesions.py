@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
+from evalharness.score.masks import bounding_box
 
 LESION_METRICS: tuple[str, ...] = ("lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesion_dsc")
 LOWER_IS_BETTER_LESION: frozenset[str] = frozenset({"lesion_fn", "lesion_fp"})
@@ -47,11 +48,11 @@ def lesion_metrics(
 ) -> dict[str, float]:
     """The lesion-wise columns (module doc) of two boolean masks [X, Y, Z]."""
     voxel_mm3 = float(np.prod(np.asarray(spacing_mm, dtype=np.float64)))
-    box = ndimage.find_objects((pred_mask | gt_mask).astype(np.uint8))
-    if not box:
+    box = bounding_box(pred_mask | gt_mask)
+    if box is None:
         return _no_lesions(options.lesion_size_bins_mm3)
-    gt_ids, gt_sizes = _components(gt_mask[box[0]], options.min_lesion_mm3 / voxel_mm3)
-    pred_ids, pred_sizes = _components(pred_mask[box[0]], options.min_lesion_mm3 / voxel_mm3)
+    gt_ids, gt_sizes = _components(gt_mask[box], options.min_lesion_mm3 / voxel_mm3)
+    pred_ids, pred_sizes = _components(pred_mask[box], options.min_lesion_mm3 / voxel_mm3)
     n_gt, n_pred = gt_sizes.size, pred_sizes.size
     if n_gt == 0 and n_pred == 0:
         return _no_lesions(options.lesion_size_bins_mm3)
