@@ -130,7 +130,8 @@ class SizedLRU:
 
 
 class SweepCache:
-    """The model and case inputs of a sweep's jobs in this process (see the module doc)."""
+    """The model, case inputs and patch outputs of a sweep's jobs in this process (see the
+    module doc): the evaluation's `case_loop.Reuse`, so the evaluation never imports the sweep."""
 
     def __init__(self, max_bytes: int) -> None:
         self._store = SizedLRU(max_bytes)
