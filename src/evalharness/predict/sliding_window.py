@@ -61,7 +61,9 @@ def _window_factors(
 
 @functools.lru_cache(maxsize=16)
 def _window(patch_size_vox: tuple[int, int, int], aggregation: str, device: torch.device):
-    """The blending window of a validated aggregation other than 'crop' (which has none)."""
+    """The blending window of a validated aggregation; 'crop' has none (it crops patches)."""
+    if aggregation == "crop":
+        raise ValueError("no blending window for aggregation 'crop'")
     factors = _window_factors(patch_size_vox, aggregation)
     if factors is None:  # gaussian
         from monai.data.utils import compute_importance_map
