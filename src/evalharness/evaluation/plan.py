@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -24,6 +24,7 @@ from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
+from evalharness.data.cases import Case
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
@@ -37,7 +38,9 @@ from evalharness.model.members import (
 from evalharness.model.sources import ResolvedModel, resolve_model
 from evalharness.model.training_config import TrainingConfig, read_safetensors_metadata
 from evalharness.predict.ensemble import Ensemble
-from evalharness.predict.pipeline import probe_channels
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
+from evalharness.predict.pipeline import CaseInputs, CasePrediction, probe_channels
+from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.predict.sliding_window import resolve_device
 
 
@@ -62,6 +65,7 @@ class Evaluation:
     loaded_members: tuple[LoadedModel, ...] = ()
     network: torch.nn.Module | None = None  # what the sliding window runs (an Ensemble or not)
     training: TrainingConfig | None = None  # the members' agreed training configuration
+    family: ModelFamily | None = None  # a family's own inference (nnU-Net); None: the harness's
 
     @property
     def model(self) -> torch.nn.Module:
@@ -82,6 +86,31 @@ class Plan:
     members: tuple[ResolvedModel, ...] = ()
     training: TrainingConfig | None = None
     split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
+    family: Any = None  # a family's own model description (nnU-Net: its `NnunetModel`)
+
+
+class ModelFamily(Protocol):
+    """A model family that preprocesses and predicts its own way (nnU-Net runs its own code);
+    the harness does the rest (cases, scoring, checks, sharing, tracking)."""
+
+    name: str
+    combine_rule: str  # how mirrors and ensemble members are combined, for the run's tags
+
+    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs: ...
+
+    def inputs_key(self) -> str: ...  # what decides `load_inputs` besides case and settings
+
+    def forward_key(self, model_key: str) -> str: ...  # what decides its patch outputs
+
+    def predict(
+        self,
+        inputs: CaseInputs,
+        keep_probabilities: bool,
+        outputs: OutputStore | None,
+        counts: ForwardCounts | None,
+    ) -> CasePrediction: ...
+
+    def tags(self) -> dict[str, str]: ...
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
@@ -238,6 +267,7 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        **(ev.family.tags() if ev.family is not None else {}),
     }
 
 
