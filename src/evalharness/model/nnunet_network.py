@@ -13,7 +13,6 @@ class a checkpoint names is never imported: the network comes from nnU-Net's
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,8 +28,12 @@ ARGUMENT_MODULES = (*NETWORK_MODULES, "torch.nn.")
 
 def require_nnunetv2() -> None:
     """nnunetv2 importable, or one line naming the extra that installs it."""
-    if importlib.util.find_spec("nnunetv2") is None:
-        raise SourceError(f"model=nnunet needs nnunetv2, which is not installed: {EXTRA_HINT}")
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError:
+        raise SourceError(
+            f"model=nnunet needs nnunetv2, which is not installed: {EXTRA_HINT}"
+        ) from None
 
 
 def _locate(name: str) -> Any:
