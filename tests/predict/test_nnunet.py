@@ -171,3 +171,18 @@ def test_keep_largest_component_per_label(runner: NnunetRunner) -> None:
     segmentation[5, 5, 5] = 1
     kept = runner.keep_largest(segmentation)
     assert kept.sum() == 27 and kept[5, 5, 5] == 0
+
+
+def test_image_with_other_channels_than_channel_names(tmp_path: Path, runner) -> None:
+    """A channel file holding two channels (4-D) for a one-channel model fails its case."""
+    import nibabel as nib
+
+    from evalharness.errors import CaseError
+
+    source = nib.load(str(fixture_case("la_005").image))
+    data = np.stack([np.asarray(source.dataobj)] * 2, axis=-1)
+    path = tmp_path / "la_005_0000.nii.gz"
+    nib.save(nib.Nifti1Image(data, source.affine), str(path))
+    case = fixture_case("la_005")
+    with pytest.raises(CaseError, match=r"la_005_0000\.nii\.gz: the image has 2 channel\(s\)"):
+        runner.load_inputs(type(case)(case.case_id, path, case.label, (path,)))

@@ -27,6 +27,7 @@ DATASET_JSON = "dataset.json"
 SPLITS = "splits_final.json"
 DEFAULT_CHECKPOINT = "checkpoint_final.pth"
 _FOLD = re.compile(r"fold_(\d+|all)$")
+_FOLDER_NAME = re.compile(r"(?P<trainer>[^_].*?)__(?P<plans>.+?)__(?P<configuration>[^_].*)")
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,12 @@ def _check_fold(fold: Fold, init_args: dict, plans: dict, dataset_json: dict) ->
         raise SourceError(
             f"{fold.path}: configuration '{fold.configuration}' is not in {PLANS} "
             f"(it has: {', '.join(plans.get('configurations', {}))})"
+        )
+    named = _FOLDER_NAME.fullmatch(fold.path.parent.parent.name)
+    if named is not None and named["configuration"] != fold.configuration:
+        raise SourceError(
+            f"{fold.path}: configuration '{fold.configuration}' differs from the model "
+            f"folder's '{named['configuration']}' (<trainer>__<plans>__<configuration>)"
         )
     trained_labels = (init_args.get("dataset_json") or {}).get("labels")
     if trained_labels is not None and trained_labels != dataset_json.get("labels"):

@@ -112,7 +112,8 @@ def fetch_run_folder(
     folder = folders[0]
     key = hashlib.sha256(f"{folder}\n{run.info.end_time}".encode()).hexdigest()[:16]
     base = Path(cache_dir) / run_id / f"nnunet-{key}"
-    downloaded = _download(run_id, folder or ".", base / "model", tracking_uri)
+    local = base / (posixpath.basename(folder) or "model")  # keeps <trainer>__<plans>__<config>
+    downloaded = _download(run_id, folder or ".", local, tracking_uri)
     splits = sorted((f for f in files if posixpath.basename(f) == SPLITS), key=len)
     splits_path = None
     if splits:
@@ -120,5 +121,5 @@ def fetch_run_folder(
         splits_path = base / SPLITS
     experiment = client.get_experiment(run.info.experiment_id).name
     return RunFolder(
-        base / "model", splits_path, run_id, run.info.run_name, experiment, folder, downloaded
+        local, splits_path, run_id, run.info.run_name, experiment, folder, downloaded
     )
