@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -24,11 +24,10 @@ from evalharness.checks.training_transforms import transform_mismatches
 from evalharness.config.schema import EvalConfig, ModelConfig, as_dict
 from evalharness.config.settings import EffectiveSettings, resolve_settings, stable_hash
 from evalharness.config.validate import validate
-from evalharness.data.cases import Case
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
-from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
+from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.members import (
     agreed_training_config,
     check_agreement,
@@ -36,11 +35,10 @@ from evalharness.model.members import (
     member_name,
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
-from evalharness.model.training_config import TrainingConfig, read_safetensors_metadata
+from evalharness.model.training_config import TrainingConfig
 from evalharness.predict.ensemble import Ensemble
-from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
-from evalharness.predict.pipeline import CaseInputs, CasePrediction, probe_channels
-from evalharness.predict.preprocess import PreprocessSettings
+from evalharness.predict.family import ModelFamily
+from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
 
@@ -89,45 +87,7 @@ class Plan:
     family: Any = None  # a family's own model description (nnU-Net: its `NnunetModel`)
 
 
-class ModelFamily(Protocol):
-    """A model family that preprocesses and predicts its own way (nnU-Net runs its own code);
-    the harness does the rest (cases, scoring, checks, sharing, tracking)."""
-
-    name: str
-    combine_rule: str  # how mirrors and ensemble members are combined, for the run's tags
-
-    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs: ...
-
-    def inputs_key(self) -> str: ...  # what decides `load_inputs` besides case and settings
-
-    def forward_key(self, model_key: str) -> str: ...  # what decides its patch outputs
-
-    def predict(
-        self,
-        inputs: CaseInputs,
-        keep_probabilities: bool,
-        outputs: OutputStore | None,
-        counts: ForwardCounts | None,
-    ) -> CasePrediction: ...
-
-    def tags(self) -> dict[str, str]: ...
-
-
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
-
-
-def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options; a state dict with a
-    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
-    if source.arch is None and resolved.sibling_metadata_path is not None:
-        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
-        return load_state_dict_with_metadata(resolved.local_path, metadata)
-    return load_model_file(
-        resolved.local_path,
-        arch=source.arch,
-        allow_globals=list(source.allow_globals),
-        trust_pickle=bool(source.trust_pickle),
-    )
 
 
 def plan(config: EvalConfig, tracking_uri: str) -> Plan:

@@ -21,8 +21,8 @@ from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from evalharness.errors import SourceError, first_line
+from evalharness.mlflow_client import client_for
 from evalharness.model.nnunet import SPLITS, is_model_folder
-from evalharness.track import tracking
 
 _DEPTH = 8  # artifact folder levels searched
 
@@ -91,7 +91,7 @@ def fetch_run_folder(
     """Find the model folder among run `run_id`'s artifacts (or take `artifact`), download it
     and a ``splits_final.json`` the run holds; one `SourceError` line when there is none or
     several."""
-    client = tracking.client_for(tracking_uri, registry_uri=tracking_uri)
+    client = client_for(tracking_uri, registry_uri=tracking_uri)
     try:
         run = client.get_run(run_id)
         files = _files(client, run_id)
@@ -120,6 +120,4 @@ def fetch_run_folder(
         _download(run_id, splits[0], base / SPLITS, tracking_uri)
         splits_path = base / SPLITS
     experiment = client.get_experiment(run.info.experiment_id).name
-    return RunFolder(
-        local, splits_path, run_id, run.info.run_name, experiment, folder, downloaded
-    )
+    return RunFolder(local, splits_path, run_id, run.info.run_name, experiment, folder, downloaded)
