@@ -194,3 +194,22 @@ def test_settings_share_forward_passes_and_get_what_they_get_alone(tmp_path: Pat
     assert [m["forward_passes"] for _, m in shared] == [8, 0, 0]
     assert [m["forward_passes_reused"] for _, m in shared] == [0, 8, 8]
     assert alone[1]["forward_passes"] == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("patch.overlap=16", "patch.overlap=16: an nnU-Net model takes a fraction"),
+        ("inference.tta=[[0]]", "inference.tta=[[0]]: an nnU-Net model mirrors over"),
+        ("inference.aggregation=hann", "inference.aggregation=hann: an nnU-Net model blends"),
+        ("preprocessing.apply_reorder=true", "preprocessing.apply_reorder: an nnU-Net model"),
+        ("model.folds=[0,9]", "fold_9/checkpoint_final.pth: not found"),
+        ("model.splits=/nonexistent/splits_final.json", "splits_final.json: unreadable splits"),
+    ],
+)
+def test_settings_nnunet_has_no_equivalent_for(tmp_path: Path, override: str, expected: str):
+    from evalharness.errors import HarnessError
+
+    with pytest.raises(HarnessError) as error:
+        planned(tmp_path, override)
+    assert expected in str(error.value)
