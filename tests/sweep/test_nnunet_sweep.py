@@ -50,6 +50,11 @@ def test_nnunet_folder_against_a_fastmonai_model(tmp_path: Path) -> None:
     children = [r for r in found if r.data.tags.get("evalharness.kind") == "evaluation"]
     families = {r.data.tags.get("evalharness.family", "fastmonai") for r in children}
     assert families == {"nnunet", "fastmonai"}
+    rules = {
+        r.data.tags.get("evalharness.family", "fastmonai"): r.data.tags["evalharness.combine_rule"]
+        for r in children
+    }
+    assert "logits" in rules["nnunet"] and "probabilities" in rules["fastmonai"]
     table = pd.read_csv(
         client.download_artifacts(parent.info.run_id, "comparison.csv", str(tmp_path))
     )
