@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from mlflow.tracking import MlflowClient
 from tiny import (
     AFFINE,
@@ -52,11 +52,11 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> World:
     folder = tmp_path_factory.mktemp("world")
     model = folder / "model.pt"
     torch.save(threshold_model(), model)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(migrated_sqlite, folder / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     training = client.create_run(client.create_experiment("training")).info.run_id
     (folder / "notes.txt").write_text("not a model")

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from html_pages import sources
-
-from evalharness.track import tracking
 
 EXPERIMENT = "ui"
 N_CASES = 4  # the tiny demo's cases with data.split.method=all
@@ -97,13 +95,12 @@ def _evaluate(workdir: Path, uri: str, *args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
+def ui(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Iterator[Ui]:
     """The store with a demo evaluation (overlap 0.5, the training value) and a sweep over
     overlap 0.25 and 0.75, served by `mlflow server` on loopback (started first, so its start
     overlaps the evaluations; always stopped)."""
     workdir = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    tracking.prepare_store(uri)  # migrated before the server opens it
+    uri = sqlite_store(migrated_sqlite, workdir / "mlflow.db")  # migrated: the server opens it
     port = _free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]

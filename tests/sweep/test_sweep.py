@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from hydra.core.utils import JobReturn, JobStatus
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -46,10 +46,10 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+def store(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Store:
     """One SQLite store and demo cache shared by the module (the demo is built once)."""
     workdir = tmp_path_factory.mktemp("sweeps")
-    return Store(workdir, f"sqlite:///{workdir / 'mlflow.db'}")
+    return Store(workdir, sqlite_store(migrated_sqlite, workdir / "mlflow.db"))
 
 
 def _command(store: Store, experiment: str, name: str, *overrides: str) -> list[str]:
