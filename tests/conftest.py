@@ -50,3 +50,16 @@ def tracking_uri(
 @pytest.fixture
 def sqlite_uri(tmp_path: Path, migrated_sqlite: Path) -> str:
     return sqlite_store(migrated_sqlite, tmp_path / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_cache(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> Path:
+    """A `demo.cache_dir` holding the TINY demo (data and trained model), built once per
+    session: evaluations given `demo.size=tiny demo.cache_dir=<it>` only log its training run
+    into their own store (tests/demo/ builds its own, to test building)."""
+    from evalharness.demo.build import ensure_demo
+    from evalharness.demo.spec import TINY
+
+    root = tmp_path_factory.mktemp("tiny-demo")
+    ensure_demo(root / "cache", sqlite_store(migrated_sqlite, root / "mlflow.db"), spec=TINY)
+    return root / "cache"
