@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import sqlite_store
 from mlflow.tracking import MlflowClient
 from nnunet_fixture import MODEL, RAW, SPLITS, reference_dice, reference_labels
 from tiny import Result, compose_config, run_in_process
@@ -23,6 +24,12 @@ from evalharness.evaluation.nnunet_plan import plan_nnunet
 from evalharness.evaluation.run import evaluate
 from evalharness.score.metrics import METRIC_NAMES
 from evalharness.sweep.cache import SweepCache
+
+
+@pytest.fixture(autouse=True)
+def _migrated_store(tmp_path: Path, migrated_sqlite: Path) -> None:
+    """Each test's ``tmp_path/mlflow.db`` starts as an empty migrated store (conftest)."""
+    sqlite_store(migrated_sqlite, tmp_path / "mlflow.db")
 
 
 def nnunet_overrides(uri: str, experiment: str, *extra: str) -> list[str]:

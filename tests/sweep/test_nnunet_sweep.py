@@ -18,12 +18,12 @@ from nnunet_fixture import MODEL, RAW
 FASTMONAI = FIXTURE / "training_run" / "model" / "best_model.safetensors"
 
 
-def test_nnunet_folder_against_a_fastmonai_model(tmp_path: Path) -> None:
+def test_nnunet_folder_against_a_fastmonai_model(tmp_path: Path, sqlite_uri: str) -> None:
     models = tmp_path / "conf" / "model"
     models.mkdir(parents=True)
     (models / "baseline.yaml").write_text(f"defaults:\n  - nnunet\npath: {MODEL}\nfolds: [0]\n")
     (models / "ours.yaml").write_text(f"defaults:\n  - file\npath: {FASTMONAI}\n")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     command = [
         sys.executable,
         "-m",
