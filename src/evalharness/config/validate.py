@@ -19,6 +19,8 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.name", data.name, rules.DATA_LAYOUTS)
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
+    if config.model.family is not None:
+        rules.choice("model.family", config.model.family, rules.MODEL_FAMILIES)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)
     rules.choice("checks.on_mismatch", config.checks.on_mismatch, rules.MISMATCH_POLICIES)
     rules.choice("demo.size", config.demo.size, rules.DEMO_SIZES)
