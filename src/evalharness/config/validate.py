@@ -18,6 +18,7 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.name", data.name, rules.DATA_LAYOUTS)
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
+    rules.choice("model.family", config.model.family, rules.MODEL_FAMILIES)
     rules.choice("inference.device", inference.device, rules.DEVICES)
     rules.choice("inference.restore", inference.restore, rules.RESTORE_METHODS)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)
@@ -55,6 +56,10 @@ def validate(config: EvalConfig) -> None:
     if len(listed) > 1:
         raise ConfigError(
             f"model: only one of run_id, uri, path may list an ensemble (got {listed})"
+        )
+    if listed and config.model.family == "bundle":
+        raise ConfigError(
+            f"model.{listed[0]}: model=bundle evaluates one MONAI bundle; expected one value"
         )
     _saved_predictions(config)
 

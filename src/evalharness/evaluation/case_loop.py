@@ -121,7 +121,7 @@ def case_step(
     """The step of one model setting (predict, score, probe, keep the extremes, save the
     prediction to `sink`) and the extremes it fills. `outputs_for` gives each case the store
     of patch outputs shared within a sweep group."""
-    pre = preprocess_settings(ev.settings)
+    pre = preprocess_settings(ev.settings, ev.pipeline)
     labels = list(ev.labels)
     allowed = {0, *labels}  # label values a ground truth may hold
     extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
@@ -165,7 +165,7 @@ def run_cases(
     `counts` adds up the run's forward passes.
     """
     step, extremes = case_step(ev, sink, options, outputs_for)
-    pre = preprocess_settings(ev.settings)
+    pre = preprocess_settings(ev.settings, ev.pipeline)
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     load = lambda case: load_inputs(case, pre)  # noqa: E731
     loop_cases(cases, list(ev.labels), table, sink, options, load, step, counts)

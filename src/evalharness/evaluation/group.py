@@ -145,7 +145,7 @@ def _run_together(
             extremes = run_model_cases(member, cache, None)
             results[id(member)] = (extremes, cache.counters() - before)
             continue
-        pre = dataclasses.asdict(preprocess_settings(member.ev.settings))
+        pre = dataclasses.asdict(preprocess_settings(member.ev.settings, member.ev.pipeline))
         passes.setdefault(stable_hash(pre), []).append(member)
     for members in passes.values():
         results.update(_one_pass(members, cache))
@@ -156,7 +156,7 @@ def _one_pass(
     members: Sequence[Opened], cache: SweepCache
 ) -> dict[int, tuple[Extremes | Exception, Counters]]:
     """One loop over the cases for `members` (same preprocessing), a lane each."""
-    pre = preprocess_settings(members[0].ev.settings)
+    pre = preprocess_settings(members[0].ev.settings, members[0].ev.pipeline)
     lanes, extremes_of, used = [], [], [Counters() for _ in members]
     for index, member in enumerate(members):
         reset_peak_memory(member.ev.device)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evalharness.checks.bundle_checks import bundle_findings, check_bundle_data
 from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
@@ -27,6 +28,8 @@ from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
+from evalharness.model.bundle import load_bundle_network
+from evalharness.model.bundle_source import resolve_bundle
 from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
 from evalharness.model.members import (
     agreed_training_config,
@@ -67,6 +70,11 @@ class Evaluation:
     def model(self) -> torch.nn.Module:
         return self.network if self.network is not None else self.loaded.network
 
+    @property
+    def pipeline(self) -> Any:
+        """The model family's own preprocessing (a MONAI bundle's), or None: the harness's."""
+        return model_pipeline(self.resolved)
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -87,9 +95,24 @@ class Plan:
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
+def resolve_member(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
+    """One model by `model.family`: a MONAI bundle folder, or a model file (and its run)."""
+    if source.family == "bundle":
+        return resolve_bundle(source, tracking_uri, cache_dir)
+    return resolve_model(source, tracking_uri, cache_dir)
+
+
+def model_pipeline(resolved: ResolvedModel) -> Any:
+    """The preprocessing a model family brings (a bundle's), None for a model file."""
+    return resolved.contents.contract.pipeline if resolved.family == "bundle" else None
+
+
 def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
     """Load the resolved model file with the `model.*` loading options; a state dict with a
-    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
+    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata; a MONAI
+    bundle's network from its checked network_def and weights."""
+    if resolved.family == "bundle":
+        return load_bundle_network(resolved.contents.bundle)
     if source.arch is None and resolved.sibling_metadata_path is not None:
         metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
         return load_state_dict_with_metadata(resolved.local_path, metadata)
@@ -107,7 +130,7 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
     validate(config)
     cache_dir = Path(config.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
     members = tuple(
-        resolve_model(member, tracking_uri, cache_dir) for member in member_configs(config.model)
+        resolve_member(member, tracking_uri, cache_dir) for member in member_configs(config.model)
     )
     for member in members:
         print(f"model: {member.artifact_uri or member.local_path} ({member.artifact_reason})")
@@ -171,6 +194,12 @@ def prepare(
     findings += transform_mismatches(
         training.transforms, training.values.get("normalization") or [], settings.normalization
     )
+    if planned.resolved.family == "bundle":
+        contents, cases = planned.resolved.contents, planned.dataset.cases
+        first_image = cases[0].image if cases else None
+        names = planned.dataset.label_names
+        check_bundle_data(contents.bundle, names, first_image, n_in, n_out)
+        findings += bundle_findings(contents.contract, settings)
     return Evaluation(
         resolved=planned.resolved,
         loaded=loaded_members[0],
@@ -238,6 +267,20 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        **bundle_tags(ev),
+    }
+
+
+def bundle_tags(ev: Evaluation) -> dict[str, str]:
+    """A MONAI bundle's name, version, trust and the sha256 of every file used; none otherwise."""
+    if ev.resolved.family != "bundle":
+        return {}
+    bundle = ev.resolved.contents.bundle
+    return {
+        "evalharness.bundle_name": bundle.name,
+        "evalharness.bundle_version": bundle.version,
+        "evalharness.trust_bundle": str(bundle.trusted).lower(),
+        "evalharness.bundle_files": ", ".join(f"{p}={sha}" for p, sha in bundle.files),
     }
 
 

@@ -22,6 +22,7 @@ from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
+from evalharness.predict.bundle_transforms import prepare_bundle_image
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
@@ -32,7 +33,7 @@ from evalharness.predict.preprocess import (
     restore_to_native,
 )
 from evalharness.predict.restore import restore_labels
-from evalharness.predict.sliding_window import sliding_window_probs
+from evalharness.predict.sliding_window import decode, sliding_window_probs
 from evalharness.score.metrics import case_metrics
 from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
@@ -60,13 +61,16 @@ class CasePrediction:
     """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
 
 
-def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
+def preprocess_settings(settings: EffectiveSettings, pipeline: Any = None) -> PreprocessSettings:
+    """What preprocessing needs of the effective settings; `pipeline`: a model family's own
+    preprocessing (a MONAI bundle's `BundlePipeline`), which the settings then act on."""
     return PreprocessSettings(
         apply_reorder=settings.apply_reorder,
         target_spacing_mm=settings.target_spacing_mm,
         normalization=settings.normalization,
         padding_mode=settings.padding_mode,
         min_shape_vox=settings.patch_size_vox,
+        pipeline=pipeline,
     )
 
 
@@ -74,7 +78,8 @@ def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
     """Read and preprocess the image, read the label, and check both share one grid."""
     if not case.image.is_file():
         raise CaseError(f"{case.image}: image file not found")
-    prepared = prepare_image(case.image, settings)
+    prepare = prepare_image if settings.pipeline is None else prepare_bundle_image
+    prepared = prepare(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
         if not case.label.is_file():
@@ -177,6 +182,8 @@ def native_labels(
     """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
     [K, X', Y', Z'] on the model grid, restored by the `inference.restore` method (`restore.py`;
     where restoring only moves voxels, the decoded labels are moved: exact for every method)."""
+    if prepared.inverse is not None:  # a model family's own restoration (a bundle's Invertd)
+        return decode(prepared.inverse(probs), threshold).cpu().numpy()
     return restore_labels(probs, prepared, restore, threshold)
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -50,6 +51,7 @@ class PreprocessSettings:
     normalization: tuple[dict, ...]  # fastMONAI transform specs, e.g. {"name": "ZNormalization"}
     padding_mode: float | int | str = 0
     min_shape_vox: tuple[int, int, int] | None = None  # pad to at least this (the patch size)
+    pipeline: Any = None  # a model family's own preprocessing (a bundle's): applied instead
 
 
 @dataclass
@@ -69,6 +71,9 @@ class PreparedImage:
     tensor: torch.Tensor  # [C, X, Y, Z] float32 on the model grid, normalised, padded
     affine: np.ndarray  # 4x4 voxel -> world of `tensor`'s grid (after padding)
     native: NativeGrid
+    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A model family's own restoration (a bundle's Invertd): probabilities [K, X', Y', Z'] on
+    `tensor`'s grid -> [K, X, Y, Z] float32 on the native grid; None: the harness's."""
 
 
 def native_grid(affine: np.ndarray, shape_vox: Sequence[int]) -> NativeGrid:
@@ -385,6 +390,8 @@ def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Ten
     (probability 1 for class 0 when K > 1, 0 when K == 1). A label map [1, X', Y', Z'] (integer
     dtype) can be restored where `restores_by_voxels`: the same voxels, moved.
     """
+    if prepared.inverse is not None:
+        return prepared.inverse(probs)
     if not probs.is_floating_point() and not restores_by_voxels(prepared):
         raise ValueError("restore_to_native: integer values need a grid restored by voxels")
     native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine
