@@ -19,7 +19,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DATA_LAYOUTS = ("demo", "decathlon", "csv")
 SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 MODEL_ROLES = ("best", "final")
-MODEL_FAMILIES = ("file", "bundle")  # a model file; a MONAI bundle folder (model=bundle)
+MODEL_FAMILIES = ("auto", "file", "bundle")
+"""A model file, a MONAI bundle folder (model=bundle), or either told apart by content (auto)."""
 MODEL_LOADING_OPTIONS = ("arch", "allow_globals", "trust_pickle", "trust_bundle")
 """The `model.*` keys that change what a model file loads into (cache keys include them)."""
 CASE_ERROR_POLICIES = ("continue", "stop")

@@ -44,9 +44,7 @@ class ModelConfig:
     trust_pickle: bool = False
     arch: Any = None
     cache_dir: str | None = None
-    family: str = (
-        "file"  # file (a model file) | bundle (a MONAI bundle folder): rules.MODEL_FAMILIES
-    )
+    family: str = "auto"  # auto | file | bundle: what model.path / the run holds (rules)
     trust_bundle: bool = False  # run a bundle's $ expressions and any _target_ (model=bundle)
 
 

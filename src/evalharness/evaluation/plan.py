@@ -29,7 +29,7 @@ from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
 from evalharness.model.bundle import load_bundle_network
-from evalharness.model.bundle_source import resolve_bundle
+from evalharness.model.bundle_source import holds_bundle, resolve_bundle
 from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
 from evalharness.model.members import (
     agreed_training_config,
@@ -96,8 +96,11 @@ ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
 def resolve_member(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
-    """One model by `model.family`: a MONAI bundle folder, or a model file (and its run)."""
-    if source.family == "bundle":
+    """One model by `model.family`: a MONAI bundle folder, or a model file (and its run);
+    ``auto`` tells them apart by content (`bundle_source.holds_bundle`)."""
+    if source.family == "bundle" or (
+        source.family == "auto" and holds_bundle(source, tracking_uri)
+    ):
         return resolve_bundle(source, tracking_uri, cache_dir)
     return resolve_model(source, tracking_uri, cache_dir)
 

@@ -170,7 +170,7 @@ def read_bundle(root: Path, *, trusted: bool = False) -> Bundle:
 class BundleNetwork(torch.nn.Module):
     """The bundle's network as the sliding window runs it: its logits are blended across
     patches and activated afterwards (`blends_logits`), as MONAI's inferer followed by the
-    bundle's ``Activationsd`` does. `in_channels` comes from the metadata or the network."""
+    bundle's ``Activationsd`` does. `in_channels`: the network's, else the metadata's."""
 
     blends_logits = True
 
@@ -186,12 +186,15 @@ class BundleNetwork(torch.nn.Module):
 
 
 def _in_channels(bundle: Bundle, network: torch.nn.Module) -> int:
+    """The network's input channels (its first layer's), else the metadata's, else 1."""
+    found = next((m.in_channels for m in network.modules() if hasattr(m, "in_channels")), None)
+    if isinstance(found, int):
+        return found
     inputs = (bundle.data_format or {}).get("inputs") or {}
     for spec in inputs.values():
         if isinstance(spec, Mapping) and isinstance(spec.get("num_channels"), int):
             return int(spec["num_channels"])
-    found = next((m.in_channels for m in network.modules() if hasattr(m, "in_channels")), 1)
-    return int(found)
+    return 1
 
 
 def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:

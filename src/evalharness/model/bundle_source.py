@@ -26,6 +26,7 @@ from evalharness.config.schema import ModelConfig
 from evalharness.errors import SourceError, first_line
 from evalharness.model.bundle import CONFIG_NAMES, METADATA, Bundle, looks_like_bundle, read_bundle
 from evalharness.model.bundle_contract import BundleContract, bundle_contract
+from evalharness.model.discovery import MODEL_FOLDER, choose_model_artifact
 from evalharness.model.sources import (
     SPLIT_VERSION_TAG,
     ResolvedModel,
@@ -127,6 +128,28 @@ def _from_run(client: MlflowClient, run: Run, artifact: str | None, cache_dir: P
     files = [(p, s) for p, s in listed if p.startswith(prefix)]
     root, downloaded = _download(run, folder, files, cache_dir, uri)
     return root, folder, reason, downloaded
+
+
+def holds_bundle(source: ModelConfig, tracking_uri: str) -> bool:
+    """Whether ``model.family=auto`` means a bundle: ``model.path`` is a folder, or the named
+    run (no ``model.artifact``) has no model file that discovery takes but holds a bundle."""
+    if source.path is not None:
+        return Path(str(source.path)).expanduser().is_dir()
+    if source.artifact or str(source.uri or "").startswith("models:/"):
+        return False
+    uri = str(source.tracking_uri or tracking_uri)
+    try:
+        client = tracking.client_for(uri, registry_uri=uri)
+        run, artifact, _ = _locate_run(client, source, uri)
+        if artifact is not None:
+            return False
+        run_id = run.info.run_id
+        listed = client.list_artifacts(run_id, MODEL_FOLDER)
+        if choose_model_artifact([i.path for i in listed if not i.is_dir], source.role):
+            return False
+        return bool(bundle_folders([f.path for f in _walk(client, run_id, _SEARCH_DEPTH, 100_000)]))
+    except (MlflowException, OSError, SourceError):
+        return False  # the model file's resolution reports what is wrong
 
 
 def resolve_bundle(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
