@@ -142,7 +142,7 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
         "inference": "default",
         "metrics": "default",
         "mlflow": "local",
-        "model": "file, mlflow_run",
+        "model": "bundle, file, mlflow_run",
         "patch": "from_training",
         "preprocessing": "from_training",
     }
