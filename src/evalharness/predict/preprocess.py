@@ -71,9 +71,7 @@ class PreparedImage:
     tensor: torch.Tensor  # [C, X, Y, Z] float32 on the model grid, normalised, padded
     affine: np.ndarray  # 4x4 voxel -> world of `tensor`'s grid (after padding)
     native: NativeGrid
-    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None
-    """A model family's own restoration (a bundle's Invertd): probabilities [K, X', Y', Z'] on
-    `tensor`'s grid -> [K, X, Y, Z] float32 on the native grid; None: the harness's."""
+    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None  # a bundle's Invertd: [K, ..]
 
 
 def native_grid(affine: np.ndarray, shape_vox: Sequence[int]) -> NativeGrid:
@@ -388,7 +386,8 @@ def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Ten
     SimpleITK's linear interpolator (what TorchIO's Resample uses), points up to half a voxel
     outside the model grid take the border value; points farther out get background
     (probability 1 for class 0 when K > 1, 0 when K == 1). A label map [1, X', Y', Z'] (integer
-    dtype) can be restored where `restores_by_voxels`: the same voxels, moved.
+    dtype) can be restored where `restores_by_voxels`: the same voxels, moved. A model family's
+    own restoration (`PreparedImage.inverse`, a bundle's Invertd) replaces all of this.
     """
     if prepared.inverse is not None:
         return prepared.inverse(probs)
