@@ -11,8 +11,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from bundles import METADATA_CONTENT, inference_config, write_bundle
-from tiny import ball, good_case, run_in_process, write_dataset
+from tiny import ball, good_case, run_in_process, threshold_model, write_dataset
 
 EXPERIMENT = "bundles"
 
@@ -239,4 +240,22 @@ def test_a_list_of_bundles_is_refused(sqlite_uri, tmp_path, capsys, data):
     result = evaluate(sqlite_uri, tmp_path, capsys, data, f"model.path=[{bundle},{bundle}]")
     failed_before_inference(
         result, "model.path: model=bundle evaluates one MONAI bundle; expected one value"
+    )
+
+
+def test_a_bundle_in_an_ensemble_is_refused(sqlite_uri, tmp_path, capsys, data):
+    bundle = write_bundle(tmp_path / "bundle")
+    model = tmp_path / "model.pt"
+    torch.save(threshold_model(), model)
+    plain = [o for o in overrides(sqlite_uri, data) if o != "model=bundle"]
+    result = run_in_process(
+        sqlite_uri,
+        tmp_path / "out",
+        [*plain, "model=file", f"model.path=[{bundle},{model}]"],
+        capsys,
+    )
+    failed_before_inference(
+        result,
+        f"model: file {bundle} is a MONAI bundle, which cannot be an ensemble member; expected "
+        "one bundle, or model files only",
     )

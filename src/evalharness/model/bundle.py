@@ -242,12 +242,8 @@ def load_bundle_network(bundle: Bundle) -> LoadedModel:
         network = instantiate(bundle.network_def, NETWORK_ID)
         if not isinstance(network, torch.nn.Module):
             raise SourceError(f"{bundle.root / bundle.config_file}: network_def is not a network")
-        what = f"network_def ({target_class(bundle.network_def)} of {bundle.config_file})"
-        _fit(network, state, path, what)
-        arch = {
-            "network_def": bundle.network_def
-            if not bundle.trusted
-            else target_class(bundle.network_def)
-        }
+        target = target_class(bundle.network_def)
+        _fit(network, state, path, f"network_def ({target} of {bundle.config_file})")
+        arch = {"network_def": target}
     wrapped = BundleNetwork(network, _in_channels(bundle, network)).eval()
     return LoadedModel(wrapped, bundle.loader, None, arch)
