@@ -32,14 +32,13 @@ def pipeline(tmp_path_factory):
     return bundle_contract(read_bundle(root)).pipeline
 
 
-def settings(pipeline, **changes) -> PreprocessSettings:
+def settings(**changes) -> PreprocessSettings:
     values = dict(
         apply_reorder=True,
         target_spacing_mm=(1.5, 1.0, 2.0),
         normalization=OWN_NORMALIZATION,
         padding_mode=0,
         min_shape_vox=(16, 16, 16),
-        pipeline=pipeline,
     )
     return PreprocessSettings(**{**values, **changes})
 
@@ -49,18 +48,18 @@ def names(transforms) -> list[str]:
 
 
 def test_the_bundle_settings_leave_its_transforms_as_they_are(pipeline) -> None:
-    assert effective_transforms(pipeline, settings(pipeline)) == pipeline.preprocessing
+    assert effective_transforms(pipeline, settings()) == pipeline.preprocessing
 
 
 def test_settings_act_on_the_bundle_transforms(pipeline) -> None:
-    no_reorder = effective_transforms(pipeline, settings(pipeline, apply_reorder=False))
+    no_reorder = effective_transforms(pipeline, settings(apply_reorder=False))
     assert "Orientationd" not in names(no_reorder)
-    coarse = effective_transforms(pipeline, settings(pipeline, target_spacing_mm=(3.0, 3.0, 3.0)))
+    coarse = effective_transforms(pipeline, settings(target_spacing_mm=(3.0, 3.0, 3.0)))
     assert [t["pixdim"] for t in coarse if t["_target_"] == "Spacingd"] == [[3.0, 3.0, 3.0]]
-    native = effective_transforms(pipeline, settings(pipeline, target_spacing_mm=None))
+    native = effective_transforms(pipeline, settings(target_spacing_mm=None))
     assert "Spacingd" not in names(native)
     other = ({"name": "NormalizeIntensityd", "nonzero": True},)
-    normalised = effective_transforms(pipeline, settings(pipeline, normalization=other))
+    normalised = effective_transforms(pipeline, settings(normalization=other))
     assert names(normalised) == [
         "LoadImaged",
         "EnsureChannelFirstd",
@@ -71,9 +70,7 @@ def test_settings_act_on_the_bundle_transforms(pipeline) -> None:
     ]
     assert normalised[4] == {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True}
     with pytest.raises(ConfigError, match="'ZNormalization' is not a MONAI transform"):
-        effective_transforms(
-            pipeline, settings(pipeline, normalization=({"name": "ZNormalization"},))
-        )
+        effective_transforms(pipeline, settings(normalization=({"name": "ZNormalization"},)))
 
 
 def test_prepared_by_monai_padded_as_its_inferer_and_inverted(pipeline, tmp_path: Path) -> None:
@@ -82,7 +79,7 @@ def test_prepared_by_monai_padded_as_its_inferer_and_inverted(pipeline, tmp_path
     label = ball()
     path = tmp_path / "case.nii.gz"
     write_nifti(path, label.astype(np.float32), AFFINE)
-    prepared = prepare_bundle_image(path, settings(pipeline))
+    prepared = prepare_bundle_image(path, settings(), pipeline)
     assert tuple(prepared.tensor.shape) == (1, 16, 16, 16)
     assert prepared.native.shape_vox == SHAPE
     np.testing.assert_allclose(prepared.native.affine, AFFINE, atol=1e-5)
@@ -103,7 +100,7 @@ def test_a_file_monai_cannot_read_is_a_case_error(pipeline, tmp_path: Path) -> N
     path = tmp_path / "broken.nii.gz"
     path.write_bytes(b"not a nifti file")
     with pytest.raises(Exception, match=rf"{path}: the bundle's preprocessing failed"):
-        prepare_bundle_image(path, settings(pipeline))
+        prepare_bundle_image(path, settings(), pipeline)
 
 
 def harness(network: torch.nn.Module, image: torch.Tensor, mode: str) -> torch.Tensor:

@@ -16,11 +16,12 @@ from evalharness.errors import ConfigError
 
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_LAYOUTS = ("demo", "decathlon", "csv")
+DATA_LAYOUTS = ("demo", "decathlon", "csv", "nnunet")
+MODEL_FAMILIES = ("nnunet", "bundle")
+"""Besides null (model files and runs; a MONAI bundle found by its content): an nnU-Net model
+folder (model=nnunet), a MONAI bundle (model=bundle)."""
 SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 MODEL_ROLES = ("best", "final")
-MODEL_FAMILIES = ("auto", "file", "bundle")
-"""A model file, a MONAI bundle folder (model=bundle), or either told apart by content (auto)."""
 MODEL_LOADING_OPTIONS = ("arch", "allow_globals", "trust_pickle", "trust_bundle")
 """The `model.*` keys that change what a model file loads into (cache keys include them)."""
 CASE_ERROR_POLICIES = ("continue", "stop")
@@ -28,6 +29,7 @@ MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
 RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
 DEFAULT_RESTORE = "bspline"
+MISSING_POLICIES = ("nan", "worst")  # metrics.missing
 MODEL_RUN_KEYS = ("run_id", "uri", "run_name")
 """The ways of naming a training run; at most one may be set."""
 MODEL_MEMBER_KEYS = ("run_id", "uri", "path")

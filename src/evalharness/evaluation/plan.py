@@ -28,9 +28,8 @@ from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
-from evalharness.model.bundle import load_bundle_network
 from evalharness.model.bundle_source import holds_bundle, resolve_bundle
-from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
+from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.members import (
     agreed_training_config,
     check_agreement,
@@ -38,8 +37,10 @@ from evalharness.model.members import (
     member_name,
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
-from evalharness.model.training_config import TrainingConfig, read_safetensors_metadata
+from evalharness.model.training_config import TrainingConfig
+from evalharness.predict.bundle_transforms import BundleFamily
 from evalharness.predict.ensemble import Ensemble
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -65,15 +66,11 @@ class Evaluation:
     loaded_members: tuple[LoadedModel, ...] = ()
     network: torch.nn.Module | None = None  # what the sliding window runs (an Ensemble or not)
     training: TrainingConfig | None = None  # the members' agreed training configuration
+    family: ModelFamily | None = None  # a family's own inference (nnU-Net); None: the harness's
 
     @property
     def model(self) -> torch.nn.Module:
         return self.network if self.network is not None else self.loaded.network
-
-    @property
-    def pipeline(self) -> Any:
-        """The model family's own preprocessing (a MONAI bundle's), or None: the harness's."""
-        return model_pipeline(self.resolved)
 
 
 @dataclass(frozen=True)
@@ -90,41 +87,18 @@ class Plan:
     members: tuple[ResolvedModel, ...] = ()
     training: TrainingConfig | None = None
     split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
+    family: Any = None  # a family's own model description (nnU-Net: its `NnunetModel`)
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
 def resolve_member(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
-    """One model by `model.family`: a MONAI bundle folder, or a model file (and its run);
-    ``auto`` tells them apart by content (`bundle_source.holds_bundle`)."""
-    if source.family == "bundle" or (
-        source.family == "auto" and holds_bundle(source, tracking_uri)
-    ):
+    """One model: a MONAI bundle (``model.family=bundle``, or with the family unset a folder or
+    run found to hold one: `bundle_source.holds_bundle`), else a model file and its run."""
+    if source.family == "bundle" or (source.family is None and holds_bundle(source, tracking_uri)):
         return resolve_bundle(source, tracking_uri, cache_dir)
     return resolve_model(source, tracking_uri, cache_dir)
-
-
-def model_pipeline(resolved: ResolvedModel) -> Any:
-    """The preprocessing a model family brings (a bundle's), None for a model file."""
-    return resolved.contents.contract.pipeline if resolved.family == "bundle" else None
-
-
-def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options; a state dict with a
-    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata; a MONAI
-    bundle's network from its checked network_def and weights."""
-    if resolved.family == "bundle":
-        return load_bundle_network(resolved.contents.bundle)
-    if source.arch is None and resolved.sibling_metadata_path is not None:
-        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
-        return load_state_dict_with_metadata(resolved.local_path, metadata)
-    return load_model_file(
-        resolved.local_path,
-        arch=source.arch,
-        allow_globals=list(source.allow_globals),
-        trust_pickle=bool(source.trust_pickle),
-    )
 
 
 def plan(config: EvalConfig, tracking_uri: str) -> Plan:
@@ -197,12 +171,15 @@ def prepare(
     findings += transform_mismatches(
         training.transforms, training.values.get("normalization") or [], settings.normalization
     )
+    family = None
     if planned.resolved.family == "bundle":
         contents, cases = planned.resolved.contents, planned.dataset.cases
         first_image = cases[0].image if cases else None
         names = planned.dataset.label_names
         check_bundle_data(contents.bundle, names, first_image, n_in, n_out)
         findings += bundle_findings(contents.contract, settings)
+        memory_mb = config.inference.max_device_memory_mb
+        family = BundleFamily(contents, networks[0], settings, device, n_out, memory_mb)
     return Evaluation(
         resolved=planned.resolved,
         loaded=loaded_members[0],
@@ -219,6 +196,7 @@ def prepare(
         loaded_members=tuple(loaded_members),
         network=Ensemble(networks).eval() if len(networks) > 1 else networks[0],
         training=training,
+        family=family,
     )
 
 
@@ -270,20 +248,7 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
-        **bundle_tags(ev),
-    }
-
-
-def bundle_tags(ev: Evaluation) -> dict[str, str]:
-    """A MONAI bundle's name, version, trust and the sha256 of every file used; none otherwise."""
-    if ev.resolved.family != "bundle":
-        return {}
-    bundle = ev.resolved.contents.bundle
-    return {
-        "evalharness.bundle_name": bundle.name,
-        "evalharness.bundle_version": bundle.version,
-        "evalharness.trust_bundle": str(bundle.trusted).lower(),
-        "evalharness.bundle_files": ", ".join(f"{p}={sha}" for p, sha in bundle.files),
+        **(ev.family.tags() if ev.family is not None else {}),
     }
 
 

@@ -24,9 +24,18 @@ from mlflow.exceptions import MlflowException
 
 from evalharness.config.schema import ModelConfig
 from evalharness.errors import SourceError, first_line
-from evalharness.model.bundle import CONFIG_NAMES, METADATA, Bundle, looks_like_bundle, read_bundle
+from evalharness.mlflow_client import client_for
+from evalharness.model.bundle import (
+    CONFIG_NAMES,
+    METADATA,
+    Bundle,
+    load_bundle_network,
+    looks_like_bundle,
+    read_bundle,
+)
 from evalharness.model.bundle_contract import BundleContract, bundle_contract
 from evalharness.model.discovery import MODEL_FOLDER, choose_model_artifact
+from evalharness.model.loaders import LoadedModel
 from evalharness.model.sources import (
     SPLIT_VERSION_TAG,
     ResolvedModel,
@@ -35,7 +44,6 @@ from evalharness.model.sources import (
     _walk,
     normalise_artifact_path,
 )
-from evalharness.track import tracking
 
 _SEARCH_DEPTH = 6  # artifact folder levels searched for a bundle
 _MARKERS = (*(f"configs/{name}" for name in CONFIG_NAMES), METADATA)
@@ -48,6 +56,10 @@ class ResolvedBundle:
 
     bundle: Bundle
     contract: BundleContract
+
+    def load(self) -> LoadedModel:
+        """The bundle's network with its weights (`bundle.load_bundle_network`)."""
+        return load_bundle_network(self.bundle)
 
 
 def bundle_folders(paths: list[str]) -> list[str]:
@@ -131,15 +143,18 @@ def _from_run(client: MlflowClient, run: Run, artifact: str | None, cache_dir: P
 
 
 def holds_bundle(source: ModelConfig, tracking_uri: str) -> bool:
-    """Whether ``model.family=auto`` means a bundle: ``model.path`` is a folder, or the named
-    run (no ``model.artifact``) has no model file that discovery takes but holds a bundle."""
+    """Whether a model with ``model.family`` unset is a bundle: ``model.path`` is a folder with
+    configs/inference.* or configs/metadata.json, or the named run (no ``model.artifact``) has
+    no model file that discovery takes but holds a bundle."""
     if source.path is not None:
-        return Path(str(source.path)).expanduser().is_dir()
+        root = Path(str(source.path)).expanduser()
+        markers = [root / marker for marker in _MARKERS]
+        return root.is_dir() and any(marker.is_file() for marker in markers)
     if source.artifact or str(source.uri or "").startswith("models:/"):
         return False
     uri = str(source.tracking_uri or tracking_uri)
     try:
-        client = tracking.client_for(uri, registry_uri=uri)
+        client = client_for(uri, registry_uri=uri)
         run, artifact, _ = _locate_run(client, source, uri)
         if artifact is not None:
             return False
@@ -162,7 +177,7 @@ def resolve_bundle(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> R
     folder, reason, downloaded = None, "model.path", False
     try:
         if source.run_id or source.uri or source.run_name:
-            client = tracking.client_for(uri, registry_uri=uri)
+            client = client_for(uri, registry_uri=uri)
             run, artifact, _ = _locate_run(client, source, uri)
             experiment = client.get_experiment(run.info.experiment_id).name
             split_path = _training_split(client, run, cache_dir, uri)

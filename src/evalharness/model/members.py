@@ -14,11 +14,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from evalharness.checks.config_checks import normalize_spec
-from evalharness.checks.mismatches import format_value
 from evalharness.config.rules import MODEL_MEMBER_KEYS, model_sources
 from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import FROM_TRAINING
+from evalharness.config.values import format_value, normalize_spec
 from evalharness.errors import ConfigError
 from evalharness.model.sources import ResolvedModel
 from evalharness.model.training_config import TrainingConfig
@@ -66,7 +65,7 @@ def check_agreement(members: Sequence[ResolvedModel]) -> None:
     """`ConfigError` naming the first training field (or the output contract) on which two
     members' training configurations disagree. A field only some members record is not a
     disagreement: the ensemble takes it from those that do (`agreed_training_config`)."""
-    families = [m for m in members if m.family != "file"]
+    families = [m for m in members if m.family is not None]
     if len(members) > 1 and families:
         raise ConfigError(
             f"model: {member_name(families[0])} is a MONAI bundle, which cannot be an ensemble "

@@ -32,6 +32,7 @@ from evalharness.config.rules import MODEL_RUN_KEYS
 from evalharness.config.schema import ModelConfig
 from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
+from evalharness.mlflow_client import client_for
 from evalharness.model.discovery import (
     MODEL_FOLDER,
     ArtifactChoice,
@@ -46,7 +47,6 @@ from evalharness.model.training_config import (
     training_config_from_params,
     training_config_from_safetensors,
 )
-from evalharness.track import tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ class ResolvedModel:
     sibling_metadata_path: Path | None = None  # safetensors giving a state dict's architecture
     training_split_path: Path | None = None  # the run's data/train_val_split.csv, if it has one
     split_version: str | None = None  # the run's `split_version` tag
-    family: str = "file"  # model.family: a model file, or a model family's folder ("bundle")
-    contents: Any = None  # what a family's source read (a MONAI bundle: ResolvedBundle)
+    family: str | None = None  # None: a model file; "bundle": a MONAI bundle
+    contents: Any = None  # what a family's source read; its `load()` gives the network
 
 
 def normalise_artifact_path(path: str) -> str:
@@ -352,7 +352,7 @@ def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> Re
     notes: list[str] = []
     try:
         if chosen:
-            client = tracking.client_for(uri, registry_uri=uri)
+            client = client_for(uri, registry_uri=uri)
             run, artifact, notes = _locate_run(client, source, uri)
             experiment = client.get_experiment(run.info.experiment_id).name
             split_path = _training_split(client, run, cache_dir, uri)

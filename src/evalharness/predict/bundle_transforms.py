@@ -16,7 +16,9 @@ does; decoding (argmax) comes after, in the harness.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd
 
+from evalharness.config.settings import EffectiveSettings, stable_hash
+from evalharness.data.cases import Case
 from evalharness.errors import CaseError, ConfigError, SourceError, first_line
 from evalharness.model.bundle_contract import (
     BundlePipeline,
@@ -33,6 +37,14 @@ from evalharness.model.bundle_contract import (
     transform_name,
 )
 from evalharness.model.bundle_safety import allowed_class, instantiate
+from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
+from evalharness.predict.pipeline import (
+    CaseInputs,
+    CasePrediction,
+    forward_key,
+    load_case_inputs,
+    predict,
+)
 from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, native_grid
 
 NORMALIZATION_KEY = "preprocessing.normalization"
@@ -141,9 +153,10 @@ def _inverse(compose: Any, pipeline: BundlePipeline, image: MetaTensor, before: 
     return inverse
 
 
-def prepare_bundle_image(path: Path, settings: PreprocessSettings) -> PreparedImage:
-    """Read and preprocess `path` with the bundle's pipeline (`settings.pipeline`; module doc)."""
-    pipeline: BundlePipeline = settings.pipeline
+def prepare_bundle_image(
+    path: Path, settings: PreprocessSettings, pipeline: BundlePipeline
+) -> PreparedImage:
+    """Read and preprocess `path` with the bundle's `pipeline` under `settings` (module doc)."""
     transforms = effective_transforms(pipeline, settings)
     try:
         compose = instantiate({"_target_": "Compose", "transforms": transforms}, "preprocessing")
@@ -164,3 +177,66 @@ def prepare_bundle_image(path: Path, settings: PreprocessSettings) -> PreparedIm
     model_affine[:3, 3] -= model_affine[:3, :3] @ np.asarray(before, dtype=np.float64)
     inverse = _inverse(compose, pipeline, image, before) if pipeline.invert else None
     return PreparedImage(tensor.contiguous(), model_affine, native, inverse=inverse)
+
+
+@dataclass
+class BundleFamily:
+    """`predict.family.ModelFamily` for a MONAI bundle: its preprocessing by MONAI
+    (`prepare_bundle_image`), then the harness's own `predict` (sliding window blending the
+    bundle network's logits, the bundle's Invertd, argmax, keep-largest)."""
+
+    contents: Any  # model.bundle_source.ResolvedBundle
+    network: torch.nn.Module  # the loaded `BundleNetwork`, on `device`
+    settings: EffectiveSettings
+    device: torch.device
+    n_output_channels: int
+    max_device_memory_mb: float | None = None
+    name: str = "bundle"
+    combine_rule: str = "logits"  # patches (and mirror flips) blend logits, then the activation
+
+    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
+        prepare = functools.partial(prepare_bundle_image, pipeline=self.contents.contract.pipeline)
+        return load_case_inputs(case, settings, prepare)
+
+    def inputs_key(self) -> str:
+        return stable_hash(
+            {"bundle": self.contents.bundle.sha256, "trusted": self.contents.bundle.trusted}
+        )
+
+    def forward_key(self, model_key: str) -> str:
+        return stable_hash(
+            {"family": self.name, "forward": forward_key(model_key, self.settings, self.device)}
+        )
+
+    def predict(
+        self,
+        inputs: CaseInputs,
+        keep_probabilities: bool,
+        outputs: OutputStore | None,
+        counts: ForwardCounts | None,
+    ) -> CasePrediction:
+        return predict(
+            self.network,
+            inputs.prepared,
+            self.settings,
+            self.device,
+            self.n_output_channels,
+            self.max_device_memory_mb,
+            keep_probabilities=keep_probabilities,
+            outputs=outputs,
+            counts=counts,
+        )
+
+    def tags(self) -> dict[str, str]:
+        """The bundle's name, version, trust and the sha256 of every file used."""
+        bundle = self.contents.bundle
+        return {
+            "evalharness.bundle_name": bundle.name,
+            "evalharness.bundle_version": bundle.version,
+            "evalharness.trust_bundle": str(bundle.trusted).lower(),
+            "evalharness.bundle_files": ", ".join(f"{p}={sha}" for p, sha in bundle.files),
+            "evalharness.combine_rule": (
+                "logits blended over patches and mirrors, then the bundle's activation "
+                "(MONAI's inferer)"
+            ),
+        }

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +19,11 @@ import torch
 
 from evalharness.checks.probes import header_check
 from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
-from evalharness.predict.bundle_transforms import prepare_bundle_image
-from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import (
@@ -34,8 +34,8 @@ from evalharness.predict.preprocess import (
 )
 from evalharness.predict.restore import restore_labels
 from evalharness.predict.sliding_window import decode, sliding_window_probs
+from evalharness.score.masks import keep_largest_component
 from evalharness.score.metrics import case_metrics
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,25 @@ class CasePrediction:
     """Native-grid probabilities [K, X, Y, Z] (float32), kept only when asked for (calibration)."""
 
 
-def preprocess_settings(settings: EffectiveSettings, pipeline: Any = None) -> PreprocessSettings:
-    """What preprocessing needs of the effective settings; `pipeline`: a model family's own
-    preprocessing (a MONAI bundle's `BundlePipeline`), which the settings then act on."""
+def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
     return PreprocessSettings(
         apply_reorder=settings.apply_reorder,
         target_spacing_mm=settings.target_spacing_mm,
         normalization=settings.normalization,
         padding_mode=settings.padding_mode,
         min_shape_vox=settings.patch_size_vox,
-        pipeline=pipeline,
     )
 
 
-def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
-    """Read and preprocess the image, read the label, and check both share one grid."""
+def load_case_inputs(
+    case: Case,
+    settings: PreprocessSettings,
+    prepare: Callable[[Path, PreprocessSettings], PreparedImage] = prepare_image,
+) -> CaseInputs:
+    """Read and preprocess the image (`prepare`: the harness's, or a model family's own, such
+    as a MONAI bundle's), read the label, and check both share one grid."""
     if not case.image.is_file():
         raise CaseError(f"{case.image}: image file not found")
-    prepare = prepare_image if settings.pipeline is None else prepare_bundle_image
     prepared = prepare(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
@@ -273,7 +274,7 @@ def metric_rows(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
     probabilities: np.ndarray | None = None,
 ) -> list[dict]:
     """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -51,7 +50,6 @@ class PreprocessSettings:
     normalization: tuple[dict, ...]  # fastMONAI transform specs, e.g. {"name": "ZNormalization"}
     padding_mode: float | int | str = 0
     min_shape_vox: tuple[int, int, int] | None = None  # pad to at least this (the patch size)
-    pipeline: Any = None  # a model family's own preprocessing (a bundle's): applied instead
 
 
 @dataclass

@@ -145,8 +145,10 @@ def _run_together(
             extremes = run_model_cases(member, cache, None)
             results[id(member)] = (extremes, cache.counters() - before)
             continue
-        pre = dataclasses.asdict(preprocess_settings(member.ev.settings, member.ev.pipeline))
-        passes.setdefault(stable_hash(pre), []).append(member)
+        pre = dataclasses.asdict(preprocess_settings(member.ev.settings))
+        family = member.ev.family
+        inputs = None if family is None else (family.name, family.inputs_key())
+        passes.setdefault(stable_hash({"pre": pre, "family": inputs}), []).append(member)
     for members in passes.values():
         results.update(_one_pass(members, cache))
     return results
@@ -156,7 +158,7 @@ def _one_pass(
     members: Sequence[Opened], cache: SweepCache
 ) -> dict[int, tuple[Extremes | Exception, Counters]]:
     """One loop over the cases for `members` (same preprocessing), a lane each."""
-    pre = preprocess_settings(members[0].ev.settings, members[0].ev.pipeline)
+    pre = preprocess_settings(members[0].ev.settings)
     lanes, extremes_of, used = [], [], [Counters() for _ in members]
     for index, member in enumerate(members):
         reset_peak_memory(member.ev.device)
@@ -180,7 +182,7 @@ def _one_pass(
     def load(case: Case) -> CaseInputs:
         before = cache.counters()  # only this thread loads cases: the difference is this one's
         try:
-            return cache.load_inputs(case, pre)
+            return cache.load_inputs(case, pre, members[0].ev.family)
         finally:
             loads[case.case_id] = _case_part(cache.counters() - before)
 
