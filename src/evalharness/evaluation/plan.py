@@ -223,6 +223,9 @@ def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
     return [1] if n_channels == 1 else list(range(1, n_channels))
 
 
+PROBABILITY_RULE = "mean of probabilities over flips and ensemble members (fastMONAI, MONAI)"
+
+
 def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
     """Provenance tags of an evaluation run."""
     resolved = ev.resolved
@@ -248,6 +251,7 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        "evalharness.combine_rule": PROBABILITY_RULE,
         **(ev.family.tags() if ev.family is not None else {}),
     }
 
