@@ -78,6 +78,20 @@ def test_a_bundle_folder_is_evaluated_with_its_own_settings(sqlite_uri, tmp_path
     assert not marker.exists()  # datalist, output_dir, run: never evaluated
 
 
+def test_test_time_flips_over_a_bundle(sqlite_uri, tmp_path, capsys, data):
+    """inference.tta=true: every patch also runs mirrored on the 7 other flips, the flipped
+    logits blended with the rest (the threshold network is flip-invariant: DSC stays 1)."""
+    bundle = write_bundle(tmp_path / "bundle")
+    plain = evaluate(sqlite_uri, tmp_path, capsys, data, f"model.path={bundle}")
+    flips = evaluate(
+        sqlite_uri, tmp_path, capsys, data, f"model.path={bundle}", "inference.tta=true"
+    )
+    assert flips.run.info.status == "FINISHED", flips.stderr
+    assert flips.table["dsc"].tolist() == [1.0, 1.0, 1.0]
+    passes = plain.run.data.metrics["forward_passes"]
+    assert flips.run.data.metrics["forward_passes"] == 8 * passes > 0
+
+
 def test_the_trust_rule(sqlite_uri, tmp_path, capsys, data):
     marker = tmp_path / "written-by-the-bundle"
     config = inference_config()
