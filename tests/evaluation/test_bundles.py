@@ -69,6 +69,7 @@ def test_a_bundle_folder_is_evaluated_with_its_own_settings(sqlite_uri, tmp_path
     assert tags["evalharness.bundle_name"] == "Tiny threshold bundle"
     assert tags["evalharness.bundle_version"] == "0.1.0"
     assert tags["evalharness.trust_bundle"] == "false"
+    assert tags["evalharness.combine_rule"].startswith("logits blended over patches and mirrors")
     files = dict(item.split("=") for item in tags["evalharness.bundle_files"].split(", "))
     assert files == {
         p: hashlib.sha256((bundle / p).read_bytes()).hexdigest()
