@@ -29,7 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
 from evalharness.demo.build import ensure_demo
 from evalharness.demo.spec import DEMO, TINY
-from evalharness.errors import ConfigError
+from evalharness.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Stopped, stop_on_sigterm
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import Outcome, evaluate, record_failure
 from evalharness.sweep.groups import PlannedJob
@@ -155,8 +155,25 @@ def _check_or_exit(config: DictConfig, key: str) -> None:
 register_configs()
 
 
+def main() -> None:
+    """The command: Hydra's entry point, with SIGTERM unwinding like Ctrl-C. Either signal
+    closes the open runs KILLED (on their way out), prints one line, and exits 128 + the
+    signal's number (130 Ctrl-C, 143 SIGTERM); the same command then resumes."""
+    stop_on_sigterm()
+    try:
+        hydra_main()
+    except KeyboardInterrupt as stop:
+        term = isinstance(stop, Stopped)
+        print(
+            f"stopped by {'SIGTERM' if term else 'Ctrl-C'}: any run in progress was closed as "
+            "KILLED; the same command resumes it",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_SIGTERM if term else EXIT_SIGINT)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> Any:
+def hydra_main(cfg: DictConfig) -> Any:
     """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)

@@ -1,8 +1,17 @@
 """User-facing errors: each carries a one-line message naming the file, case or key at fault.
 
 The CLI prints ``str(error)`` without a traceback (unless ``hydra.verbose`` is set), marks the
-MLflow run FAILED with the message as a tag, and exits non-zero.
+MLflow run FAILED with the message as a tag, and exits non-zero. A stop by signal (Ctrl-C,
+SIGTERM) unwinds as `KeyboardInterrupt` so that every open run is closed KILLED on the way out;
+the shell then exits 128 + the signal's number (130, 143), as shells report a killed process.
 """
+
+import signal
+import threading
+from typing import Any
+
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
+_SIGTERM_SEEN = threading.Event()
 
 
 class HarnessError(Exception):
@@ -44,3 +53,31 @@ def first_line(error: BaseException) -> str:
     characters: for one-line messages that quote an error from a library."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop or time-out, ``kill``), raised where Python was running."""
+
+
+def stop_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C (`Stopped`), so runs get closed, not left RUNNING.
+
+    Only from the main thread, and only where nobody else handles SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _stop):
+        signal.signal(signal.SIGTERM, _stop)
+
+
+def sigterm_seen() -> bool:
+    """Whether this process got SIGTERM (its scheduler's kill follows soon)."""
+    return _SIGTERM_SEEN.is_set()
+
+
+def _stop(signum: int, frame: Any) -> None:
+    """Raise `Stopped` now; a second SIGTERM is ignored so the runs' closing is not cut short.
+    Should it land where Python ignores exceptions (a weakref callback, a ``__del__``), the
+    sweep raises it again after the running job (`sigterm_seen`)."""
+    _SIGTERM_SEEN.set()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped(f"stopped by signal {signum}")
