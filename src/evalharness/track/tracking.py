@@ -105,7 +105,8 @@ def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClie
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+    with store_lock(tracking_uri):  # a SQLite client creates and migrates its store right here
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
 def prepare_store(tracking_uri: str) -> MlflowClient:
