@@ -30,8 +30,9 @@ from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
 from evalharness.demo.build import ensure_demo
 from evalharness.demo.spec import DEMO, TINY
 from evalharness.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Stopped, stop_on_sigterm
+from evalharness.evaluation.lifecycle import Outcome, record_failure
 from evalharness.evaluation.outputs import check_outputs_folder
-from evalharness.evaluation.run import Outcome, evaluate, record_failure
+from evalharness.evaluation.run import evaluate
 from evalharness.sweep.groups import PlannedJob
 from evalharness.sweep.jobs import GroupMember, Job, evaluate_job
 

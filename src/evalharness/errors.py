@@ -26,6 +26,10 @@ class SourceError(HarnessError):
     """The model or training configuration could not be found, fetched or loaded safely."""
 
 
+class StoreError(HarnessError):
+    """The tracking store or its artifacts cannot be written (disk full, read-only, ...)."""
+
+
 class DataError(HarnessError):
     """The dataset, split or manifest is unusable as a whole (not a single case)."""
 

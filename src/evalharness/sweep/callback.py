@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from evalharness.errors import Stopped, sigterm_seen, stop_on_sigterm
-from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
+from evalharness.evaluation.lifecycle import EXIT_ERROR, Outcome, tracking_uri_of
 from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
 from evalharness.sweep import groups
 from evalharness.sweep.report import closing_status, refresh

@@ -7,9 +7,12 @@ exported ``MLFLOW_RUN_ID`` or a run left active elsewhere cannot redirect what i
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +24,8 @@ import pandas as pd
 from filelock import FileLock
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+
+from evalharness.errors import HarnessError, StoreError, first_line
 
 MAX_PARAM_CHARS = 6000
 BATCH = 100
@@ -179,6 +184,49 @@ def retry_locked(write: Callable[[], T]) -> T:
             time.sleep(LOCKED_BACKOFF_S * 2 ** (attempt - 1))
 
 
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+)
+"""A write refused by the file system: the user's to fix (space, permissions), not a bug."""
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in a few words (``No space left on device``, ``database or disk is
+    full``), or None when `error` is no failed write."""
+    for link in (error, error.__cause__, error.__context__):
+        if isinstance(link, OSError) and link.errno in WRITE_ERRNOS:
+            return os.strerror(link.errno)
+    sqlite = re.search(r"\(sqlite3\.OperationalError\) ([^\[\n]+)", str(error))
+    return sqlite.group(1).strip() if sqlite else None
+
+
+def _written_path(error: BaseException) -> str | None:
+    for link in (error, error.__cause__, error.__context__):
+        if isinstance(link, OSError) and link.filename:
+            return str(link.filename)
+    return None
+
+
+def store_write(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorator of a write to the store (first argument: the client): its failure becomes a
+    one-line `StoreError` naming the store, or the artifact file, and the cause."""
+
+    @functools.wraps(function)
+    def write(client: MlflowClient, *args: Any, **kwargs: Any) -> T:
+        try:
+            return function(client, *args, **kwargs)
+        except HarnessError:
+            raise
+        except Exception as error:
+            path = _written_path(error)
+            where = f"artifact {path}" if path else f"mlflow.tracking_uri={client.tracking_uri}"
+            cause = write_failure(error) or first_line(error)
+            raise StoreError(f"{where}: cannot write to the store ({cause})") from error
+
+    return write
+
+
+@store_write
 def create_run(
     client: MlflowClient, experiment_id: str, name: str | None, tags: Mapping[str, str]
 ) -> str:
@@ -187,6 +235,7 @@ def create_run(
     return run.info.run_id
 
 
+@store_write
 def _log_batch(client: MlflowClient, run_id: str, **items: list) -> None:
     retry_locked(lambda: client.log_batch(run_id, **items))
 
@@ -217,12 +266,14 @@ def log_metrics(
         _log_batch(client, run_id, metrics=items[start : start + BATCH])
 
 
+@store_write
 def log_file(
     client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None
 ) -> None:
     client.log_artifact(run_id, str(path), artifact_dir)
 
 
+@store_write
 def log_folder(
     client: MlflowClient, run_id: str, folder: Path, paths: Sequence[Path], artifact_dir: str
 ) -> None:
@@ -243,10 +294,12 @@ def log_folder(
         )
 
 
+@store_write
 def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
     client.log_text(run_id, text, artifact_file)
 
 
+@store_write
 def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_file: str) -> None:
     """Log `table` through MLflow's table API (shown in the UI's artifact and evaluation views).
 
@@ -255,6 +308,7 @@ def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_f
     client.log_table(run_id, data=table, artifact_file=artifact_file)
 
 
+@store_write
 def finish(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """End the run with `status` (FINISHED, FAILED, KILLED), recording `error` as a tag."""
     if error is not None:
