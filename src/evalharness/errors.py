@@ -6,8 +6,11 @@ SIGTERM) unwinds as `KeyboardInterrupt` so that every open run is closed KILLED 
 the shell then exits 128 + the signal's number (130, 143), as shells report a killed process.
 """
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -85,3 +88,15 @@ def _stop(signum: int, frame: Any) -> None:
     _SIGTERM_SEEN.set()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Stopped(f"stopped by signal {signum}")
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name `path` in an `OSError` raised while writing it: a full disk's error raised by a
+    stream (gzip, pandas) names no file, and the user must learn which one."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename or not error.errno:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error

@@ -41,7 +41,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from torchio.data.io import check_uint_to_int, get_ras_affine_from_sitk, sitk_to_nib
 
-from evalharness.errors import CaseError
+from evalharness.errors import CaseError, writing
 
 NIFTI1_HEADER_BYTES = 348  # the least a NIfTI file holds
 MAX_VOX_OFFSET = 1 << 24  # header + extensions beyond this are left to the reference reader
@@ -317,4 +317,5 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    nib.save(img, str(path))
+    with writing(path):
+        nib.save(img, str(path))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evalharness.errors import writing
 from evalharness.score.calibration import CALIBRATION_METRICS
 from evalharness.score.intervals import MIN_CASES, bootstrap_mean_ci
 from evalharness.score.lesions import LESION_METRICS
@@ -36,11 +37,15 @@ class CaseTable:
         self.csv_path = csv_path
         self._rows: list[dict] = [] if previous is None else previous.to_dict("records")
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        self.frame().to_csv(self.csv_path, index=False)
+        self._write()
 
     def add(self, rows: Iterable[dict]) -> None:
         self._rows.extend(rows)
-        self.frame().to_csv(self.csv_path, index=False)
+        self._write()
+
+    def _write(self) -> None:
+        with writing(self.csv_path):
+            self.frame().to_csv(self.csv_path, index=False)
 
     def frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self._rows)

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -110,6 +111,9 @@ def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClie
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     for name, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    # MLflow logs every database error with its traceback; `store_write` reports each on one
+    # line (hydra.verbose=true shows the traceback).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     with store_lock(tracking_uri):  # a SQLite client creates and migrates its store right here
         return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
@@ -207,9 +211,23 @@ def _written_path(error: BaseException) -> str | None:
     return None
 
 
+def _where(client: MlflowClient, error: BaseException, args: tuple) -> str:
+    """The file a failed write names, else the run's artifact folder (a file-system error
+    while logging an artifact), else the store."""
+    path = _written_path(error)
+    if path:
+        return f"artifact {path}"
+    file_system = any(isinstance(e, OSError) for e in (error, error.__cause__, error.__context__))
+    if file_system and args and isinstance(args[0], str):
+        with contextlib.suppress(Exception):  # a read may still work on a full disk
+            return f"artifacts {client.get_run(args[0]).info.artifact_uri}"
+    return f"mlflow.tracking_uri={client.tracking_uri}"
+
+
 def store_write(function: Callable[..., T]) -> Callable[..., T]:
-    """Decorator of a write to the store (first argument: the client): its failure becomes a
-    one-line `StoreError` naming the store, or the artifact file, and the cause."""
+    """Decorator of a write to the store (first argument: the client, then the run id): its
+    failure becomes a one-line `StoreError` naming the store, or the artifact file or folder,
+    and the cause."""
 
     @functools.wraps(function)
     def write(client: MlflowClient, *args: Any, **kwargs: Any) -> T:
@@ -218,9 +236,8 @@ def store_write(function: Callable[..., T]) -> Callable[..., T]:
         except HarnessError:
             raise
         except Exception as error:
-            path = _written_path(error)
-            where = f"artifact {path}" if path else f"mlflow.tracking_uri={client.tracking_uri}"
             cause = write_failure(error) or first_line(error)
+            where = _where(client, error, args)
             raise StoreError(f"{where}: cannot write to the store ({cause})") from error
 
     return write
