@@ -8,6 +8,8 @@ show what the user's terminal shows.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import pickle
 import socket
@@ -112,6 +114,34 @@ def _with_voxel(value: float) -> np.ndarray:
     return image
 
 
+def _folder_at(relative: Path) -> Callable[[Path], None]:
+    def mutate(root: Path) -> None:
+        (root / relative).unlink()
+        (root / relative).mkdir()
+
+    return mutate
+
+
+def _header_shorter_than_data(root: Path) -> None:
+    """The header says 7 slices, the file holds 8 (the data would be silently cut)."""
+    image = nib.load(str(root / IMAGE))
+    data = np.asarray(image.dataobj)
+    header = image.header.copy()
+    header.set_data_shape(data.shape[:2] + (data.shape[2] - 1,))
+    raw = gzip.decompress((root / IMAGE).read_bytes())
+    (root / IMAGE).write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock) :]))
+
+
+def _sheared(root: Path) -> None:
+    """A gantry-tilted CT: only the sform holds the (sheared) geometry."""
+    affine = AFFINE.copy()
+    affine[:3, 2] += 0.3 * np.linalg.norm(AFFINE[:3, 2]) * AFFINE[:3, 0] / 1.5
+    image = nib.Nifti1Image(ball().astype(np.float32), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(None, code=0)
+    nib.save(image, str(root / IMAGE))
+
+
 BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it says was expected)
     "truncated image": (_noisy_then_truncated, IMAGE, "file is truncated (expected 4192 bytes"),
     "truncated label header": (
@@ -146,6 +176,17 @@ BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it sa
         _write(IMAGE, np.stack([ball(), ball()], axis=-1).astype(np.float32)),
         IMAGE,
         "the image has 2 channel(s); the model expects 1",
+    ),
+    "label path is a folder": (_folder_at(LABEL), LABEL, "is a folder, expected a label file"),
+    "more voxel data than the header's dimensions": (
+        _header_shorter_than_data,
+        IMAGE,
+        "holds more voxel data than its header's dimensions 12x10x7 describe",
+    ),
+    "sheared grid (gantry tilt)": (
+        _sheared,
+        IMAGE,
+        "sheared voxel grid (its axes are 16.7 degrees from orthogonal",
     ),
     "NaN voxel": (_write(IMAGE, _with_voxel(np.nan)), IMAGE, "NaN or infinite voxels"),
     "Inf voxel": (_write(IMAGE, _with_voxel(np.inf)), IMAGE, "NaN or infinite voxels"),
@@ -211,6 +252,38 @@ def test_empty_masks_small_images_follow_the_documented_conventions(
     saved = nib.load(tmp_path / "out" / "predictions" / "small_pred.nii.gz")
     assert saved.shape == small.shape and np.allclose(saved.affine, AFFINE)
     assert np.array_equal(np.asarray(saved.dataobj), small)
+
+
+def test_a_one_voxel_image_fails_on_its_non_finite_input_and_calibration_goes_on(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    """z-normalising one voxel divides by a NaN standard deviation: the case fails with that
+    reason (not an `ok` row with DSC 0), and calibration over the other cases still works. A
+    dataset.json entry without a label is a `no_label` row that says why it is not scored."""
+    one = np.ones((1, 1, 1), np.uint8)
+    cases = {"ok": good_case(), "one_voxel": (one.astype(np.float32), one), "unlabelled": None}
+    root = write_dataset(tmp_path / "data", {k: v or good_case() for k, v in cases.items()})
+    listing = json.loads((root / "dataset.json").read_text())
+    del listing["training"][2]["label"]
+    (root / "dataset.json").write_text(json.dumps(listing))
+    result = evaluate(
+        world,
+        tmp_path,
+        capsys,
+        "metrics.calibration=true",
+        "preprocessing.normalization=[{name:ZNormalization}]",
+        root=root,
+    )
+    assert result.outcome.code == 2 and result.run.info.status == "FINISHED"
+    assert "Traceback" not in result.stderr
+    assert result.row("ok")["status"] == "ok" and np.isfinite(result.row("ok")["ece"])
+    failed = result.row("one_voxel")
+    assert failed["status"] == "failed"
+    assert "imagesTr/one_voxel.nii.gz: the normalised input is not finite" in failed["error"]
+    unlabelled = result.row("unlabelled")
+    assert unlabelled["status"] == "no_label"
+    assert unlabelled["error"] == "no label file listed for this case (nothing to score against)"
+    assert result.run.data.metrics["n_failed_cases"] == 2
 
 
 # ------------------------------------------------------------------------- run-level errors

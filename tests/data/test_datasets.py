@@ -295,3 +295,12 @@ def test_errors_name_the_file_or_key_on_one_line(tmp_path, make_cfg, error, mess
     text = str(raised.value)
     assert message.format(t=tmp_path) in text
     assert "\n" not in text
+
+
+def test_a_csv_error_names_the_line_of_the_file(tmp_path):
+    """Blank lines and a quoted cell over two lines still count: the empty cell is on line 9."""
+    rows = ["image,label", "a.nii,a_seg.nii", "", '"b.nii","b', 'seg.nii"', "", "c.nii,c.nii"]
+    text = "\n".join([*rows, "", ",d_seg.nii", "e.nii,e_seg.nii"]) + "\n"
+    with pytest.raises(DataError) as raised:
+        load_dataset(data_config(_manifest(tmp_path, text)))
+    assert "line 9 has an empty 'image' cell" in str(raised.value)

@@ -20,7 +20,7 @@ from evalharness.checks.probes import header_check
 from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
 from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
+from evalharness.data.nifti_io import load_label, require_file
 from evalharness.errors import CaseError, ConfigError, first_line
 from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
@@ -72,13 +72,11 @@ def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
 
 def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
     """Read and preprocess the image, read the label, and check both share one grid."""
-    if not case.image.is_file():
-        raise CaseError(f"{case.image}: image file not found")
+    require_file(case.image, "image")
     prepared = prepare_image(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
-        if not case.label.is_file():
-            raise CaseError(f"{case.label}: label file not found")
+        require_file(case.label, "label")
         gt_labels, gt_affine = load_label(case.label)
         check_same_grid(case, prepared, gt_labels.shape, gt_affine)
     return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)

@@ -22,6 +22,13 @@ HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
 log = logging.getLogger(__name__)
 
 
+def no_label_row(case_id: str, label: int) -> dict:
+    """The row of a case its dataset lists without a label file: status ``no_label``, and
+    why it is not scored (it counts as failed)."""
+    reason = "no label file listed for this case (nothing to score against)"
+    return {"case": case_id, "label": label, "status": "no_label", "error": reason}
+
+
 def failure_rows(case_id: str, labels: Sequence[int], error: str, seconds: float) -> list[dict]:
     """Rows recording that a case failed: metrics NaN, status failed, the one-line error."""
     return [
