@@ -101,3 +101,22 @@ def test_torchscript_is_loaded_by_content_not_name(tmp_path: Path):
     assert loaded.loader == "torchscript"
     x = torch.randn(1, 1, 4, 4, 4)
     assert torch.equal(_forward(loaded.network, x), _forward(scripted, x))
+
+
+def test_a_corrupt_safetensors_file_says_what_is_wrong_with_it(tmp_path: Path):
+    source = (RUN / "model" / "best_model.safetensors").read_bytes()
+    header = int.from_bytes(source[:8], "little")
+    corrupt = {  # name -> (bytes, what the one line says)
+        "short_data": (source[:-1000], "unreadable safetensors file ("),
+        "huge_length": ((1 << 62).to_bytes(8, "little") + source[8:], "header length 46116"),
+        "cut_header": (source[: 8 + header // 2], "more than the file holds after it"),
+        "bad_json": (source[:8] + b'{"x' + b" " * (header - 3) + source[8 + header :], "header ("),
+    }
+    for name, (data, expected) in corrupt.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(SourceError) as raised:
+            load_model_file(path)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: ") and expected in message, message
+        assert "safetensors" in message and "\n" not in message and "unpickling" not in message

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from evalharness.errors import SourceError, first_line
@@ -126,7 +127,10 @@ def _rebuilt(
 def _from_safetensors(
     path: Path, metadata: Mapping[str, str], arch: Mapping[str, Any] | None
 ) -> LoadedModel:
-    state = load_safetensors(str(path), device="cpu")
+    try:
+        state = load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:  # e.g. data shorter than the header's offsets
+        raise SourceError(f"{path}: unreadable safetensors file ({first_line(error)})") from None
     if arch is None:
         return _rebuilt(state, metadata, path, "safetensors")
     network = _instantiate(arch, path)

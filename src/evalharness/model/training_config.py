@@ -244,21 +244,30 @@ def training_config_from_file(path: Path, name: str) -> TrainingConfig:
 def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
     """The ``__metadata__`` of a safetensors file, or None when ``path`` is not one.
 
-    The format: an 8-byte little-endian header length, then a JSON header.
-    """
+    The format: an 8-byte little-endian header length, then a JSON header (``{"...``). A file
+    that starts so but whose length or header is wrong is a `SourceError` saying what."""
     with open(path, "rb") as stream:
-        head = stream.read(8)
-        if len(head) < 8:
+        head = stream.read(10)
+        if len(head) < 10 or head[8:9] != b"{" or head[9:10] not in (b'"', b"}"):
             return None
-        size = int.from_bytes(head, "little")
-        if not 2 <= size <= min(_MAX_SAFETENSORS_HEADER, os.path.getsize(path) - 8):
-            return None
+        size = int.from_bytes(head[:8], "little")
+        available = os.path.getsize(path) - 8
+        if size > min(_MAX_SAFETENSORS_HEADER, available):
+            raise SourceError(
+                f"{path}: safetensors header length {size} bytes is more than "
+                f"{'the file holds after it' if size > available else 'any header needs'} "
+                f"({available} bytes follow; the file is truncated or corrupt)"
+            )
+        stream.seek(8)
         raw = stream.read(size)
     try:
-        header = json.loads(raw) if raw.startswith(b"{") else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{path}: unreadable safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def training_config_from_safetensors(path: Path) -> TrainingConfig:
