@@ -24,6 +24,7 @@ MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
 RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
 DEFAULT_RESTORE = "bspline"
+MISSING_POLICIES = ("nan", "worst")  # metrics.missing
 MODEL_RUN_KEYS = ("run_id", "uri", "run_name")
 """The ways of naming a training run; at most one may be set."""
 MODEL_MEMBER_KEYS = ("run_id", "uri", "path")

@@ -9,7 +9,6 @@ from __future__ import annotations
 from evalharness.config import rules
 from evalharness.config.schema import EvalConfig, MetricsConfig
 from evalharness.errors import ConfigError
-from evalharness.score.options import MISSING_POLICIES
 
 
 def validate(config: EvalConfig) -> None:
@@ -79,7 +78,7 @@ def _saved_predictions(config: EvalConfig) -> None:
 
 def check_metrics(metrics: MetricsConfig) -> None:
     """The ``metrics`` group: one line per rule, naming the key."""
-    rules.choice("metrics.missing", metrics.missing, MISSING_POLICIES)
+    rules.choice("metrics.missing", metrics.missing, rules.MISSING_POLICIES)
     if not 0.0 <= metrics.lesion_min_iou <= 1.0:
         raise ConfigError(f"metrics.lesion_min_iou={metrics.lesion_min_iou}: expected [0, 1]")
     if metrics.min_lesion_mm3 < 0:

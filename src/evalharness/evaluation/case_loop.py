@@ -20,9 +20,12 @@ from tqdm.auto import tqdm
 
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.probes import mirror_probe, spacing_check
+from evalharness.config.schema import MetricsConfig, ModelConfig
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
+from evalharness.model.loaders import LoadedModel
+from evalharness.model.sources import ResolvedModel
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.pipeline import (
     CaseInputs,
@@ -34,7 +37,6 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable, failure_rows, no_label_row
 from evalharness.score.worst_cases import WorstCases
 
@@ -55,6 +57,20 @@ class CaseSink(Protocol):
     def findings(self, findings: list[Mismatch]) -> None: ...
 
     def prediction_saved(self, path: Path) -> None: ...
+
+
+class Reuse(Protocol):
+    """What a sweep keeps for the settings that follow (`sweep.cache.SweepCache` implements it,
+    so evaluation never imports the sweep): the loaded model, each case's inputs and the
+    per-patch model outputs of a forward key. What it returns is shared: read-only."""
+
+    def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel: ...
+
+    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs: ...
+
+    def patch_outputs(
+        self, case: Case, settings: PreprocessSettings, forward_key: str
+    ) -> OutputStore: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +128,7 @@ class LoopOptions:
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
     gallery_k: int = 3  # worst cases per label kept for the gallery
-    metrics: MetricOptions = field(default_factory=MetricOptions)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def case_step(
@@ -297,7 +313,7 @@ def _lane_case(
 
 
 def _score(
-    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricOptions
+    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricsConfig
 ) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:

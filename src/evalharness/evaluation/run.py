@@ -33,7 +33,7 @@ from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.errors import ConfigError
-from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, run_cases
+from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, Reuse, run_cases
 from evalharness.evaluation.lifecycle import (
     EXIT_CASES_FAILED,
     EXIT_ERROR,
@@ -47,6 +47,7 @@ from evalharness.evaluation.lifecycle import (
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
+from evalharness.evaluation.run_report import log_results, print_summary, run_context
 from evalharness.evaluation.saved import (
     SavedPlan,
     plan_saved,
@@ -58,12 +59,9 @@ from evalharness.evaluation.saved import (
 from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import forward_key, load_case_inputs
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
-from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
-from evalharness.track.report import log_results, print_summary, run_context
 
 log = logging.getLogger(__name__)
 ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
@@ -75,7 +73,7 @@ def evaluate(
     output_dir: Path,
     parent_run_id: str | None = None,
     skip_finished: bool = False,
-    cache: SweepCache | None = None,
+    cache: Reuse | None = None,
     complete: ConfigCompletion | None = None,
     share_forward: bool = False,
 ) -> Outcome:
@@ -141,7 +139,7 @@ def open_evaluation(
     output_dir: Path,
     run: LazyRun,
     skip_finished: bool,
-    cache: SweepCache | None,
+    cache: Reuse | None,
 ) -> Opened | Outcome:
     """Plan, skip a finished setting (`skip_finished`: its outcome), prepare, create the run
     and log its parameters, tags, configuration, dataset and config-level findings."""
@@ -202,7 +200,7 @@ def open_evaluation(
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
         gallery_k=config.output.gallery_k,
-        metrics=MetricOptions.from_mapping(as_dict(config.metrics)),
+        metrics=config.metrics,
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
@@ -210,9 +208,9 @@ def open_evaluation(
 
 
 def run_model_cases(
-    opened: Opened, cache: SweepCache | None, outputs_for: OutputsFor | None
+    opened: Opened, cache: Reuse | None, outputs_for: OutputsFor | None
 ) -> Extremes:
-    """The cases of one opened evaluation, on its own (a sweep group: `evaluation.group`)."""
+    """The cases of one opened evaluation, on its own (a sweep group: `sweep.group_pass`)."""
     if opened.saved:
         return run_saved_cases(opened.ev, opened.table, opened.sink, opened.options)
     reset_peak_memory(opened.ev.device)
@@ -251,9 +249,7 @@ def close_evaluation(opened: Opened, extremes: Extremes) -> Outcome:
     return Outcome(code, run_id, case_ids=run.case_ids)
 
 
-def outputs_for_sweep(
-    config: EvalConfig, ev: Evaluation, cache: SweepCache | None
-) -> OutputsFor | None:
+def outputs_for_sweep(config: EvalConfig, ev: Evaluation, cache: Reuse | None) -> OutputsFor | None:
     """The case -> patch-output store of this setting's forward key in the sweep cache."""
     if cache is None:
         return None

@@ -18,7 +18,7 @@ Keys say exactly what decides a value, so a hit can never serve something stale:
   one flip, float32 on the CPU: about (patches x patch voxels x K') x 4 bytes, K' the output
   channels (1 for two classes) -- for an overlap of half the patch about 8 times the case's
   probability volume. A case whose entry does not fit the budget is recomputed. A sweep
-  group (`evaluation.group`, case by case) needs one case's entries at a time; settings that
+  group (`sweep.group_pass`, case by case) needs one case's entries at a time; settings that
   share one after another (sweepers other than the basic one) need every case's to stay.
 
 Cached values are shared, never copied: consumers must treat them as read-only (the pipeline
@@ -40,8 +40,7 @@ import torch
 from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
-from evalharness.evaluation.plan import load_resolved_model
-from evalharness.model.loaders import LoadedModel
+from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.sources import ResolvedModel
 from evalharness.predict.patch_outputs import Flip, PatchOutputs
 from evalharness.predict.pipeline import CaseInputs, load_case_inputs
@@ -150,7 +149,7 @@ class SweepCache:
             return Counters(**self._counts)
 
     def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-        """`evaluation.load_resolved_model`, once per artifact checksum and loading options
+        """`model.loaders.load_resolved_model`, once per artifact checksum and loading options
         (an ensemble: once per member)."""
         options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
         key = ("model", resolved.sha256, stable_hash(options))

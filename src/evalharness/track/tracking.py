@@ -10,23 +10,22 @@ import contextlib
 import errno
 import functools
 import json
-import logging
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pandas as pd
-from filelock import FileLock
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
 from evalharness.errors import HarnessError, StoreError, first_line
+from evalharness.mlflow_client import client_for, local_store_path, store_lock
 
 MAX_PARAM_CHARS = 6000
 BATCH = 100
@@ -42,20 +41,6 @@ T = TypeVar("T")
 def default_tracking_uri(cwd: Path) -> str:
     """``sqlite:///<cwd>/outputs/mlflow.db`` as an absolute URI."""
     return f"sqlite:///{(cwd / 'outputs' / 'mlflow.db').resolve()}"
-
-
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The SQLite file or file-store folder behind `tracking_uri`; None for other stores."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
-        path = unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
-    elif parsed.scheme == "file":
-        path = unquote(parsed.path)
-    elif parsed.scheme == "" and tracking_uri:
-        path = tracking_uri
-    else:
-        return None
-    return Path(path) if path and path != ":memory:" else None
 
 
 def absolute_tracking_uri(tracking_uri: str) -> str:
@@ -80,42 +65,6 @@ def artifact_location(tracking_uri: str) -> str | None:
     if urlparse(tracking_uri).scheme != "sqlite" or path is None:
         return None
     return (path.absolute().parent / "mlartifacts").as_uri()
-
-
-@contextlib.contextmanager
-def store_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise first use of a local store across processes (SQLite migrations collide)."""
-    path = local_store_path(tracking_uri)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(path.name + ".lock")), timeout=300):
-        yield
-
-
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-"""The one HTTP policy for every tracking server the harness talks to (evaluation and
-training stores): a bounded wait on an unreachable server. A value the user exported wins."""
-
-
-def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
-    """An `MlflowClient` for `tracking_uri` under the harness's process-wide MLflow defaults:
-    `HTTP_DEFAULTS`, no download progress bars (ours is per case), file stores allowed."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if urlparse(tracking_uri).scheme in ("file", ""):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    for name, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    # MLflow logs every database error with its traceback; `store_write` reports each on one
-    # line (hydra.verbose=true shows the traceback).
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-    with store_lock(tracking_uri):  # a SQLite client creates and migrates its store right here
-        return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
 def prepare_store(tracking_uri: str) -> MlflowClient:
