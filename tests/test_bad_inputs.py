@@ -38,6 +38,7 @@ from tiny import (
     write_dataset,
 )
 
+from evalharness.cli import unparsable_override
 from evalharness.data.nifti_io import write_nifti
 
 IMAGE, LABEL = Path("imagesTr/bad.nii.gz"), Path("labelsTr/bad.nii.gz")
@@ -445,6 +446,29 @@ def test_unreachable_tracking_server_stops_within_bounded_time(
     assert_run_failed(result, f"cannot read run 'abc' from {uri}")
 
 
+def test_a_typo_in_the_store_scheme_and_a_deleted_experiment(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    typo = f"sqlit:///{tmp_path / 'mlflow.db'}"
+    result = evaluate(world, tmp_path, capsys, f"mlflow.tracking_uri={typo}")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.tracking_uri={typo}: unknown tracking URI scheme 'sqlit' (expected "
+        "sqlite:///<file>, file:<folder>, http(s)://<server>, a database URL or a path)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=world.uri)
+    deleted = client.create_experiment("deleted")
+    client.delete_experiment(deleted)
+    result = evaluate(world, tmp_path, capsys, "mlflow.experiment=deleted")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.experiment=deleted: the experiment is deleted in {world.uri} (restore "
+        f"it: mlflow experiments restore --experiment-id {deleted}, or choose another "
+        "mlflow.experiment)"
+    ]
+
+
 def test_trusting_a_pickle_is_tagged_on_the_run(world: World, tmp_path: Path, capsys) -> None:
     result = evaluate(world, tmp_path, capsys, "model.trust_pickle=true")
     assert result.outcome.code == 0
@@ -493,6 +517,22 @@ def test_cli_typo_in_a_config_key(world: World, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Key 'sise' not in 'PatchConfig'" in result.stderr  # Hydra's own message
     assert "Traceback" not in result.stderr
+
+
+def test_cli_characters_hydra_cannot_parse_unquoted(world: World, tmp_path: Path) -> None:
+    """A data root with ``ü`` (or ``(``) unquoted: one `error:` line saying how to quote it,
+    not Hydra's lexer exception; no run (the configuration never started)."""
+    overrides = cli_overrides(world, tmp_path, "lexer")
+    result = run_cli(tmp_path, *overrides, "data.root=/data/Müller")
+    assert_cli_failed(
+        result,
+        "error: data.root=/data/Müller: Hydra cannot parse this override (unexpected "
+        "character 'ü' at column 18); quote the value: 'data.root=\"/data/Müller\"'",
+    )
+    assert "LexerNoViableAltException" not in result.stderr
+    assert MlflowClient(tracking_uri=world.uri).get_experiment_by_name("lexer") is None
+    assert "mismatched input '('" in unparsable_override(["-m", "data.root=/data/a(1)"])
+    assert unparsable_override(["data.root='/data/a(1)'", "--cfg", "job"]) is None
 
 
 def test_cli_outputs_folder_under_a_file(world: World, tmp_path: Path) -> None:

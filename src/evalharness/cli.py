@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -138,6 +140,32 @@ def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[Group
     return tuple(members)
 
 
+def unparsable_override(argv: Sequence[str]) -> str | None:
+    """One line for the first command-line override Hydra's grammar cannot parse (a value
+    with ``(``, ``ü``, ... unquoted), naming it, where and how to quote it; None if all parse."""
+    try:
+        overrides = get_args_parser().parse_known_args(list(argv))[0].overrides or []
+    except SystemExit:  # an argument error: Hydra reports it itself
+        return None
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as error:
+            lines = str(error).splitlines()
+            reason = lines[0]
+            if reason.startswith("LexerNoViableAltException") and len(lines) > 1:
+                column = lines[1].find("^") - len("LexerNoViableAltException: ")
+                if 0 <= column < len(override):
+                    reason = f"unexpected character {override[column]!r} at column {column + 1}"
+            key, _, value = override.partition("=")
+            return (
+                f"{override}: Hydra cannot parse this override ({reason}); quote the value: "
+                f"'{key}=\"{value}\"'"
+            )
+    return None
+
+
 class OutputsCheck(Callback):
     """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
 
@@ -163,6 +191,10 @@ def main() -> None:
     closes the open runs KILLED (on their way out), prints one line, and exits 128 + the
     signal's number (130 Ctrl-C, 143 SIGTERM); the same command then resumes."""
     stop_on_sigterm()
+    unparsable = unparsable_override(sys.argv[1:])
+    if unparsable is not None:
+        print(f"error: {unparsable}", file=sys.stderr)
+        sys.exit(1)
     try:
         hydra_main()
     except KeyboardInterrupt as stop:

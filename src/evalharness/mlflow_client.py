@@ -15,6 +15,8 @@ from urllib.parse import unquote, urlparse
 from filelock import FileLock
 from mlflow.tracking import MlflowClient
 
+from evalharness.errors import ConfigError
+
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -24,9 +26,37 @@ HTTP_DEFAULTS = {
 training stores): a bounded wait on an unreachable server. A value the user exported wins."""
 
 
+KNOWN_SCHEMES = frozenset(
+    {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+    | {"databricks-uc", "uc"}
+)
+"""Tracking URI schemes MLflow serves (a SQLAlchemy ``dialect+driver`` counts as its dialect),
+besides the schemes of installed store plugins."""
+
+
+def check_scheme(tracking_uri: str) -> None:
+    """`ConfigError` for a scheme no MLflow store serves (``sqlit:///...``): MLflow's own
+    message would be about its model registry."""
+    scheme = urlparse(tracking_uri).scheme.split("+")[0]
+    if scheme in KNOWN_SCHEMES or (len(scheme) == 1 and os.name == "nt"):  # C:\ paths
+        return
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        plugins = set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):
+        plugins = set()
+    if scheme not in plugins:
+        expected = "sqlite:///<file>, file:<folder>, http(s)://<server>, a database URL or a path"
+        raise ConfigError(
+            f"{tracking_uri}: unknown tracking URI scheme {scheme!r} (expected {expected})"
+        )
+
+
 def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
     """An `MlflowClient` for `tracking_uri` under the harness's process-wide MLflow defaults:
     `HTTP_DEFAULTS`, no download progress bars (ours is per case), file stores allowed."""
+    check_scheme(tracking_uri)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if urlparse(tracking_uri).scheme in ("file", ""):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -142,6 +142,9 @@ def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
 
 def store_error(uri: str, error: Exception) -> str:
     """One line for an unusable tracking store; a server that does not answer said plainly."""
+    if isinstance(error, HarnessError):  # says what is wrong already
+        message = one_line(error)
+        return f"mlflow.tracking_uri={message}" if message.startswith(f"{uri}:") else message
     cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
     if not isinstance(cause, RequestException):
         return f"mlflow.tracking_uri={uri}: {one_line(error)}"

@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 
-from evalharness.errors import HarnessError, StoreError, first_line
+from evalharness.errors import ConfigError, HarnessError, StoreError, first_line
 from evalharness.mlflow_client import client_for, local_store_path, store_lock
 
 MAX_PARAM_CHARS = 6000
@@ -83,6 +83,12 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     """
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"mlflow.experiment={name}: the experiment is deleted in {tracking_uri} (restore "
+                f"it: mlflow experiments restore --experiment-id {experiment.experiment_id}, "
+                "or choose another mlflow.experiment)"
+            )
         if experiment is None:
             return client.create_experiment(
                 name,
