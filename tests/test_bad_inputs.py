@@ -446,7 +446,7 @@ def test_unreachable_tracking_server_stops_within_bounded_time(
     assert_run_failed(result, f"cannot read run 'abc' from {uri}")
 
 
-def test_a_typo_in_the_store_scheme_and_a_deleted_experiment(
+def test_a_typo_in_the_store_scheme_a_store_that_is_no_database_and_a_deleted_experiment(
     world: World, tmp_path: Path, capsys
 ) -> None:
     typo = f"sqlit:///{tmp_path / 'mlflow.db'}"
@@ -457,6 +457,13 @@ def test_a_typo_in_the_store_scheme_and_a_deleted_experiment(
         "sqlite:///<file>, file:<folder>, http(s)://<server>, a database URL or a path)"
     ]
     assert not (tmp_path / "mlflow.db").exists()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    result = evaluate(world, tmp_path, capsys, f"mlflow.tracking_uri=sqlite:///{garbage}")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.tracking_uri=sqlite:///{garbage}: file is not a database"
+    ]
     client = MlflowClient(tracking_uri=world.uri)
     deleted = client.create_experiment("deleted")
     client.delete_experiment(deleted)

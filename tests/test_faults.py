@@ -28,7 +28,7 @@ from tiny import (
     write_dataset,
 )
 
-from evalharness.errors import CaseError
+from evalharness.errors import STOP_SIGNALS, CaseError, Stopped, sigterm_seen, stop_on_sigterm
 from evalharness.predict.memory import MB, aggregation_bytes, plan_buffers, plan_for
 from evalharness.track.tracking import prepare_store
 
@@ -314,3 +314,24 @@ def test_sigterm_and_ctrl_c_close_a_single_evaluation_as_killed(tmp_path: Path, 
     assert second.data.tags["evalharness.resumed_from"] == first.info.run_id
     kept = pd.read_csv(client.download_artifacts(first.info.run_id, "per_case.csv", str(tmp_path)))
     assert 1 <= len(kept) < 4 and (kept["status"] == "ok").all()
+
+
+def test_sighup_and_sigterm_unwind_like_ctrl_c_once() -> None:
+    """A closed terminal (SIGHUP) stops like SIGTERM; a second stop signal while the runs are
+    being closed is ignored (the handler is this process's real one, signals really sent)."""
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        for sent in (signal.SIGHUP, signal.SIGTERM):
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            stop_on_sigterm()
+            with pytest.raises(Stopped) as stopped:
+                os.kill(os.getpid(), sent)
+                time.sleep(5)  # the handler raises at the next bytecode
+            assert (stopped.value.signum, stopped.value.name) == (sent, sent.name)
+            assert sigterm_seen()
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored now: no second interruption
+            assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

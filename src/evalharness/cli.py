@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import sys
 import typing
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
 from evalharness.demo.build import ensure_demo
 from evalharness.demo.spec import DEMO, TINY
-from evalharness.errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, Stopped, stop_on_sigterm
+from evalharness.errors import ConfigError, Stopped, stop_on_sigterm
 from evalharness.evaluation.lifecycle import Outcome, record_failure
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import evaluate
@@ -187,9 +188,9 @@ register_configs()
 
 
 def main() -> None:
-    """The command: Hydra's entry point, with SIGTERM unwinding like Ctrl-C. Either signal
+    """The command: Hydra's entry point, with SIGTERM and SIGHUP unwinding like Ctrl-C. Each
     closes the open runs KILLED (on their way out), prints one line, and exits 128 + the
-    signal's number (130 Ctrl-C, 143 SIGTERM); the same command then resumes."""
+    signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); the same command then resumes."""
     stop_on_sigterm()
     unparsable = unparsable_override(sys.argv[1:])
     if unparsable is not None:
@@ -198,13 +199,15 @@ def main() -> None:
     try:
         hydra_main()
     except KeyboardInterrupt as stop:
-        term = isinstance(stop, Stopped)
+        name, signum = (
+            (stop.name, stop.signum) if isinstance(stop, Stopped) else ("Ctrl-C", signal.SIGINT)
+        )
         print(
-            f"stopped by {'SIGTERM' if term else 'Ctrl-C'}: any run in progress was closed as "
-            "KILLED; the same command resumes it",
+            f"stopped by {name}: any run in progress was closed as KILLED; the same command "
+            "resumes it",
             file=sys.stderr,
         )
-        sys.exit(EXIT_SIGTERM if term else EXIT_SIGINT)
+        sys.exit(128 + signum)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

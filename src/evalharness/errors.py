@@ -2,8 +2,9 @@
 
 The CLI prints ``str(error)`` without a traceback (unless ``hydra.verbose`` is set), marks the
 MLflow run FAILED with the message as a tag, and exits non-zero. A stop by signal (Ctrl-C,
-SIGTERM) unwinds as `KeyboardInterrupt` so that every open run is closed KILLED on the way out;
-the shell then exits 128 + the signal's number (130, 143), as shells report a killed process.
+SIGTERM, SIGHUP) unwinds as `KeyboardInterrupt` so that every open run is closed KILLED on the
+way out; the shell then exits 128 + the signal's number (130, 143, 129), as shells report a
+process a signal ended.
 """
 
 import contextlib
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 _SIGTERM_SEEN = threading.Event()
 
 
@@ -63,31 +63,45 @@ def first_line(error: BaseException) -> str:
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop or time-out, ``kill``), raised where Python was running."""
+    """SIGTERM (a scheduler's stop or time-out, ``kill``) or SIGHUP (the terminal closed),
+    raised where Python was running."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_on_sigterm() -> None:
-    """Let SIGTERM unwind like Ctrl-C (`Stopped`), so runs get closed, not left RUNNING.
-
-    Only from the main thread, and only where nobody else handles SIGTERM."""
+    """Let SIGTERM and SIGHUP unwind like Ctrl-C (`Stopped`), so runs get closed, not left
+    RUNNING. Only from the main thread, and only where nobody else handles the signal
+    (``nohup`` ignores SIGHUP: it stays ignored)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _stop):
-        signal.signal(signal.SIGTERM, _stop)
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) in (signal.SIG_DFL, _stop):
+            signal.signal(signum, _stop)
 
 
 def sigterm_seen() -> bool:
-    """Whether this process got SIGTERM (its scheduler's kill follows soon)."""
+    """Whether this process got SIGTERM or SIGHUP (its scheduler's kill follows soon)."""
     return _SIGTERM_SEEN.is_set()
 
 
 def _stop(signum: int, frame: Any) -> None:
-    """Raise `Stopped` now; a second SIGTERM is ignored so the runs' closing is not cut short.
-    Should it land where Python ignores exceptions (a weakref callback, a ``__del__``), the
-    sweep raises it again after the running job (`sigterm_seen`)."""
+    """Raise `Stopped` now; a second stop signal is ignored so the runs' closing is not cut
+    short. Should it land where Python ignores exceptions (a weakref callback, a ``__del__``),
+    the sweep raises it again after the running job (`sigterm_seen`)."""
     _SIGTERM_SEEN.set()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Stopped(f"stopped by signal {signum}")
+    for other in STOP_SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 @contextlib.contextmanager

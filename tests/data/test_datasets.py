@@ -283,6 +283,11 @@ def _dataset_json(tmp_path: Path, text: str) -> dict:
             "dataset.json: unreadable dataset.json",
         ),
         (
+            lambda t: _dataset_json(t, "[" * 100_000 + "]" * 100_000),
+            DataError,
+            "dataset.json: unreadable dataset.json (maximum recursion depth exceeded",
+        ),
+        (
             lambda t: _dataset_json(t, json.dumps({"training": [{"image": "a/x.nii"}] * 2})),
             DataError,
             "dataset.json: duplicate case ids x",

@@ -178,7 +178,7 @@ def _read_decathlon(path: Path) -> tuple[list[Case], dict[int, str]]:
     """Cases of dataset.json's "training" list (file order) and its "labels" names."""
     try:
         content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # JSON errors, too deep
         raise DataError(f"{path}: unreadable dataset.json ({exc})".replace("\n", " ")) from exc
     training = content.get("training") if isinstance(content, dict) else None
     if not isinstance(training, list) or not training:

@@ -147,7 +147,7 @@ def store_error(uri: str, error: Exception) -> str:
         return f"mlflow.tracking_uri={message}" if message.startswith(f"{uri}:") else message
     cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
     if not isinstance(cause, RequestException):
-        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
+        return f"mlflow.tracking_uri={uri}: {tracking.write_failure(error) or one_line(error)}"
     reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
     return (
         f"mlflow.tracking_uri={uri}: cannot reach the tracking server "

@@ -98,7 +98,7 @@ def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path
 def _json_metadata(metadata: Mapping[str, str], key: str, default: str, path: Path) -> Any:
     try:
         return json.loads(metadata.get(key) or default)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(f"{path}: unreadable safetensors metadata '{key}' ({error})") from None
 
 

@@ -236,7 +236,7 @@ def training_config_from_file(path: Path, name: str) -> TrainingConfig:
         return parse_patch_config(load_data_pickle(path), "patch_config.pkl")
     try:
         raw = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
         raise SourceError(f"{name}: not valid JSON ({error})") from None
     return parse_patch_config(raw, "patch_config.json")
 
@@ -262,7 +262,7 @@ def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
         raw = stream.read(size)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
         raise SourceError(f"{path}: unreadable safetensors header ({error})") from None
     if not isinstance(header, dict):
         raise SourceError(f"{path}: safetensors header is not a JSON object")
@@ -275,7 +275,7 @@ def training_config_from_safetensors(path: Path) -> TrainingConfig:
     metadata = read_safetensors_metadata(path) or {}
     try:
         inference_config = json.loads(metadata.get("inference_config") or "{}")
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(f"{path}: unreadable inference_config ({error})") from None
     if not isinstance(inference_config, Mapping):
         return TrainingConfig()
@@ -292,7 +292,7 @@ def parse_transformations(text: str) -> tuple[dict, ...]:
     """The ``transformations`` param (JSON list of ``{"name", "params"}``) as plain dicts."""
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(
             f"training run param {TRANSFORMATIONS_PARAM}: not JSON ({error})"
         ) from None

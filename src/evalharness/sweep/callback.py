@@ -141,7 +141,7 @@ class SweepCallback(Callback):
             refresh(self.sweep_dir, self.state, final=False)
             self.refreshed_at = time.monotonic()
         if sigterm_seen():
-            raise Stopped("stopped by SIGTERM")  # not an Exception: ends the sweep
+            raise Stopped()  # not an Exception: ends the sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.state is None or self.closed:

@@ -151,11 +151,12 @@ WRITE_ERRNOS = frozenset(
 
 def write_failure(error: BaseException) -> str | None:
     """Why a write failed, in a few words (``No space left on device``, ``database or disk is
-    full``), or None when `error` is no failed write."""
+    full``, ``file is not a database``), or None when `error` is no failed write or SQLite
+    error."""
     for link in (error, error.__cause__, error.__context__):
         if isinstance(link, OSError) and link.errno in WRITE_ERRNOS:
             return os.strerror(link.errno)
-    sqlite = re.search(r"\(sqlite3\.OperationalError\) ([^\[\n]+)", str(error))
+    sqlite = re.search(r"\(sqlite3\.\w+\) ([^\[\n]+)", str(error))
     return sqlite.group(1).strip() if sqlite else None
 
 
