@@ -3,6 +3,7 @@ TorchScript give the same networks, and unsafe or unloadable files are refused b
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -120,3 +121,18 @@ def test_a_corrupt_safetensors_file_says_what_is_wrong_with_it(tmp_path: Path):
         message = str(raised.value)
         assert message.startswith(f"{path}: ") and expected in message, message
         assert "safetensors" in message and "\n" not in message and "unpickling" not in message
+
+
+def test_metadata_describing_a_huge_network_is_refused_before_any_allocation(tmp_path: Path):
+    """A file's arch_kwargs decide what gets allocated: 120 GiB of UNet from a 16-byte file
+    would exhaust the memory; it is measured on the meta device and refused."""
+    arch = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "strides": [2, 2, 2]}
+    arch["channels"] = [4096, 8192, 16384, 32768]
+    path = tmp_path / "huge.safetensors"
+    save_file(
+        {"w": torch.zeros(4)},
+        str(path),
+        metadata={"arch_id": "monai.unet", "arch_kwargs": json.dumps(arch)},
+    )
+    with pytest.raises(SourceError, match=r"arch_kwargs describe a network of 120962 MiB"):
+        load_model_file(path)

@@ -116,7 +116,8 @@ def _rebuilt(
 ) -> LoadedModel:
     """fastMONAI's ``load_safetensors_model``: rebuild, compare ``repr``, strict load."""
     spec = model_spec(metadata, path)
-    network = build_network(spec, path)
+    stored = sum(t.numel() * t.element_size() for t in state.values())
+    network = build_network(spec, path, max_bytes=2 * stored + 16 * 2**20)
     check_repr(network, spec, path)
     _load_weights(network, with_shared_aliases(network, state), path)
     arch_info = {"arch_id": spec.arch_id, "arch_kwargs": spec.arch_kwargs}
