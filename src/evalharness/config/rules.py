@@ -16,7 +16,8 @@ from evalharness.errors import ConfigError
 
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_LAYOUTS = ("demo", "decathlon", "csv")
+DATA_LAYOUTS = ("demo", "decathlon", "csv", "nnunet")
+MODEL_FAMILIES = ("nnunet",)  # besides null: fastMONAI/MONAI model files and runs
 SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 MODEL_ROLES = ("best", "final")
 CASE_ERROR_POLICIES = ("continue", "stop")

@@ -44,6 +44,10 @@ class ModelConfig:
     trust_pickle: bool = False
     arch: Any = None
     cache_dir: str | None = None
+    family: str | None = None  # null: fastMONAI/MONAI files and runs; nnunet: a model folder
+    folds: Any = None  # nnU-Net: fold numbers (several: an ensemble); null: every fold found
+    checkpoint: str | None = None  # nnU-Net: checkpoint file of each fold (checkpoint_final.pth)
+    splits: str | None = None  # nnU-Net: splits_final.json (null: found beside the model)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.name", data.name, rules.DATA_LAYOUTS)
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
+    if config.model.family is not None:
+        rules.choice("model.family", config.model.family, rules.MODEL_FAMILIES)
     rules.choice("inference.device", inference.device, rules.DEVICES)
     rules.choice("inference.restore", inference.restore, rules.RESTORE_METHODS)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)

@@ -26,6 +26,7 @@ from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
 from evalharness.model.loaders import LoadedModel
 from evalharness.model.sources import ResolvedModel
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.pipeline import (
     CaseInputs,
@@ -66,7 +67,9 @@ class Reuse(Protocol):
 
     def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel: ...
 
-    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs: ...
+    def load_inputs(
+        self, case: Case, settings: PreprocessSettings, family: ModelFamily | None = None
+    ) -> CaseInputs: ...
 
     def patch_outputs(
         self, case: Case, settings: PreprocessSettings, forward_key: str
@@ -145,17 +148,22 @@ def case_step(
     def step(inputs: CaseInputs, case_counts: ForwardCounts) -> tuple[list[dict], list[Mismatch]]:
         check_inputs(inputs, ev.n_input_channels, allowed)
         case = inputs.case
-        prediction = predict(
-            ev.model,
-            inputs.prepared,
-            ev.settings,
-            ev.device,
-            ev.n_output_channels,
-            options.max_device_memory_mb,
-            keep_probabilities=options.metrics.calibration,
-            outputs=outputs_for(case, pre) if outputs_for else None,
-            counts=case_counts,
-        )
+        outputs = outputs_for(case, pre) if outputs_for else None
+        if ev.family is not None:  # a family that predicts its own way (nnU-Net)
+            keep = options.metrics.calibration
+            prediction = ev.family.predict(inputs, keep, outputs, case_counts)
+        else:
+            prediction = predict(
+                ev.model,
+                inputs.prepared,
+                ev.settings,
+                ev.device,
+                ev.n_output_channels,
+                options.max_device_memory_mb,
+                keep_probabilities=options.metrics.calibration,
+                outputs=outputs,
+                counts=case_counts,
+            )
         rows = _score(inputs, prediction, labels, options.metrics)
         case_findings = _probe(ev, inputs, prediction.labels)
         native = inputs.prepared.native
@@ -182,6 +190,8 @@ def run_cases(
     """
     step, extremes = case_step(ev, sink, options, outputs_for)
     pre = preprocess_settings(ev.settings)
+    if ev.family is not None and load_inputs is load_case_inputs:
+        load_inputs = ev.family.load_inputs
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     load = lambda case: load_inputs(case, pre)  # noqa: E731
     loop_cases(cases, list(ev.labels), table, sink, options, load, step, counts)

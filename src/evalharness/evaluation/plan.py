@@ -37,6 +37,7 @@ from evalharness.model.members import (
 from evalharness.model.sources import ResolvedModel, resolve_model
 from evalharness.model.training_config import TrainingConfig
 from evalharness.predict.ensemble import Ensemble
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -62,6 +63,7 @@ class Evaluation:
     loaded_members: tuple[LoadedModel, ...] = ()
     network: torch.nn.Module | None = None  # what the sliding window runs (an Ensemble or not)
     training: TrainingConfig | None = None  # the members' agreed training configuration
+    family: ModelFamily | None = None  # a family's own inference (nnU-Net); None: the harness's
 
     @property
     def model(self) -> torch.nn.Module:
@@ -82,6 +84,7 @@ class Plan:
     members: tuple[ResolvedModel, ...] = ()
     training: TrainingConfig | None = None
     split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
+    family: Any = None  # a family's own model description (nnU-Net: its `NnunetModel`)
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
@@ -199,6 +202,9 @@ def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
     return [1] if n_channels == 1 else list(range(1, n_channels))
 
 
+PROBABILITY_RULE = "mean of probabilities over flips and ensemble members (fastMONAI, MONAI)"
+
+
 def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
     """Provenance tags of an evaluation run."""
     resolved = ev.resolved
@@ -224,6 +230,8 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        "evalharness.combine_rule": PROBABILITY_RULE,
+        **(ev.family.tags() if ev.family is not None else {}),
     }
 
 

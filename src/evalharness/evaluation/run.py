@@ -11,6 +11,7 @@ model-free plan and no prepare step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -44,6 +45,7 @@ from evalharness.evaluation.lifecycle import (
     store_error,
     tracking_uri_of,
 )
+from evalharness.evaluation.nnunet_plan import is_nnunet, plan_nnunet, prepare_nnunet
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
@@ -149,7 +151,7 @@ def open_evaluation(
     if saved:
         planned = plan_saved(config, uri, output_dir / "saved_predictions")
     else:
-        planned = plan(config, uri)
+        planned = plan_nnunet(config, uri) if is_nnunet(config) else plan(config, uri)
     run.case_ids = tuple(c.case_id for c in planned.dataset.cases)
     client = run.client
     earlier = tracking.runs_with_tag(
@@ -170,7 +172,10 @@ def open_evaluation(
                 file=sys.stderr,
             )
     else:
-        ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
+        if is_nnunet(config):
+            ev = prepare_nnunet(config, planned)
+        else:
+            ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
         params, tags = run_params(config, ev), run_tags(config, ev)
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
@@ -214,12 +219,17 @@ def run_model_cases(
     if opened.saved:
         return run_saved_cases(opened.ev, opened.table, opened.sink, opened.options)
     reset_peak_memory(opened.ev.device)
+    family = opened.ev.family
+    if cache is not None:
+        load = functools.partial(cache.load_inputs, family=family)
+    else:
+        load = family.load_inputs if family is not None else load_case_inputs
     return run_cases(
         opened.ev,
         opened.table,
         opened.sink,
         opened.options,
-        cache.load_inputs if cache else load_case_inputs,
+        load,
         outputs_for,
         opened.counts,
     )
@@ -256,7 +266,10 @@ def outputs_for_sweep(config: EvalConfig, ev: Evaluation, cache: Reuse | None) -
     options = {k: getattr(config.model, k) for k in ("arch", "allow_globals", "trust_pickle")}
     shas = [member.sha256 for member in (ev.members or (ev.resolved,))]  # every ensemble member
     model_key = stable_hash({"sha256": shas, "options": options})
-    key = forward_key(model_key, ev.settings, ev.device)
+    if ev.family is not None:
+        key = ev.family.forward_key(model_key)
+    else:
+        key = forward_key(model_key, ev.settings, ev.device)
     return lambda case, pre: cache.patch_outputs(case, pre, key)
 
 

@@ -42,6 +42,7 @@ from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
 from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.sources import ResolvedModel
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.patch_outputs import Flip, PatchOutputs
 from evalharness.predict.pipeline import CaseInputs, load_case_inputs
 from evalharness.predict.preprocess import PreprocessSettings
@@ -155,10 +156,18 @@ class SweepCache:
         key = ("model", resolved.sha256, stable_hash(options))
         return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
-    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
-        """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""
-        key = ("case", *_case_key(case, settings))
-        return self._get(key, "case", lambda: load_case_inputs(case, settings), _inputs_nbytes)
+    def load_inputs(
+        self, case: Case, settings: PreprocessSettings, family: ModelFamily | None = None
+    ) -> CaseInputs:
+        """`pipeline.load_case_inputs` (or a model `family`'s own), once per case files,
+        preprocessing settings and family inputs key."""
+        if family is None:
+            key = ("case", *_case_key(case, settings))
+            load = load_case_inputs
+        else:
+            key = ("case", family.name, family.inputs_key(), *_case_key(case, settings))
+            load = family.load_inputs
+        return self._get(key, "case", lambda: load(case, settings), _inputs_nbytes)
 
     def patch_outputs(
         self, case: Case, settings: PreprocessSettings, forward_key: str
