@@ -40,7 +40,9 @@ from evalharness.model.discovery import (
     safetensors_sibling,
 )
 from evalharness.model.training_config import (
+    CONFIG_ARTIFACT_NAMES,
     TrainingConfig,
+    config_beside,
     fill_from_params,
     training_config_from_file,
     training_config_from_params,
@@ -50,7 +52,6 @@ from evalharness.model.training_config import (
 log = logging.getLogger(__name__)
 
 SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample ids and roles
-CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
 
@@ -253,7 +254,7 @@ def _training_config(
     from_safetensors = training_config_from_safetensors(model_path)
     output = from_safetensors.output
     if run is None or client is None:
-        beside = _config_beside(model_path, config_artifact)
+        beside = config_beside(model_path, config_artifact)
         if beside is None:
             return from_safetensors
         return replace(training_config_from_file(beside, beside.name), output=output)
@@ -278,26 +279,6 @@ def _training_config(
     if from_safetensors.source != "none":
         return fill_from_params(from_safetensors, params)
     return fill_from_params(replace(training_config_from_params(params), output=output), params)
-
-
-def _config_beside(model_path: Path, config_artifact: str | None) -> Path | None:
-    """The training configuration of a local model file without a run: `config_artifact`
-    (relative to the model's folder, or absolute), else the first of `CONFIG_ARTIFACT_NAMES`
-    in the model's folder, then in its parent (a run's ``model/`` folder beside its
-    ``patch_config.*``, as fastMONAI logs them)."""
-    folder = model_path.parent
-    if config_artifact is not None:
-        path = (folder / Path(config_artifact).expanduser()).resolve()
-        if not path.is_file() or path.suffix not in (".pkl", ".json"):
-            raise SourceError(
-                f"model.config_artifact={config_artifact}: no .pkl or .json file at {path}"
-            )
-        return path
-    for place in (folder, folder.parent):
-        for name in CONFIG_ARTIFACT_NAMES:
-            if (place / name).is_file():
-                return place / name
-    return None
 
 
 def _locate_run(

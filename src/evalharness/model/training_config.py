@@ -358,3 +358,27 @@ def fill_from_params(config: TrainingConfig, params: Mapping[str, str]) -> Train
         field_sources={k: v for k, v in sources.items() if v != source},
         transforms=transforms,
     )
+
+
+CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
+"""The training configuration files fastMONAI writes, in the order they are preferred."""
+
+
+def config_beside(model_path: Path, config_artifact: str | None) -> Path | None:
+    """The training configuration of a local model file without a run: `config_artifact`
+    (relative to the model's folder, or absolute), else the first of `CONFIG_ARTIFACT_NAMES`
+    in the model's folder, then in its parent (a run's ``model/`` folder beside its
+    ``patch_config.*``, as fastMONAI logs them)."""
+    folder = model_path.parent
+    if config_artifact is not None:
+        path = (folder / Path(config_artifact).expanduser()).resolve()
+        if not path.is_file() or path.suffix not in (".pkl", ".json"):
+            raise SourceError(
+                f"model.config_artifact={config_artifact}: no .pkl or .json file at {path}"
+            )
+        return path
+    for place in (folder, folder.parent):
+        for name in CONFIG_ARTIFACT_NAMES:
+            if (place / name).is_file():
+                return place / name
+    return None
