@@ -15,9 +15,8 @@ Naming a global is not calling it: `pickle_calls` rules which callables the file
 with its own arguments, and rebuilds classes without running their constructors.
 
 Globals of the training stack (fastai, fastcore, fastMONAI, fastprogress, plum, cloudpickle,
-and MONAI's losses) become :class:`Placeholder` classes that record what they are given and
-never run code, so a fastai ``Learner`` export loads, without fastai, as a placeholder whose
-``.model`` is the real network. Every other global is refused with a :class:`SourceError`.
+MONAI's losses) become inert :class:`Placeholder` classes, so a fastai ``Learner`` export loads
+without fastai as a placeholder whose ``.model`` is the real network. Any other global: refused.
 """
 
 from __future__ import annotations
@@ -387,8 +386,9 @@ def load_data_pickle(path: Path) -> Any:
     except (HarnessError, OSError):
         raise
     except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes
+        detail = first_line(error) if str(error).strip() else "the data ends early"
         raise SourceError(
-            f"{path}: not a readable pickle ({type(error).__name__}: {first_line(error)})"
+            f"{path}: not a readable pickle ({type(error).__name__}: {detail})"
         ) from error
 
 
