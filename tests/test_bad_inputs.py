@@ -133,6 +133,16 @@ def _header_shorter_than_data(root: Path) -> None:
     (root / IMAGE).write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock) :]))
 
 
+def _claims_terabytes(root: Path) -> None:
+    """A small file whose header claims 30000^3 float32 voxels (a hostile or corrupt header,
+    or a gzip bomb): reading it would exhaust the memory."""
+    image = nib.load(str(root / IMAGE))
+    header = image.header.copy()
+    header.set_data_shape((30000, 30000, 30000))
+    raw = gzip.decompress((root / IMAGE).read_bytes())
+    (root / IMAGE).write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock) :]))
+
+
 def _sheared(root: Path) -> None:
     """A gantry-tilted CT: only the sform holds the (sheared) geometry."""
     affine = AFFINE.copy()
@@ -183,6 +193,11 @@ BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it sa
         _header_shorter_than_data,
         IMAGE,
         "holds more voxel data than its header's dimensions 12x10x7 describe",
+    ),
+    "header dims beyond any host's memory": (
+        _claims_terabytes,
+        IMAGE,
+        "MB (header dimensions 30000x30000x30000 of float32), more than the",
     ),
     "sheared grid (gantry tilt)": (
         _sheared,

@@ -23,7 +23,7 @@ from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, require_file
 from evalharness.errors import CaseError, ConfigError, first_line
-from evalharness.predict.memory import plan_for
+from evalharness.predict.memory import check_image_fits, plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import (
     PreparedImage,
@@ -73,10 +73,12 @@ def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
 def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
     """Read and preprocess the image, read the label, and check both share one grid."""
     require_file(case.image, "image")
+    check_image_fits(case.image)
     prepared = prepare_image(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
         require_file(case.label, "label")
+        check_image_fits(case.label)
         gt_labels, gt_affine = load_label(case.label)
         check_same_grid(case, prepared, gt_labels.shape, gt_affine)
     return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)
