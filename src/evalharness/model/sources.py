@@ -43,8 +43,8 @@ from evalharness.model.discovery import (
 from evalharness.model.training_config import (
     CONFIG_ARTIFACT_NAMES,
     TrainingConfig,
-    config_beside,
     fill_from_params,
+    local_training_config,
     training_config_from_file,
     training_config_from_params,
     training_config_from_safetensors,
@@ -257,10 +257,7 @@ def _training_config(
     from_safetensors = training_config_from_safetensors(model_path)
     output = from_safetensors.output
     if run is None or client is None:
-        beside = config_beside(model_path, config_artifact)
-        if beside is None:
-            return from_safetensors
-        return replace(training_config_from_file(beside, beside.name), output=output)
+        return local_training_config(model_path, config_artifact, from_safetensors)
     if config_artifact is not None:
         name = normalise_artifact_path(config_artifact)
         if not name.endswith((".pkl", ".json")):

@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +382,14 @@ def config_beside(model_path: Path, config_artifact: str | None) -> Path | None:
             if (place / name).is_file():
                 return place / name
     return None
+
+
+def local_training_config(
+    model_path: Path, config_artifact: str | None, from_safetensors: TrainingConfig
+) -> TrainingConfig:
+    """A local model file's training configuration without a run: the file `config_beside`
+    finds (with the safetensors output contract attached), else `from_safetensors`."""
+    beside = config_beside(model_path, config_artifact)
+    if beside is None:
+        return from_safetensors
+    return replace(training_config_from_file(beside, beside.name), output=from_safetensors.output)
