@@ -104,11 +104,11 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
         if ": " in line and not line.startswith("Compose")
     }
     assert listed == {
-        "data": "csv, decathlon, demo",
+        "data": "csv, decathlon, demo, nnunet",
         "inference": "default",
         "metrics": "default",
         "mlflow": "local",
-        "model": "file, mlflow_run",
+        "model": "bundle, file, mlflow_run, nnunet",
         "patch": "from_training",
         "preprocessing": "from_training",
     }

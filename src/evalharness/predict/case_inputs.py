@@ -7,16 +7,18 @@ dataset's labels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from evalharness.checks.probes import header_check
 from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
+from evalharness.data.nifti_io import load_label, require_file
 from evalharness.errors import CaseError
+from evalharness.predict.memory import check_image_fits
 from evalharness.predict.preprocess import PreparedImage, PreprocessSettings, prepare_image
 
 
@@ -40,15 +42,20 @@ def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
     )
 
 
-def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
-    """Read and preprocess the image, read the label, and check both share one grid."""
-    if not case.image.is_file():
-        raise CaseError(f"{case.image}: image file not found")
-    prepared = prepare_image(case.image, settings)
+def load_case_inputs(
+    case: Case,
+    settings: PreprocessSettings,
+    prepare: Callable[[Path, PreprocessSettings], PreparedImage] = prepare_image,
+) -> CaseInputs:
+    """Read and preprocess the image (`prepare`: the harness's, or a model family's own, such
+    as a MONAI bundle's), read the label, and check both share one grid."""
+    require_file(case.image, "image")
+    check_image_fits(case.image)
+    prepared = prepare(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
-        if not case.label.is_file():
-            raise CaseError(f"{case.label}: label file not found")
+        require_file(case.label, "label")
+        check_image_fits(case.label)
         gt_labels, gt_affine = load_label(case.label)
         check_same_grid(case, prepared, gt_labels.shape, gt_affine)
     return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)

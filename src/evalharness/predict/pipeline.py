@@ -22,7 +22,7 @@ from evalharness.predict.memory import plan_for, with_cpu_fallback
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import PreparedImage
 from evalharness.predict.restore import restore_labels, restore_to_native
-from evalharness.predict.sliding_window import sliding_window_probs
+from evalharness.predict.sliding_window import decode, sliding_window_probs
 from evalharness.score.masks import keep_largest_component
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def native_labels(
     """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
     [K, X', Y', Z'] on the model grid, restored by the `inference.restore` method (`restore.py`;
     where restoring only moves voxels, the decoded labels are moved: exact for every method)."""
+    if prepared.inverse is not None:  # a model family's own restoration (a bundle's Invertd)
+        return decode(prepared.inverse(probs), threshold).cpu().numpy()
     return restore_labels(probs, prepared, restore, threshold)
 
 

@@ -55,7 +55,10 @@ def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Ten
     """[K, X', Y', Z'] probabilities on the model grid -> [K, X, Y, Z] float32 on the native grid,
     resampled linearly (`resample.resample_linear`) on `probs`'s device; native voxels beyond
     the model grid are background. A label map [1, X', Y', Z'] (integer dtype) can be restored
-    where `restores_by_voxels`: the same voxels, moved."""
+    where `restores_by_voxels`: the same voxels, moved. A model family's own restoration
+    (`PreparedImage.inverse`, a bundle's Invertd) replaces all of this."""
+    if prepared.inverse is not None:
+        return prepared.inverse(probs)
     if not probs.is_floating_point() and not restores_by_voxels(prepared):
         raise ValueError("restore_to_native: integer values need a grid restored by voxels")
     return resample_linear(probs, prepared, background(probs.shape[0]))
