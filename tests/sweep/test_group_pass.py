@@ -102,10 +102,10 @@ class InterruptedCache(SweepCache):
         super().__init__(64 * 2**20)
         self.stop_at = stop_at
 
-    def load_inputs(self, case: Case, settings: PreprocessSettings):
+    def load_inputs(self, case: Case, settings: PreprocessSettings, family=None):
         if case.case_id == self.stop_at:
             raise KeyboardInterrupt("stopped")
-        return super().load_inputs(case, settings)
+        return super().load_inputs(case, settings, family)
 
 
 def test_an_interrupted_group_resumes_each_setting_where_it_stopped(inputs, tmp_path: Path) -> None:  # noqa: F811
