@@ -118,9 +118,9 @@ def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sq
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and key in error_lines[0]
     assert "Traceback" not in result.stderr
-    _, run = only_evaluation_run(sqlite_uri)
-    assert run.info.status == "FAILED"
-    assert key in run.data.tags["evalharness.error"]
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    experiment = client.get_experiment_by_name("evalharness")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no start
 
 
 def test_help_and_cfg_job(tmp_path: Path) -> None:

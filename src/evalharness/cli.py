@@ -34,6 +34,7 @@ from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import Outcome, evaluate, record_failure
 from evalharness.sweep.groups import PlannedJob
 from evalharness.sweep.jobs import GroupMember, Job, evaluate_job
+from evalharness.sweep.state import setting_of
 
 _HYDRA_SCHEMAS: dict[type, type] = {}
 
@@ -110,10 +111,27 @@ def _completion(config: EvalConfig) -> Any:
     return with_demo if config.data.name == "demo" else None
 
 
-def evaluate_config(cfg: DictConfig, output_dir: Path, **options: Any) -> Outcome:
+SETTING_GROUPS = ("preprocessing", "patch", "inference", "metrics")
+"""Keys whose command-line values a single run's name shows (with its model)."""
+
+
+def setting_name(task_overrides: Sequence[str]) -> str:
+    """``overlap=0.25`` of the command line's ``patch.overlap=0.25`` (settings keys only)."""
+    keys = [
+        text.lstrip("+~").partition("=")[0]
+        for text in task_overrides
+        if text.lstrip("+~").split(".", 1)[0] in SETTING_GROUPS
+    ]
+    return setting_of(task_overrides, keys, 0)[0] if keys else ""
+
+
+def evaluate_config(
+    cfg: DictConfig, output_dir: Path, task_overrides: Sequence[str] = (), **options: Any
+) -> Outcome:
     """Evaluate a composed config (what `main` does for one run; tests call it directly)."""
     config = config_from(cfg)
-    return evaluate(config, output_dir, complete=_completion(config), **options)
+    setting = setting_name(task_overrides)
+    return evaluate(config, output_dir, complete=_completion(config), setting=setting, **options)
 
 
 def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[GroupMember, ...]:
@@ -149,7 +167,7 @@ def _check_or_exit(config: DictConfig, key: str) -> None:
     try:
         check_outputs_folder(Path(str(OmegaConf.select(config, key))), key)
     except ConfigError as error:
-        sys.exit(record_failure(config_from(config).mlflow, error).code)
+        sys.exit(record_failure(error).code)
 
 
 register_configs()
@@ -170,7 +188,7 @@ def main(cfg: DictConfig) -> Any:
         )
         members = lambda planned: group_members(cfg, planned)  # noqa: E731 - by a claimant
         return evaluate_job(config, job, _completion(config), members)
-    code = evaluate_config(cfg, output_dir).code
+    code = evaluate_config(cfg, output_dir, tuple(hydra_cfg.overrides.task)).code
     if code:
         sys.exit(code)
     return code

@@ -41,7 +41,6 @@ from evalharness.evaluation.run import (
     open_evaluation,
     outputs_for_sweep,
     run_model_cases,
-    store_error,
     tracking_uri_of,
 )
 from evalharness.predict.memory import reset_peak_memory
@@ -82,7 +81,7 @@ def evaluate_group(
     try:
         client, experiment = tracking.open_experiment(uri, first.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: {store_error(uri, error)}", file=sys.stderr)
+        print(f"error: {tracking.store_error(uri, error)}", file=sys.stderr)
         return [MemberResult(Outcome(EXIT_ERROR, None), Counters()) for _ in members]
     runs = [LazyRun(client, experiment, m.config.mlflow.run_name, parent_run_id) for m in members]
     results: list[Outcome | Opened] = []

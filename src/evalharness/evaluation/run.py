@@ -3,8 +3,10 @@
 Order of work: plan (model file, training config, settings, cases: the configuration hash) →
 look for earlier runs of the same hash (skip a finished one in a sweep, before the model is
 loaded; resume the finished cases of a killed or failed one) → prepare (load the model, probe
-its channels, config checks) → create the run → cases → results. Any failure marks the run
-FAILED with the reason as the tag `evalharness.error`, and keeps every case already written.
+its channels) → create the run → config checks → cases → results. A failure before the run
+exists (the configuration cannot start) is one line and creates no run; any later failure
+marks the run FAILED with the reason as the tag `evalharness.error`, and keeps every case
+already written.
 Scoring saved predictions (`predictions.*`, `evaluation.saved`) takes the same path with a
 model-free plan and no prepare step.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,6 @@ from typing import Any, TypeVar
 
 import torch
 import yaml
-from requests import RequestException
 
 from evalharness.checks.mismatches import (
     REPORT_ARTIFACT,
@@ -31,13 +31,13 @@ from evalharness.checks.mismatches import (
     report_json,
     report_tags,
 )
-from evalharness.config.schema import EvalConfig, MlflowConfig, as_dict
+from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.errors import ConfigError, HarnessError, one_line
 from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, run_cases
 from evalharness.evaluation.outputs import check_outputs_folder
-from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
+from evalharness.evaluation.plan import Evaluation, model_label, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
 from evalharness.evaluation.saved import (
     SavedPlan,
@@ -57,6 +57,7 @@ from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
 from evalharness.track.liveness import liveness_tags
 from evalharness.track.report import log_results, print_summary, run_context
+from evalharness.track.reuse import finished_setting
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
@@ -83,10 +84,18 @@ def tracking_uri_of(tracking_uri: str | None) -> str:
 
 
 class LazyRun:
-    """The evaluation run, created on first need so an early failure still gets one."""
+    """The evaluation run, created once the configuration has started (planned, prepared)."""
 
-    def __init__(self, client: Any, experiment_id: str, name: str | None, parent: str | None):
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        name: str | None,
+        parent: str | None,
+        setting: str = "",
+    ):
         self.client, self.experiment_id, self.name = client, experiment_id, name
+        self.setting = setting  # the values set on the command line, for the default name
         self.tags = {"evalharness.kind": "evaluation", **liveness_tags()}
         if parent is not None:
             self.tags["mlflow.parentRunId"] = parent
@@ -107,8 +116,12 @@ def evaluate(
     cache: SweepCache | None = None,
     complete: ConfigCompletion | None = None,
     share_forward: bool = False,
+    setting: str = "",
 ) -> Outcome:
     """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
+
+    The run is named `config.mlflow.run_name`, else after its model and `setting` (the values
+    set on the command line, ``overlap=0.25``).
 
     `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep;
     with `share_forward` also the per-patch model outputs (settings differing only after the
@@ -120,9 +133,9 @@ def evaluate(
     try:
         client, experiment = tracking.open_experiment(uri, config.mlflow.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: {store_error(uri, error)}", file=sys.stderr)
+        print(f"error: {tracking.store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
-    run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
+    run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id, setting)
 
     def whole() -> Outcome:
         completed = complete_config(config, uri, complete)
@@ -146,50 +159,31 @@ def complete_config(config: EvalConfig, uri: str, complete: ConfigCompletion | N
 def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
     """`action()`, its run never left RUNNING: a `HarnessError` is one line on stderr and a
     FAILED run (the outcome says so); Ctrl-C marks it KILLED, anything else FAILED, and both
-    propagate."""
+    propagate. A configuration that fails before its run was created (it could not start:
+    validation, an unknown run, missing data, a model that does not load) creates none."""
     try:
         return action()
     except HarnessError as error:
         message = one_line(error)
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
-        tracking.finish(run.client, run.ensure(), "FAILED", message)
+        if run.run_id is not None:
+            tracking.finish(run.client, run.run_id, "FAILED", message)
         return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
     except KeyboardInterrupt:
-        tracking.finish(run.client, run.ensure(), "KILLED", "interrupted")
+        if run.run_id is not None:
+            tracking.finish(run.client, run.run_id, "KILLED", "interrupted")
         raise
     except BaseException as error:
-        reason = f"internal error: {one_line(error)}"
-        tracking.finish(run.client, run.ensure(), "FAILED", reason)
+        if run.run_id is not None:
+            tracking.finish(run.client, run.run_id, "FAILED", f"internal error: {one_line(error)}")
         raise
 
 
-def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
-    """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
-    message = one_line(error)
-    print(f"error: {message}", file=sys.stderr)
-    uri = tracking_uri_of(mlflow_config.tracking_uri)
-    try:
-        client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
-        run = LazyRun(client, experiment, mlflow_config.run_name, None)
-        tracking.finish(client, run.ensure(), "FAILED", message)
-    except Exception as unusable:  # the store is unusable too: say so, on one more line
-        print(f"error: {store_error(uri, unusable)}", file=sys.stderr)
-        return Outcome(EXIT_ERROR, None)
-    return Outcome(EXIT_ERROR, run.run_id)
-
-
-def store_error(uri: str, error: Exception) -> str:
-    """One line for an unusable tracking store; a server that does not answer said plainly."""
-    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
-    if not isinstance(cause, RequestException):
-        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
-    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
-    return (
-        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
-        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
-        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
-    )
+def record_failure(error: HarnessError) -> Outcome:
+    """For an error found before `evaluate` could start: one line on stderr, no run."""
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return Outcome(EXIT_ERROR, None)
 
 
 @dataclass(eq=False)
@@ -236,8 +230,8 @@ def open_evaluation(
     )
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if skip_finished and finished:
-        done = finished[0].info.run_id
-        print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
+        scratch = output_dir / "reused"
+        done = finished_setting(client, finished, run.experiment_id, run.name, run.tags, scratch)
         return Outcome(EXIT_OK, done, skipped=True, case_ids=run.case_ids)
     if saved:
         ev: Evaluation | SavedPlan = planned
@@ -251,6 +245,9 @@ def open_evaluation(
     else:
         ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
         params, tags = run_params(config, ev), run_tags(config, ev)
+    if run.name is None:
+        label = f"predictions {ev.folder.name}" if saved else model_label(planned.members)
+        run.name = " ".join(filter(None, (label, run.setting)))
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
         previous_rows, previous_findings, resumed_from = resumable(client, earlier, output_dir)
@@ -322,7 +319,7 @@ def close_evaluation(opened: Opened, extremes: Extremes) -> Outcome:
     tracking.finish(client, run_id, "FINISHED")
     quiet = config.checks.on_mismatch == "ignore" or (saved and not ev.findings)
     shown = None if quiet else ev.findings  # saved: no training configuration to agree with
-    print_summary(frame, summary, run_id, opened.uri, shown)
+    print_summary(frame, summary, run_id, opened.uri, shown, run.experiment_id, opened.output_dir)
     code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
     return Outcome(code, run_id, case_ids=run.case_ids)
 

@@ -129,7 +129,7 @@ def _log_comparison(
     facts = {"sweep folder": str(sweep_dir), "swept": ", ".join(state.swept_keys) or "none"}
     plot_dir = sweep_dir / "plots" if state.plots and figures else None
     title = f"Sweep {sweep_dir.name}"
-    log_sweep_summary(client, parent, title, facts, table, stats, plot_dir)
+    log_sweep_summary(client, parent, title, facts, table, stats, plot_dir, sweep_dir)
 
 
 def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> list[Path]:

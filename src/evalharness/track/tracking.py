@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +22,10 @@ import pandas as pd
 from filelock import FileLock
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
+from requests import RequestException
+
+from evalharness.errors import one_line
+from evalharness.track import ui_links
 
 MAX_PARAM_CHARS = 6000
 BATCH = 100
@@ -28,8 +33,8 @@ LOCKED_RETRIES = 8  # SQLite "database is locked" under concurrent writers: retr
 LOCKED_BACKOFF_S = 0.2  # first wait; doubles each attempt (25 s in all at most)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens);
-with it, on the model-training runs table."""
+"""The experiment's kind for MLflow clients that read it; MLflow 3.17's UI itself follows the
+GenAI | Model training switch instead (see `ui_links`)."""
 T = TypeVar("T")
 
 
@@ -119,24 +124,25 @@ def prepare_store(tracking_uri: str) -> MlflowClient:
 def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     """Id of experiment `name`, created if missing (race-safe across processes).
 
-    An experiment without a kind gets `EXPERIMENT_KIND` (the UI then opens on its runs
-    table); a kind someone set is left alone.
+    An experiment without a kind gets `EXPERIMENT_KIND` (a kind someone set is left alone),
+    and the harness's shared runs-table view (`ui_links`), which the links it prints open.
     """
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **ui_links.experiment_view_tags()}
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             return client.create_experiment(
-                name,
-                artifact_location=artifact_location(tracking_uri),
-                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                name, artifact_location=artifact_location(tracking_uri), tags=wanted
             )
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            retry_locked(
-                lambda: client.set_experiment_tag(
-                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
-                )
-            )
+        have = experiment.tags
+        for key, value in wanted.items():
+            if key not in have or (key != EXPERIMENT_KIND_TAG and have[key] != value):
+                set_experiment_tag(client, experiment.experiment_id, key, value)
         return experiment.experiment_id
+
+
+def set_experiment_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    retry_locked(lambda: client.set_experiment_tag(experiment_id, key, value))
 
 
 def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
@@ -277,17 +283,18 @@ def download_csv(
     client: MlflowClient, run_id: str, artifact: str, scratch: Path
 ) -> pd.DataFrame | None:
     """An artifact CSV of the run as a table, or None when the run has none."""
-    local = _download(client, run_id, artifact, scratch)
+    local = download(client, run_id, artifact, scratch)
     return None if local is None else pd.read_csv(local, keep_default_na=True)
 
 
 def download_json(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> Any:
     """An artifact JSON of the run, or None when the run has none."""
-    local = _download(client, run_id, artifact, scratch)
+    local = download(client, run_id, artifact, scratch)
     return None if local is None else json.loads(Path(local).read_text())
 
 
-def _download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> str | None:
+def download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> str | None:
+    """The run's artifact file `artifact` downloaded under `scratch`; None when it has none."""
     folder = str(Path(artifact).parent)
     names = {a.path for a in client.list_artifacts(run_id, None if folder == "." else folder)}
     if artifact not in names:
@@ -307,3 +314,16 @@ def download_folder(client: MlflowClient, run_id: str, folder: str, scratch: Pat
         shutil.rmtree(target)
     target.mkdir(parents=True)
     return Path(client.download_artifacts(run_id, folder, str(target)))
+
+
+def store_error(uri: str, error: Exception) -> str:
+    """One line for an unusable tracking store; a server that does not answer said plainly."""
+    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
+    if not isinstance(cause, RequestException):
+        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
+    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
+    return (
+        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
+        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
+        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
+    )
