@@ -3,9 +3,10 @@
 Resume skips a setting whose configuration hash already FINISHED. When that run is not a
 child of this sweep's parent (the demo's own run, an earlier sweep), the parent still gets a
 child for the setting: a FINISHED run with the finished run's parameters, metrics, tags,
-dataset input, ``per_case.csv``, ``summary.html``, ``config.yaml`` and preprocessing report,
-tagged ``evalharness.reused_from`` with a link to it in its description. The runs table, the compare
-view and the charts then show every setting of the sweep; nothing is evaluated twice.
+dataset input and artifacts (``summary.html``, ``per_case.csv``, ``plots/``, ...; not its saved
+predictions), tagged ``evalharness.reused_from`` with a link to it in its description. The
+runs table, the compare view and the charts then show every setting of the sweep; nothing is
+evaluated twice.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from evalharness.track.liveness import HOST_TAG, PID_TAG
 from evalharness.track.pages import NOTE_TAG, headline_first
 
 REUSED_FROM_TAG = "evalharness.reused_from"
-COPIED_ARTIFACTS = ("per_case.csv", "summary.html", "config.yaml", "checks/mismatches.json")
+NOT_COPIED = ("predictions",)
+"""Artifacts of the finished run left there (the link leads to them): saved predictions."""
 
 
 def reused_from(run: Run) -> str:
@@ -80,10 +82,15 @@ def record_reused(
     inputs = list(source.inputs.dataset_inputs) if source.inputs else []
     if inputs:  # the Dataset column: the same cases
         tracking.retry_locked(lambda: client.log_inputs(run_id, datasets=inputs))
-    for artifact in COPIED_ARTIFACTS:
-        local = tracking.download(client, source.info.run_id, artifact, scratch)
-        if local is not None:
-            folder = str(Path(artifact).parent)
-            tracking.log_file(client, run_id, Path(local), None if folder == "." else folder)
+    for artifact in client.list_artifacts(source.info.run_id):
+        if artifact.path in NOT_COPIED:
+            continue
+        target = scratch / source.info.run_id
+        target.mkdir(parents=True, exist_ok=True)
+        local = Path(client.download_artifacts(source.info.run_id, artifact.path, str(target)))
+        if artifact.is_dir:
+            tracking.retry_locked(lambda p=local: client.log_artifacts(run_id, str(p), p.name))
+        else:
+            tracking.log_file(client, run_id, local)
     tracking.finish(client, run_id, "FINISHED")
     return run_id

@@ -283,18 +283,17 @@ def download_csv(
     client: MlflowClient, run_id: str, artifact: str, scratch: Path
 ) -> pd.DataFrame | None:
     """An artifact CSV of the run as a table, or None when the run has none."""
-    local = download(client, run_id, artifact, scratch)
+    local = _download(client, run_id, artifact, scratch)
     return None if local is None else pd.read_csv(local, keep_default_na=True)
 
 
 def download_json(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> Any:
     """An artifact JSON of the run, or None when the run has none."""
-    local = download(client, run_id, artifact, scratch)
+    local = _download(client, run_id, artifact, scratch)
     return None if local is None else json.loads(Path(local).read_text())
 
 
-def download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> str | None:
-    """The run's artifact file `artifact` downloaded under `scratch`; None when it has none."""
+def _download(client: MlflowClient, run_id: str, artifact: str, scratch: Path) -> str | None:
     folder = str(Path(artifact).parent)
     names = {a.path for a in client.list_artifacts(run_id, None if folder == "." else folder)}
     if artifact not in names:
