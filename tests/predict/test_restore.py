@@ -37,38 +37,72 @@ from evalharness.predict.restore import (
     resample_channels,
     restore_by_shape,
     restore_labels,
+    signed_depth_mm,
 )
 from evalharness.score.metrics import label_metrics
 
 REFERENCE = REPO / "tests" / "fixtures" / "fastmonai_shape_restore" / "reference.npz"
+# reference.npz's labels are depth maps resampled in floats on another machine, then decoded: a
+# voxel whose winner (deepest label, or background at depth 0) leads the runner-up by less than
+# float rounding may go either way there. Depths reach 22 mm (float32 ulp 1.9e-6 mm); 1e-4 mm is
+# about 50 ulps. The smallest lead in the fixture is 3.2e-4 mm, so today every voxel counts.
+DECIDED_MM = 1e-4
 
 
 def _reference_case(name: str, native_affine_key: str = "native_affine"):
+    """(our restoring, fastMONAI's, our winner's lead in mm) on the native grid."""
     data = np.load(REFERENCE)
     fastmonai = data[f"{name}_fastmonai_labels"]
     labels = torch.from_numpy(data[f"{name}_model_labels"])
     native = native_grid(data[f"{name}_{native_affine_key}"], fastmonai.shape)
     prepared = PreparedImage(torch.zeros(1, *labels.shape), data[f"{name}_model_affine"], native)
-    return restore_by_shape(labels, prepared).numpy(), fastmonai
+    ours = restore_by_shape(labels, prepared).numpy()
+    winner, lead_mm = _winner_and_lead_mm(labels, prepared)
+    assert np.array_equal(winner, ours)  # the depths below are the ones restoring decided on
+    return ours, fastmonai, lead_mm
+
+
+def _winner_and_lead_mm(labels: torch.Tensor, prepared: PreparedImage):
+    """Labels [X, Y, Z] of the deepest restored depth (background: depth 0) and how far that
+    depth exceeds the runner-up's, in mm."""
+    labels_np = labels.numpy()
+    spacing = tuple(np.sqrt((prepared.affine[:3, :3] ** 2).sum(axis=0)))
+    values = [v for v in np.unique(labels_np) if v != 0]
+    depth = np.stack([signed_depth_mm(labels_np == v, spacing) for v in values])
+    outside = torch.as_tensor(depth.reshape(len(values), -1).min(axis=1))
+    restored = resample_channels(
+        bspline_coefficients(torch.from_numpy(depth)), prepared, order=3, outside=outside
+    ).numpy()
+    candidates = np.concatenate([np.zeros_like(restored[:1]), restored])
+    winner = np.asarray([0, *values], dtype=labels_np.dtype)[candidates.argmax(axis=0)]
+    ranked = np.sort(candidates, axis=0)
+    return winner, ranked[-1] - ranked[-2]
+
+
+def _assert_equal_where_decided(ours: np.ndarray, fastmonai: np.ndarray, lead_mm: np.ndarray):
+    """Voxel for voxel wherever the decision is beyond float rounding (nearly everywhere)."""
+    decided = lead_mm >= DECIDED_MM
+    assert decided.mean() > 0.999
+    np.testing.assert_array_equal(ours[decided], fastmonai[decided])
 
 
 def test_labels_matches_fastmonai_where_its_resize_lands_on_the_native_grid() -> None:
     """`exact`: a whole number of model voxels spans the native field of view (LPS, 0.8 x 0.8 x
     2 mm, two nested thin shells and a tube): fastMONAI 0.12's `_resize_labels(..., 'shape')`
     then `ToOrientation` output, voxel for voxel."""
-    ours, fastmonai = _reference_case("exact")
+    ours, fastmonai, lead_mm = _reference_case("exact")
     assert (fastmonai > 0).sum() > 7000 and set(np.unique(fastmonai)) == {0, 1, 2}
-    np.testing.assert_array_equal(ours, fastmonai)
+    _assert_equal_where_decided(ours, fastmonai, lead_mm)
 
 
 def test_labels_matches_fastmonai_on_its_grid_and_within_a_voxel_on_the_native_one() -> None:
     """`rounded` (PIR, 0.85 x 1.7 x 0.75 mm): fastMONAI's `Resize` lands on a grid up to 0.47 mm
     off the native one (and saves it with the native affine). On that grid our output is
-    fastMONAI's, voxel for voxel; on the true native grid no differing voxel lies more than
-    one voxel from the other's label."""
-    on_its_grid, fastmonai = _reference_case("rounded", "fastmonai_affine")
-    np.testing.assert_array_equal(on_its_grid, fastmonai)
-    ours, _ = _reference_case("rounded")
+    fastMONAI's, voxel for voxel where decided; on the true native grid no differing voxel lies
+    more than one voxel from the other's label."""
+    on_its_grid, fastmonai, lead_mm = _reference_case("rounded", "fastmonai_affine")
+    _assert_equal_where_decided(on_its_grid, fastmonai, lead_mm)
+    ours, _, _ = _reference_case("rounded")
     assert 0 < (ours != fastmonai).sum() < 0.15 * (fastmonai > 0).sum()
     for k in (1, 2):
         to_ours = ndimage.distance_transform_edt(ours != k)
