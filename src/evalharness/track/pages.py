@@ -98,7 +98,7 @@ def log_sweep_summary(
     description."""
     pngs = sorted(plot_dir.glob("*.png")) if plot_dir is not None and plot_dir.is_dir() else []
     cost = [p for p in pngs if "cost" in p.stem]
-    others = [p for p in pngs if p not in cost]
+    others = sorted((p for p in pngs if p not in cost), key=lambda p: "differences" not in p.stem)
     page = sweep_page(title, facts, table, stats, png_figures(cost), png_figures(others))
     _write_page(folder, page)
     tracking.log_text(client, parent_run_id, page, SUMMARY_PAGE)
