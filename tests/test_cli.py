@@ -93,6 +93,27 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"per_case.csv", "per_case.json", "config.yaml", "plots"} <= paths
     assert run.data.params["effective.apply_reorder"] == "True"
+    assert run.info.run_name == "demo-training"  # named after its model
+    lines = result.stdout.rstrip().splitlines()[-4:]  # where the results are, last
+    folder = Path(lines[0].removeprefix("Results: ").split(" (")[0])
+    assert lines[0].startswith("Results: ") and (folder / "summary.html").is_file()
+    assert lines[1] == f"MLflow UI: mlflow ui --backend-store-uri '{sqlite_uri}', then open"
+    assert lines[2].split()[:1] == ["run:"] and run.info.run_id in lines[2]
+    assert "workflowType=machine_learning" in lines[2] and "viewStateShareKey" in lines[3]
+    # a named model never touches the demo's training run (the demo's data is still used)
+    named = run_cli(
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "demo.size=tiny",
+        f"demo.cache_dir={tmp_path / 'demo'}",
+        "model.run_id=deadbeef",
+        cwd=tmp_path,
+    )
+    assert named.returncode == 1 and "reusing training run" not in named.stderr
+    errors = [line for line in named.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: training run 'deadbeef' not found at tracking URI {sqlite_uri}"]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
+        run.info.run_id
+    ]
 
 
 @pytest.mark.parametrize(
@@ -102,6 +123,7 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
         ("patch.size=[0,48,32]", "patch.size"),
         ("inference.aggregation=median", "inference.aggregation"),
         ("inference.restore=nearest", "inference.restore"),
+        ("+patch.sise=64", "patch.sise: unknown key (expected one of overlap, size)"),
     ],
 )
 def test_bad_config_values_fail_fast(override: str, key: str, tmp_path: Path, sqlite_uri) -> None:

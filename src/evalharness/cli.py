@@ -89,20 +89,23 @@ def config_from(cfg: DictConfig) -> EvalConfig:
     try:
         return from_mapping(EvalConfig, values)
     except TypeError as error:
-        raise ConfigError(f"configuration: {error}") from None
+        raise ConfigError(str(error)) from None
 
 
 def with_demo(config: EvalConfig, tracking_uri: str) -> EvalConfig:
-    """Build (or reuse) the demo's data and training run and point `config` at them."""
+    """Build (or reuse) the demo's data and point `config` at it; and at the demo's training
+    run unless `config` names a model or saved predictions (then the run is not touched)."""
     cache = Path(config.demo.cache_dir or Path.cwd() / "outputs" / "demo")
-    demo = ensure_demo(cache, tracking_uri, spec=TINY if config.demo.size == "tiny" else DEMO)
+    model = config.model
+    saved = config.predictions.dir or config.predictions.run_id  # scored without a model
+    named = any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name"))
+    spec = TINY if config.demo.size == "tiny" else DEMO
+    demo = ensure_demo(cache, tracking_uri, spec=spec, with_run=not (saved or named))
     split = config.data.split
     if split.method == "file" and split.file is None:
         split = dataclasses.replace(split, file=str(demo.split_file))
     data = dataclasses.replace(config.data, root=str(demo.data_root), split=split)
-    model = config.model
-    saved = config.predictions.dir or config.predictions.run_id  # scored without a model
-    if not saved and not any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name")):
+    if demo.run_id is not None:  # the demo's own model: nothing else was named
         model = dataclasses.replace(model, run_id=demo.run_id)
     return dataclasses.replace(config, data=data, model=model)
 
@@ -178,8 +181,14 @@ def main(cfg: DictConfig) -> Any:
     """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    try:  # a key the schema lacks (``+patch.sise=64``): one line, like any unknown key
         config = config_from(cfg)
+    except ConfigError as error:
+        outcome = record_failure(error)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return outcome
+        sys.exit(outcome.code)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
         job = Job(
             sweep_dir=Path(hydra_cfg.sweep.dir).absolute(),
             output_dir=output_dir,

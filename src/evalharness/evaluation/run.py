@@ -74,6 +74,7 @@ class Outcome:
     run_id: str | None
     skipped: bool = False
     case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
+    error: str = ""  # the one line an evaluation that stopped printed (with or without a run)
 
 
 def tracking_uri_of(tracking_uri: str | None) -> str:
@@ -169,7 +170,7 @@ def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
         if run.run_id is not None:
             tracking.finish(run.client, run.run_id, "FAILED", message)
-        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
+        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids, error=message)
     except KeyboardInterrupt:
         if run.run_id is not None:
             tracking.finish(run.client, run.run_id, "KILLED", "interrupted")
@@ -182,8 +183,9 @@ def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
 
 def record_failure(error: HarnessError) -> Outcome:
     """For an error found before `evaluate` could start: one line on stderr, no run."""
-    print(f"error: {one_line(error)}", file=sys.stderr)
-    return Outcome(EXIT_ERROR, None)
+    message = one_line(error)
+    print(f"error: {message}", file=sys.stderr)
+    return Outcome(EXIT_ERROR, None, error=message)
 
 
 @dataclass(eq=False)

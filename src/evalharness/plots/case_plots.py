@@ -107,7 +107,7 @@ def plot_metric_distribution(
     n_cases = table["case"].nunique()
     fig = layout.figure(3.4 * max(len(shown), 2), 4.2)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    layout.adjust(fig, left=0.8, right=0.15, bottom=0.55, top=0.62, wspace=0.9, ncols=len(shown))
+    layout.adjust(fig, left=1.05, right=0.15, bottom=0.55, top=0.62, wspace=1.2, ncols=len(shown))
     for ax, metric in zip(axes, shown, strict=True):
         values, n_dropped = _finite(table, metric)
         info = metric_info(metric)

@@ -213,7 +213,14 @@ def _record(num: int, setting: str, values: dict[str, str], job_return: JobRetur
         if isinstance(value, Outcome):
             status = status_of(value.code, value.skipped)
             return JobRecord(
-                num, setting, values, status, value.code, value.run_id, cases=list(value.case_ids)
+                num,
+                setting,
+                values,
+                status,
+                value.code,
+                value.run_id,
+                value.error,
+                cases=list(value.case_ids),
             )
         code = int(value or 0)
         return JobRecord(num, setting, values, status_of(code, False), code, None)

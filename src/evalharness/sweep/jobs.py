@@ -124,7 +124,7 @@ def _in_group(
         if record is None:
             return None
         groups.take_outputs(sweep_dir, job.num, job.output_dir)
-        return Outcome(record.code, record.run_id, record.skipped, record.case_ids)
+        return Outcome(record.code, record.run_id, record.skipped, record.case_ids, record.error)
     members = build_members(others)
     if not members:  # the members' configs did not compose: each job evaluates alone
         groups.release(sweep_dir, group)
@@ -152,7 +152,7 @@ def _in_group(
         for member in members:  # every waiting job gets an answer, a failure too
             outcome = outcomes.get(member.num, Outcome(EXIT_ERROR, None))
             record = groups.DoneRecord(
-                outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids
+                outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids, outcome.error
             )
             groups.write_done(sweep_dir, member.num, record)
     return outcomes[job.num]

@@ -54,7 +54,7 @@ def run_context(ev: Evaluation, dataset_name: str) -> RunContext:
         "model": resolved.artifact_uri or str(resolved.local_path),
         "loader": ev.loaded.loader,
         "device": str(ev.device),
-        "settings": ", ".join(f"{k}={v}" for k, v in ev.settings.as_params().items()),
+        "settings": ev.settings.as_text(str(ev.device)),
         "configuration hash": ev.config_hash,
     }
     if resolved.training_run_id:

@@ -72,7 +72,8 @@ def record_reused(
         for k, v in source.data.tags.items()
         if not k.startswith("mlflow.") and k not in (PID_TAG, HOST_TAG)
     }
-    link = f"[{source.info.run_name or origin}](#/experiments/{experiment_id}/runs/{origin})"
+    shown = f"{source.info.run_name} ({origin[:8]})" if source.info.run_name else origin
+    link = f"[{shown}](#/experiments/{experiment_id}/runs/{origin})"
     note = source.data.tags.get(NOTE_TAG, "")
     description = f"- Reused from run {link}: this setting had already finished there\n{note}"
     run_id = tracking.create_run(client, experiment_id, name, {**tags, **copied})

@@ -52,8 +52,9 @@ def column(kind: str, name: str) -> str:
 
 
 def view_state(primary_metric: str = "dsc_mean", search_filter: str = "") -> dict:
-    """A shared view: `primary_metric` first and sorted by (best first), the headline means
-    and their interval, the dataset and the cost as columns, every run shown in the charts."""
+    """A shared view: `primary_metric` first and sorted by (best first), the headline means,
+    its interval and the cost as columns (the run name and the metrics need the width more
+    than the dataset), every run shown in the charts."""
     metrics = [
         primary_metric,
         *(m for m in HEADLINE_COLUMNS if m != primary_metric),
@@ -65,8 +66,7 @@ def view_state(primary_metric: str = "dsc_mean", search_filter: str = "") -> dic
         "searchFilter": search_filter,
         "orderByKey": column("metrics", primary_metric),
         "orderByAsc": any(primary_metric.startswith(p) for p in LOWER_IS_BETTER),
-        "selectedColumns": [column("attributes", "Dataset")]
-        + [column("metrics", m) for m in metrics],
+        "selectedColumns": [column("metrics", m) for m in metrics],
         "runsHiddenMode": "SHOW_ALL",
     }
 
