@@ -56,7 +56,6 @@ from evalharness.config.settings import EffectiveSettings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, load_volume, write_nifti
 from evalharness.demo.synthetic import make_case
-from evalharness.predict.components import keep_largest_component
 from evalharness.predict.pipeline import (
     load_case_inputs,
     native_labels,
@@ -68,6 +67,7 @@ from evalharness.predict.preprocess import (
     prepare_image,
 )
 from evalharness.predict.sliding_window import patch_starts
+from evalharness.score.masks import keep_largest_component
 
 SPACING_MM = (1.25, 1.25, 1.37)
 AXCODES = "LPS"

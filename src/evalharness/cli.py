@@ -2,9 +2,11 @@
 
 It registers the schema with Hydra, turns the composed config into the frozen dataclasses of
 `config.schema` and hands them down: to `evaluation.run.evaluate` for one run, to
-`sweep.jobs.evaluate_job` for a job of a multirun (whose parent run the Hydra callback
-`sweep.callback.SweepCallback` owns). With ``data=demo`` it lets the demo build its dataset and
-training run first (`with_demo`), so the demo is evaluated like any user's run.
+`sweep.jobs.start_job`, then `sweep.jobs.evaluate_job` for a job of a multirun (whose parent run
+the Hydra callback `sweep.callback.SweepCallback` owns; a job that claims its sweep group gets
+the other members' configs composed here, the only place that reads Hydra's config). With
+``data=demo`` it lets the demo build its dataset and training run first (`with_demo`), so the
+demo is evaluated like any user's run.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from evalharness.demo.spec import DEMO, TINY
 from evalharness.errors import ConfigError
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import Outcome, evaluate, record_failure
-from evalharness.sweep.groups import PlannedJob
-from evalharness.sweep.jobs import GroupMember, Job, evaluate_job
+from evalharness.sweep.grouping import PlannedJob
+from evalharness.sweep.jobs import GroupMember, Job, evaluate_job, start_job
 from evalharness.sweep.state import setting_of
 
 _HYDRA_SCHEMAS: dict[type, type] = {}
@@ -138,9 +140,9 @@ def evaluate_config(
 
 
 def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[GroupMember, ...]:
-    """The other jobs of a sweep group (`sweep.groups`), each configured as Hydra would
-    compose it: this job's config `cfg` with the job's overrides of sharable keys applied
-    (typed and checked by the schema); none when one of them does not apply."""
+    """The other jobs of a sweep group this job claimed (`sweep.grouping`), each configured as
+    Hydra would compose it: this job's config `cfg` with the job's overrides of sharable keys
+    applied (typed and checked by the schema); none when one of them does not apply."""
     members = []
     parser = OverridesParser.create()
     for other in planned:
@@ -195,8 +197,9 @@ def main(cfg: DictConfig) -> Any:
             task_overrides=tuple(hydra_cfg.overrides.task),
             num=int(hydra_cfg.job.num),
         )
-        members = lambda planned: group_members(cfg, planned)  # noqa: E731 - by a claimant
-        return evaluate_job(config, job, _completion(config), members)
+        start = start_job(config, job)
+        members = group_members(cfg, start.claimed) if start.claimed else ()
+        return evaluate_job(start, _completion(config), members)
     code = evaluate_config(cfg, output_dir, tuple(hydra_cfg.overrides.task)).code
     if code:
         sys.exit(code)

@@ -13,9 +13,8 @@ from mlflow import MlflowClient
 from evalharness.config.schema import ModelConfig, from_mapping
 from evalharness.data.training_split import training_split_of
 from evalharness.errors import SourceError
-from evalharness.evaluation.plan import load_resolved_model
 from evalharness.model.discovery import choose_model_artifact, safetensors_sibling
-from evalharness.model.loaders import load_model_file
+from evalharness.model.loaders import load_model_file, load_resolved_model
 from evalharness.model.sources import resolve_model
 
 CALLBACK = recorded_artifacts()  # what fastMONAI 0.12's callback logged

@@ -15,9 +15,9 @@ from mlflow import MlflowClient
 
 from evalharness.config.schema import ModelConfig, from_mapping
 from evalharness.errors import SourceError
+from evalharness.mlflow_client import HTTP_DEFAULTS
 from evalharness.model.loaders import load_model_file
 from evalharness.model.sources import normalise_artifact_path, resolve_model
-from evalharness.track import tracking
 
 RUN = FIXTURE / "training_run"
 LEARNER = RUN / "model" / "best_learner.pkl"
@@ -220,5 +220,5 @@ def test_unreachable_tracking_server_fails_fast_naming_the_uri(tmp_path: Path):
     with pytest.raises(SourceError, match=f"cannot read run 'abc' from {uri}"):
         resolve({"run_id": "abc"}, uri, tmp_path)
     # the one HTTP policy: bounded retries unless the user exported their own
-    expected = exported or tracking.HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    expected = exported or HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == expected

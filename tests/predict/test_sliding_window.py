@@ -22,7 +22,6 @@ from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label, write_nifti
 from evalharness.errors import ConfigError
 from evalharness.evaluation.case_loop import LoopOptions, _save_prediction
-from evalharness.predict.components import keep_largest_component
 from evalharness.predict.pipeline import CaseInputs, predict, preprocess_settings
 from evalharness.predict.preprocess import PreprocessSettings, prepare_image, restore_to_native
 from evalharness.predict.sliding_window import (
@@ -32,6 +31,7 @@ from evalharness.predict.sliding_window import (
     resolve_device,
     sliding_window_probs,
 )
+from evalharness.score.masks import keep_largest_component
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from evalharness.config.schema import MetricsConfig
 from evalharness.score.intervals import bootstrap_mean_ci, bootstrap_median_ci, holm
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import summarize
 
 
@@ -75,7 +75,7 @@ def test_holm_equals_a_hand_computed_example():
 
 def test_summary_logs_intervals_and_undefined_counts():
     table = dsc_table({1: [0.9, 0.8, 0.7, 0.6], 2: [0.5, math.nan, 0.3, 0.2]})
-    summary = summarize(table, MetricOptions(bootstrap_resamples=500))
+    summary = summarize(table, MetricsConfig(bootstrap_resamples=500))
     assert summary["dsc_mean"] == pytest.approx(np.nanmean([0.9, 0.8, 0.7, 0.6, 0.5, 0.3, 0.2]))
     for key in ("dsc_mean", "dsc_mean_label1", "dsc_mean_label2"):
         assert summary[f"{key}_ci95_low"] <= summary[key] <= summary[f"{key}_ci95_high"], key

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from evalharness.config.schema import MetricsConfig
 from evalharness.score.calibration import (
     BINS_COLUMN,
     calibration_metrics,
@@ -16,7 +17,6 @@ from evalharness.score.calibration import (
 )
 from evalharness.score.lesions import lesion_metrics, size_bin_names
 from evalharness.score.metrics import case_metrics
-from evalharness.score.options import MetricOptions
 
 SPACING_MM = (1.0, 1.0, 2.0)  # 2 mm³ per voxel
 SHAPE = (30, 12, 12)
@@ -54,7 +54,7 @@ def test_three_reference_lesions_two_found_one_false_positive():
 def test_detection_rate_by_lesion_size():
     pred, gt, _, _ = three_lesions_two_found()
     # volumes: 64 and 64 voxels = 128 mm³ (both found), 27 voxels = 54 mm³ (missed)
-    options = MetricOptions(lesion_size_bins_mm3=(100.0, 1000.0))
+    options = MetricsConfig(lesion_size_bins_mm3=(100.0, 1000.0))
     result = lesion_metrics(pred, gt, SPACING_MM, options)
     assert size_bin_names((100.0, 1000.0)) == [
         "lesion_ldr_lt100mm3",
@@ -69,10 +69,10 @@ def test_detection_rate_by_lesion_size():
 def test_min_iou_and_min_volume_tighten_the_matching():
     pred, gt, _, _ = three_lesions_two_found()
     # IoU of the half-found lesion is 0.5, of the shifted one 48/80 = 0.6
-    strict = lesion_metrics(pred, gt, SPACING_MM, MetricOptions(lesion_min_iou=0.55))
+    strict = lesion_metrics(pred, gt, SPACING_MM, MetricsConfig(lesion_min_iou=0.55))
     assert (strict["lesion_tp"], strict["lesion_fn"], strict["lesion_fp"]) == (1, 2, 2)
     # the false positive (8 voxels = 16 mm³) becomes a speck
-    no_specks = lesion_metrics(pred, gt, SPACING_MM, MetricOptions(min_lesion_mm3=20.0))
+    no_specks = lesion_metrics(pred, gt, SPACING_MM, MetricsConfig(min_lesion_mm3=20.0))
     assert (no_specks["lesion_tp"], no_specks["lesion_fn"], no_specks["lesion_fp"]) == (2, 1, 0)
 
 
@@ -91,7 +91,7 @@ def test_case_metrics_adds_lesion_columns_only_when_asked():
     pred, gt, _, _ = three_lesions_two_found()
     plain = case_metrics(pred.astype(np.uint8), gt.astype(np.uint8), SPACING_MM, [1])[0]
     assert "lesion_f1" not in plain
-    options = MetricOptions(lesion_wise=True)
+    options = MetricsConfig(lesion_wise=True)
     row = case_metrics(pred.astype(np.uint8), gt.astype(np.uint8), SPACING_MM, [1], options)[0]
     assert row["lesion_f1"] == pytest.approx(2 / 3) and row["dsc"] == plain["dsc"]
 
@@ -129,7 +129,7 @@ def test_bins_pool_across_cases_through_the_table_cell():
             probs[s].reshape(-1, 5, 5),
             np.ones((10, 5, 5), bool),
             truth[s].reshape(-1, 5, 5),
-            MetricOptions(calibration_bins=10),
+            MetricsConfig(calibration_bins=10),
         )
         for s in (slice(0, 250), slice(250, 500))
     ]
@@ -142,7 +142,7 @@ def test_case_metrics_maps_channels_to_labels():
     gt = np.zeros((6, 6, 6), np.uint8)
     gt[1:3, 1:3, 1:3], gt[3:5, 3:5, 3:5] = 1, 2
     probs = np.stack([gt == 0, gt == 1, gt == 2]).astype(np.float32)  # perfect softmax
-    options = MetricOptions(calibration=True, calibration_margin_vox=1)
+    options = MetricsConfig(calibration=True, calibration_margin_vox=1)
     rows = case_metrics(gt, gt, SPACING_MM, [1, 2], options, probs)
     assert [r["ece"] for r in rows] == [0.0, 0.0] and [r["brier"] for r in rows] == [0.0, 0.0]
     sigmoid = case_metrics(gt > 0, gt > 0, SPACING_MM, [1], options, probs[:1])[0]

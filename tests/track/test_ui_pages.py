@@ -22,6 +22,7 @@ from evalharness.config.validate import validate
 from evalharness.data.datasets import Case, Dataset
 from evalharness.errors import ConfigError
 from evalharness.plots.gallery import plot_gallery
+from evalharness.plots.summary_html import Figure, run_note, run_page, sweep_page
 from evalharness.score.worst_cases import WorstCases, largest_error, with_image
 from evalharness.track import tracking
 from evalharness.track.datasets import (
@@ -32,8 +33,7 @@ from evalharness.track.datasets import (
     log_evaluation_dataset,
     split_name,
 )
-from evalharness.track.pages import HEADLINE_SECTION, headline_first, sweep_note
-from evalharness.track.summary_page import Figure, run_note, run_page, sweep_page
+from evalharness.track.summaries import HEADLINE_SECTION, headline_first, sweep_note
 
 SHAPE = (14, 12, 10)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

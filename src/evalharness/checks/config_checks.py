@@ -20,25 +20,16 @@ from evalharness.checks.mismatches import (
     Mismatch,
     Severity,
     axis_label,
-    format_value,
-    jsonable,
     specs_text,
 )
 from evalharness.config.rules import overlap_to_voxels
 from evalharness.config.settings import FROM_TRAINING, SETTINGS, EffectiveSettings, Setting
+from evalharness.config.values import format_value, jsonable, normalize_spec
 from evalharness.errors import ConfigError
 
 SPACING_RTOL = 1e-3
 """Relative tolerance per axis when comparing target spacings (float noise of a JSON round
 trip or of a header is far below it; a real change of spacing is far above)."""
-
-
-def normalize_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """A normalisation spec in comparable form: keys sorted, tuples as lists, and fastMONAI's
-    default ``channel_wise=True`` filled in where it is left out."""
-    out = {str(k): jsonable(v) for k, v in spec.items()}
-    out.setdefault("channel_wise", True)
-    return dict(sorted(out.items()))
 
 
 def _normalization_difference(train: list[dict], evaluation: list[dict]) -> str:

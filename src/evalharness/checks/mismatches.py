@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
+from evalharness.config.values import format_value, jsonable
 
 Severity = Literal["error", "warning", "info"]
 
@@ -75,34 +75,6 @@ class Mismatch:
 
 # --------------------------------------------------------------------------------------------
 # values in messages
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with tuples and arrays as lists, numpy scalars as Python numbers, mapping keys
-    as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def format_value(value: Any) -> str:
-    """Compact text of a value for messages: 1.0 -> 1, [1.0, 1.5] -> [1, 1.5]."""
-    value = jsonable(value)
-    if isinstance(value, bool) or value is None:
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return "[" + ", ".join(format_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 def axis_label(i: int) -> str:
@@ -231,9 +203,7 @@ __all__ = [
     "Severity",
     "axis_label",
     "format_table",
-    "format_value",
     "has_errors",
-    "jsonable",
     "report_json",
     "report_tags",
     "specs_text",

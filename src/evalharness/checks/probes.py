@@ -9,13 +9,16 @@ spacing) and None otherwise, ``evaluation`` what was observed.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evalharness.checks.mismatches import AXIS_NAMES, Mismatch, axis_label, format_value
+from evalharness.checks.mismatches import AXIS_NAMES, Mismatch, axis_label
+from evalharness.config.values import format_value
 
 SPACING_FACTOR_LIMIT = 2.0
 """`spacing_check` warns when target and native spacing differ by more than this factor."""
@@ -276,11 +279,33 @@ def header_check(
     )
 
 
+def prediction_grid_check(
+    case_id: str,
+    label_path: Path,
+    prediction_shape: Sequence[int],
+    prediction_affine: Any,
+    label_shape: Sequence[int],
+    label_affine: Any,
+) -> Mismatch | None:
+    """Error when a saved prediction does not lie on its label's voxels (`header_check` of the
+    two grids; it is never resampled to fit); None when it does."""
+    found = header_check(case_id, prediction_shape, prediction_affine, label_shape, label_affine)
+    if found is None:
+        return None
+    differs = ", ".join(found.evaluation["differs"])
+    message = (
+        f"prediction and label grids differ in {differs} (label {label_path}): the prediction "
+        "does not lie on the label's voxels"
+    )
+    return dataclasses.replace(found, key="prediction_grid", message=message)
+
+
 __all__ = [
     "MIRROR_MIN_DSC",
     "MIRROR_MIN_GAIN",
     "MIRROR_PROBE_SAMPLES",
     "header_check",
     "mirror_probe",
+    "prediction_grid_check",
     "spacing_check",
 ]

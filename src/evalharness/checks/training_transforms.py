@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from evalharness.checks.config_checks import normalize_spec
-from evalharness.checks.mismatches import Mismatch, format_value, specs_text
+from evalharness.checks.mismatches import Mismatch, specs_text
+from evalharness.config.values import format_value, normalize_spec
 from evalharness.model.training_config import is_augmentation, normalization_spec
 
 KEY = "training.transformations"

@@ -16,7 +16,8 @@ from evalharness.errors import ConfigError
 
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
-DATA_LAYOUTS = ("demo", "decathlon", "csv")
+DATA_LAYOUTS = ("demo", "decathlon", "csv", "nnunet")
+MODEL_FAMILIES = ("nnunet",)  # besides null: fastMONAI/MONAI model files and runs
 SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 MODEL_ROLES = ("best", "final")
 CASE_ERROR_POLICIES = ("continue", "stop")
@@ -24,6 +25,7 @@ MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")
 RESTORE_METHODS = ("probabilities", "labels", "bspline")  # predict/restore.py
 DEFAULT_RESTORE = "bspline"
+MISSING_POLICIES = ("nan", "worst")  # metrics.missing
 MODEL_RUN_KEYS = ("run_id", "uri", "run_name")
 """The ways of naming a training run; at most one may be set."""
 MODEL_MEMBER_KEYS = ("run_id", "uri", "path")

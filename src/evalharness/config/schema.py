@@ -44,6 +44,10 @@ class ModelConfig:
     trust_pickle: bool = False
     arch: Any = None
     cache_dir: str | None = None
+    family: str | None = None  # null: fastMONAI/MONAI files and runs; nnunet: a model folder
+    folds: Any = None  # nnU-Net: fold numbers (several: an ensemble); null: every fold found
+    checkpoint: str | None = None  # nnU-Net: checkpoint file of each fold (checkpoint_final.pth)
+    splits: str | None = None  # nnU-Net: splits_final.json (null: found beside the model)
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,26 @@ class InferenceConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    missing: str = "worst"  # nan | worst: a distance where one side is empty (README: Metrics)
+    """What the scoring computes, and how (README: "Metrics"); `score/` takes it as a plain
+    value, validated once by `config.validate`.
+
+    missing: a distance (hd95_mm, hd95_vox, assd_mm) where exactly one of prediction and
+        reference is empty: ``worst`` = the diagonal of the image's extent (mm; voxels for
+        hd95_vox), or ``nan`` = undefined (skipped by the means, counted as n_undefined_*).
+    lesion_wise: add the lesion-wise (instance) columns (`score.lesions`).
+    lesion_min_iou: a reference lesion and a predicted component match when they overlap and
+        their IoU is at least this (0: any overlap).
+    min_lesion_mm3: components smaller than this (mm³) are ignored on both sides.
+    lesion_size_bins_mm3: increasing volume edges (mm³) of the detection-rate-by-size bins.
+    calibration: add ECE and Brier score of the probabilities (`score.calibration`).
+    calibration_bins: equal-width confidence bins of the ECE.
+    calibration_margin_vox: margin (voxels) around the union box of reference and prediction
+        inside which calibration is measured.
+    bootstrap_resamples: resamples of the 95 % bootstrap intervals over cases.
+    bootstrap_seed: seed of those resamples (logged with the run's params).
+    """
+
+    missing: str = "worst"  # rules.MISSING_POLICIES
     lesion_wise: bool = False
     lesion_min_iou: float = 0.0
     min_lesion_mm3: float = 0.0
@@ -110,6 +133,10 @@ class MetricsConfig:
     calibration_margin_vox: int = 4
     bootstrap_resamples: int = 2000
     bootstrap_seed: int = 0
+
+
+DEFAULT_METRICS = MetricsConfig()
+"""The defaults (``metrics=default``), the default argument of the scoring functions."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from evalharness.config import rules
 from evalharness.config.schema import EvalConfig, MetricsConfig
 from evalharness.errors import ConfigError
-from evalharness.score.options import MISSING_POLICIES
 
 
 def validate(config: EvalConfig) -> None:
@@ -18,6 +17,8 @@ def validate(config: EvalConfig) -> None:
     rules.choice("data.name", data.name, rules.DATA_LAYOUTS)
     rules.choice("data.split.method", data.split.method, rules.SPLIT_METHODS)
     rules.choice("model.role", config.model.role, rules.MODEL_ROLES)
+    if config.model.family is not None:
+        rules.choice("model.family", config.model.family, rules.MODEL_FAMILIES)
     rules.choice("inference.device", inference.device, rules.DEVICES)
     rules.choice("inference.restore", inference.restore, rules.RESTORE_METHODS)
     rules.choice("run.on_case_error", config.run.on_case_error, rules.CASE_ERROR_POLICIES)
@@ -79,7 +80,7 @@ def _saved_predictions(config: EvalConfig) -> None:
 
 def check_metrics(metrics: MetricsConfig) -> None:
     """The ``metrics`` group: one line per rule, naming the key."""
-    rules.choice("metrics.missing", metrics.missing, MISSING_POLICIES)
+    rules.choice("metrics.missing", metrics.missing, rules.MISSING_POLICIES)
     if not 0.0 <= metrics.lesion_min_iou <= 1.0:
         raise ConfigError(f"metrics.lesion_min_iou={metrics.lesion_min_iou}: expected [0, 1]")
     if metrics.min_lesion_mm3 < 0:

@@ -20,7 +20,6 @@ import json
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,8 @@ from sklearn.model_selection import train_test_split
 
 from evalharness.config import rules
 from evalharness.config.schema import DataConfig, SplitConfig
+from evalharness.data.cases import Case, Dataset
+from evalharness.data.nnunet_dataset import read_raw_dataset
 from evalharness.errors import ConfigError, DataError
 
 # What the training notebook ran: DecathlonDataset(..., section="training") with MONAI's defaults
@@ -42,25 +43,6 @@ SKLEARN_TEST_SIZE = 0.2
 RANDOM_STATE = 42
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One case to evaluate; its files may not exist (the evaluation then records a failure)."""
-
-    case_id: str  # image file name without .nii/.nii.gz, unique within the dataset
-    image: Path  # absolute
-    label: Path | None  # absolute; None when the split has no labels (metrics are skipped)
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """The evaluation split: its cases in split order, label names and where it came from."""
-
-    cases: tuple[Case, ...]
-    label_names: dict[int, str]  # background included
-    root: Path  # the folder relative paths resolve against (Decathlon folder or manifest's)
-    split_method: str
 
 
 HeldOut = Callable[[list["Case"], Path], list["Case"]]
@@ -81,10 +63,16 @@ def load_dataset(data_cfg: DataConfig, held_out: HeldOut | None = None) -> Datas
             "not a CSV manifest; use sklearn, file or all"
         )
 
+    test_cases: list[Case] = []
     if name == "csv":
         manifest = _manifest_path(data_cfg)
         folder, label_names = manifest.parent, {}
         listed = None if method == "file" else _read_manifest(manifest, data_cfg)
+    elif name == "nnunet":
+        folder = _dataset_folder(data_cfg, "dataset.json", "an nnU-Net raw dataset folder")
+        raw = read_raw_dataset(folder)
+        listed, test_cases = [*raw.training, *raw.test], list(raw.test)
+        label_names = raw.label_names
     else:
         folder = _decathlon_folder(data_cfg)
         listed, label_names = _read_decathlon(folder / "dataset.json")
@@ -102,6 +90,8 @@ def load_dataset(data_cfg: DataConfig, held_out: HeldOut | None = None) -> Datas
         cases = held_out(listed, folder)
     elif method == "sklearn":
         cases = _test_part(listed, split_cfg, SKLEARN_TEST_SIZE)
+    elif test_cases:  # nnU-Net's layout with imagesTs: its test cases are the split
+        cases = test_cases
     else:
         training = [listed[i] for i in monai_training_indices(len(listed))]
         cases = _test_part(training, split_cfg, DECATHLON_TEST_SIZE)
@@ -160,16 +150,18 @@ def _resolve(folder: Path, value: str | os.PathLike[str]) -> Path:
 
 def _decathlon_folder(data_cfg: DataConfig) -> Path:
     """``data.root`` (joined with ``data.task`` when set), checked to hold a dataset.json."""
+    return _dataset_folder(data_cfg, "dataset.json", "a Medical Segmentation Decathlon folder")
+
+
+def _dataset_folder(data_cfg: DataConfig, marker: str, expected: str) -> Path:
+    """``data.root`` (joined with ``data.task`` when set), checked to hold `marker`."""
     root, task = data_cfg.root, data_cfg.task
     if not root:
-        raise ConfigError("data.root: missing (expected the Decathlon dataset folder)")
+        raise ConfigError(f"data.root: missing (expected {expected})")
     folder = _resolve(Path.cwd(), Path(root) / task if task else root)
-    if not (folder / "dataset.json").is_file():
+    if not (folder / marker).is_file():
         where = f"data.root={root}" + (f", data.task={task}" if task else "")
-        raise DataError(
-            f"{where}: no dataset.json in {folder} "
-            "(expected a Medical Segmentation Decathlon folder)"
-        )
+        raise DataError(f"{where}: no {marker} in {folder} (expected {expected})")
     return folder
 
 

@@ -8,7 +8,6 @@ What fastMONAI and nnU-Net write: one label map per case, named ``<case>_pred.ni
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-from evalharness.checks.probes import header_check
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError
@@ -35,6 +33,7 @@ class SavedCase:
     gt_labels: np.ndarray | None  # None: the case has no label (nothing to score)
     affine: np.ndarray  # 4x4 voxel -> world (RAS+, mm) of the prediction
     spacing_mm: tuple[float, float, float]
+    gt_affine: np.ndarray | None = None  # 4x4 voxel -> world (RAS+, mm) of the label
 
 
 def prediction_path(folder: Path, case_id: str) -> Path:
@@ -72,46 +71,24 @@ def prediction_digests(folder: Path, case_ids: Iterable[str]) -> dict[str, str |
 
 
 def load_saved_case(case: Case, folder: Path, label_values: Set[int]) -> SavedCase:
-    """Read the case's prediction and label and check them: the same grid (shape, spacing,
-    orientation, origin) and only `label_values` in both."""
+    """Read the case's prediction (only `label_values` in it) and label. The caller checks
+    that both lie on the same grid (`checks.probes.prediction_grid_check`), then the label's
+    values (`check_label_values`)."""
     path = prediction_path(folder, case.case_id)
     prediction, affine = load_label(path)
-    _check_values(path, prediction, label_values)
+    check_label_values(path, prediction, label_values)
     spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-    gt_labels = None
+    gt_labels = gt_affine = None
     if case.label is not None:
         if not case.label.is_file():
             raise CaseError(f"{case.label}: label file not found")
         gt_labels, gt_affine = load_label(case.label)
-        _check_grid(case, path, prediction, affine, gt_labels, gt_affine)
-        _check_values(case.label, gt_labels, label_values)
-    return SavedCase(
-        case, path, prediction, gt_labels, affine, (spacing[0], spacing[1], spacing[2])
-    )
+    spacing_mm = (spacing[0], spacing[1], spacing[2])
+    return SavedCase(case, path, prediction, gt_labels, affine, spacing_mm, gt_affine)
 
 
-def _check_grid(
-    case: Case,
-    path: Path,
-    prediction: np.ndarray,
-    affine: np.ndarray,
-    gt_labels: np.ndarray,
-    gt_affine: np.ndarray,
-) -> None:
-    """A prediction off the label's grid fails the case: never resampled to fit."""
-    found = header_check(case.case_id, prediction.shape, affine, gt_labels.shape, gt_affine)
-    if found is None:
-        return
-    differs = ", ".join(found.evaluation["differs"])
-    message = (
-        f"prediction and label grids differ in {differs} (label {case.label}): the prediction "
-        "does not lie on the label's voxels"
-    )
-    finding = dataclasses.replace(found, key="prediction_grid", message=message)
-    raise CaseError(f"{path}: {message}", findings=(finding,))
-
-
-def _check_values(path: Path, labels: np.ndarray, allowed: Set[int]) -> None:
+def check_label_values(path: Path, labels: np.ndarray, allowed: Set[int]) -> None:
+    """`CaseError` naming `path` when `labels` holds a value outside `allowed`."""
     values = [int(v) for v in np.unique(labels) if int(v) not in allowed]
     if values:
         raise CaseError(

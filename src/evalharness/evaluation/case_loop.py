@@ -20,9 +20,13 @@ from tqdm.auto import tqdm
 
 from evalharness.checks.mismatches import Mismatch
 from evalharness.checks.probes import mirror_probe, spacing_check
+from evalharness.config.schema import MetricsConfig, ModelConfig
 from evalharness.data.datasets import Case
 from evalharness.errors import CaseError, one_line
 from evalharness.evaluation.plan import Evaluation
+from evalharness.model.loaders import LoadedModel
+from evalharness.model.sources import ResolvedModel
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.pipeline import (
     CaseInputs,
@@ -34,7 +38,6 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable, failure_rows
 from evalharness.score.worst_cases import WorstCases
 
@@ -55,6 +58,22 @@ class CaseSink(Protocol):
     def findings(self, findings: list[Mismatch]) -> None: ...
 
     def prediction_saved(self, path: Path) -> None: ...
+
+
+class Reuse(Protocol):
+    """What a sweep keeps for the settings that follow (`sweep.cache.SweepCache` implements it,
+    so evaluation never imports the sweep): the loaded model, each case's inputs and the
+    per-patch model outputs of a forward key. What it returns is shared: read-only."""
+
+    def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel: ...
+
+    def load_inputs(
+        self, case: Case, settings: PreprocessSettings, family: ModelFamily | None = None
+    ) -> CaseInputs: ...
+
+    def patch_outputs(
+        self, case: Case, settings: PreprocessSettings, forward_key: str
+    ) -> OutputStore: ...
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,7 @@ class LoopOptions:
     skip_cases: set[str] = field(default_factory=set)
     max_device_memory_mb: float | None = None
     gallery_k: int = 3  # worst cases per label kept for the gallery
-    metrics: MetricOptions = field(default_factory=MetricOptions)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 def case_step(
@@ -129,17 +148,22 @@ def case_step(
     def step(inputs: CaseInputs, case_counts: ForwardCounts) -> tuple[list[dict], list[Mismatch]]:
         check_inputs(inputs, ev.n_input_channels, allowed)
         case = inputs.case
-        prediction = predict(
-            ev.model,
-            inputs.prepared,
-            ev.settings,
-            ev.device,
-            ev.n_output_channels,
-            options.max_device_memory_mb,
-            keep_probabilities=options.metrics.calibration,
-            outputs=outputs_for(case, pre) if outputs_for else None,
-            counts=case_counts,
-        )
+        outputs = outputs_for(case, pre) if outputs_for else None
+        if ev.family is not None:  # a family that predicts its own way (nnU-Net)
+            keep = options.metrics.calibration
+            prediction = ev.family.predict(inputs, keep, outputs, case_counts)
+        else:
+            prediction = predict(
+                ev.model,
+                inputs.prepared,
+                ev.settings,
+                ev.device,
+                ev.n_output_channels,
+                options.max_device_memory_mb,
+                keep_probabilities=options.metrics.calibration,
+                outputs=outputs,
+                counts=case_counts,
+            )
         rows = _score(inputs, prediction, labels, options.metrics)
         case_findings = _probe(ev, inputs, prediction.labels)
         native = inputs.prepared.native
@@ -166,6 +190,8 @@ def run_cases(
     """
     step, extremes = case_step(ev, sink, options, outputs_for)
     pre = preprocess_settings(ev.settings)
+    if ev.family is not None and load_inputs is load_case_inputs:
+        load_inputs = ev.family.load_inputs
     cases = [c for c in ev.dataset.cases if c.case_id not in options.skip_cases]
     load = lambda case: load_inputs(case, pre)  # noqa: E731
     loop_cases(cases, list(ev.labels), table, sink, options, load, step, counts)
@@ -297,7 +323,7 @@ def _lane_case(
 
 
 def _score(
-    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricOptions
+    inputs: CaseInputs, prediction: CasePrediction, labels: list[int], options: MetricsConfig
 ) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:

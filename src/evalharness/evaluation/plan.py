@@ -27,7 +27,7 @@ from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
-from evalharness.model.loaders import LoadedModel, load_model_file, load_state_dict_with_metadata
+from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.members import (
     agreed_training_config,
     check_agreement,
@@ -35,8 +35,9 @@ from evalharness.model.members import (
     member_name,
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
-from evalharness.model.training_config import TrainingConfig, read_safetensors_metadata
+from evalharness.model.training_config import TrainingConfig
 from evalharness.predict.ensemble import Ensemble
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.pipeline import probe_channels
 from evalharness.predict.sliding_window import resolve_device
 
@@ -62,6 +63,7 @@ class Evaluation:
     loaded_members: tuple[LoadedModel, ...] = ()
     network: torch.nn.Module | None = None  # what the sliding window runs (an Ensemble or not)
     training: TrainingConfig | None = None  # the members' agreed training configuration
+    family: ModelFamily | None = None  # a family's own inference (nnU-Net); None: the harness's
 
     @property
     def model(self) -> torch.nn.Module:
@@ -82,23 +84,10 @@ class Plan:
     members: tuple[ResolvedModel, ...] = ()
     training: TrainingConfig | None = None
     split_findings: tuple[Mismatch, ...] = ()  # evaluated cases the training run used
+    family: Any = None  # a family's own model description (nnU-Net: its `NnunetModel`)
 
 
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
-
-
-def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-    """Load the resolved model file with the `model.*` loading options; a state dict with a
-    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
-    if source.arch is None and resolved.sibling_metadata_path is not None:
-        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
-        return load_state_dict_with_metadata(resolved.local_path, metadata)
-    return load_model_file(
-        resolved.local_path,
-        arch=source.arch,
-        allow_globals=list(source.allow_globals),
-        trust_pickle=bool(source.trust_pickle),
-    )
 
 
 def plan(config: EvalConfig, tracking_uri: str) -> Plan:
@@ -250,6 +239,7 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        **(ev.family.tags() if ev.family is not None else {}),
     }
 
 

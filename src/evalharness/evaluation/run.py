@@ -13,6 +13,7 @@ model-free plan and no prepare step.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -35,10 +36,12 @@ from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.errors import ConfigError, HarnessError, one_line
-from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, run_cases
+from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, Reuse, run_cases
+from evalharness.evaluation.nnunet_plan import is_nnunet, plan_nnunet, prepare_nnunet
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, model_label, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
+from evalharness.evaluation.run_report import log_results, print_summary, run_context
 from evalharness.evaluation.saved import (
     SavedPlan,
     plan_saved,
@@ -50,13 +53,10 @@ from evalharness.evaluation.saved import (
 from evalharness.predict.memory import peak_memory_mb, reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import forward_key, load_case_inputs
-from evalharness.score.options import MetricOptions
 from evalharness.score.table import CaseTable
-from evalharness.sweep.cache import SweepCache
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
 from evalharness.track.liveness import liveness_tags
-from evalharness.track.report import log_results, print_summary, run_context
 from evalharness.track.reuse import finished_setting
 
 EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
@@ -114,7 +114,7 @@ def evaluate(
     output_dir: Path,
     parent_run_id: str | None = None,
     skip_finished: bool = False,
-    cache: SweepCache | None = None,
+    cache: Reuse | None = None,
     complete: ConfigCompletion | None = None,
     share_forward: bool = False,
     setting: str = "",
@@ -215,7 +215,7 @@ def open_evaluation(
     output_dir: Path,
     run: LazyRun,
     skip_finished: bool,
-    cache: SweepCache | None,
+    cache: Reuse | None,
 ) -> Opened | Outcome:
     """Plan, skip a finished setting (`skip_finished`: its outcome), prepare, create the run
     and log its parameters, tags, configuration, dataset and config-level findings."""
@@ -224,7 +224,7 @@ def open_evaluation(
     if saved:
         planned = plan_saved(config, uri, output_dir / "saved_predictions")
     else:
-        planned = plan(config, uri)
+        planned = plan_nnunet(config, uri) if is_nnunet(config) else plan(config, uri)
     run.case_ids = tuple(c.case_id for c in planned.dataset.cases)
     client = run.client
     earlier = tracking.runs_with_tag(
@@ -245,7 +245,10 @@ def open_evaluation(
                 file=sys.stderr,
             )
     else:
-        ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
+        if is_nnunet(config):
+            ev = prepare_nnunet(config, planned)
+        else:
+            ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
         params, tags = run_params(config, ev), run_tags(config, ev)
     if run.name is None:
         label = f"predictions {ev.folder.name}" if saved else model_label(planned.members)
@@ -277,7 +280,7 @@ def open_evaluation(
         skip_cases=table.case_ids(),
         max_device_memory_mb=config.inference.max_device_memory_mb,
         gallery_k=config.output.gallery_k,
-        metrics=MetricOptions.from_mapping(as_dict(config.metrics)),
+        metrics=config.metrics,
     )
     if options.skip_cases:
         print(f"resuming run {resumed_from}: {len(options.skip_cases)} case(s) already done")
@@ -285,18 +288,23 @@ def open_evaluation(
 
 
 def run_model_cases(
-    opened: Opened, cache: SweepCache | None, outputs_for: OutputsFor | None
+    opened: Opened, cache: Reuse | None, outputs_for: OutputsFor | None
 ) -> Extremes:
-    """The cases of one opened evaluation, on its own (a sweep group: `evaluation.group`)."""
+    """The cases of one opened evaluation, on its own (a sweep group: `sweep.group_pass`)."""
     if opened.saved:
         return run_saved_cases(opened.ev, opened.table, opened.sink, opened.options)
     reset_peak_memory(opened.ev.device)
+    family = opened.ev.family
+    if cache is not None:
+        load = functools.partial(cache.load_inputs, family=family)
+    else:
+        load = family.load_inputs if family is not None else load_case_inputs
     return run_cases(
         opened.ev,
         opened.table,
         opened.sink,
         opened.options,
-        cache.load_inputs if cache else load_case_inputs,
+        load,
         outputs_for,
         opened.counts,
     )
@@ -326,16 +334,17 @@ def close_evaluation(opened: Opened, extremes: Extremes) -> Outcome:
     return Outcome(code, run_id, case_ids=run.case_ids)
 
 
-def outputs_for_sweep(
-    config: EvalConfig, ev: Evaluation, cache: SweepCache | None
-) -> OutputsFor | None:
+def outputs_for_sweep(config: EvalConfig, ev: Evaluation, cache: Reuse | None) -> OutputsFor | None:
     """The case -> patch-output store of this setting's forward key in the sweep cache."""
     if cache is None:
         return None
     options = {k: getattr(config.model, k) for k in ("arch", "allow_globals", "trust_pickle")}
     shas = [member.sha256 for member in (ev.members or (ev.resolved,))]  # every ensemble member
     model_key = stable_hash({"sha256": shas, "options": options})
-    key = forward_key(model_key, ev.settings, ev.device)
+    if ev.family is not None:
+        key = ev.family.forward_key(model_key)
+    else:
+        key = forward_key(model_key, ev.settings, ev.device)
     return lambda case, pre: cache.patch_outputs(case, pre, key)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evalharness.checks.mismatches import Mismatch
-from evalharness.checks.probes import mirror_probe
+from evalharness.checks.probes import mirror_probe, prediction_grid_check
 from evalharness.config.schema import (
     EvalConfig,
     InferenceConfig,
@@ -29,15 +29,20 @@ from evalharness.config.schema import (
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
 from evalharness.data.datasets import Case, Dataset, load_dataset
-from evalharness.data.saved_predictions import SavedCase, load_saved_case, prediction_digests
-from evalharness.errors import ConfigError, SourceError
+from evalharness.data.saved_predictions import (
+    SavedCase,
+    check_label_values,
+    load_saved_case,
+    prediction_digests,
+)
+from evalharness.errors import CaseError, ConfigError, SourceError
 from evalharness.evaluation.case_loop import CaseSink, Extremes, LoopOptions, loop_cases
+from evalharness.evaluation.run_report import RunContext
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import metric_rows
 from evalharness.score.table import CaseTable
 from evalharness.score.worst_cases import WorstCases
 from evalharness.track import tracking
-from evalharness.track.report import RunContext
 
 PREDICTIONS_ARTIFACT = "predictions"
 """Where an evaluation run logs its predictions (`output.save_predictions`)."""
@@ -169,7 +174,7 @@ def run_saved_cases(
     extremes = Extremes(worst_cases=WorstCases(options.gallery_k))
 
     def load(case: Case) -> SavedCase:
-        return load_saved_case(case, planned.folder, allowed)
+        return load_checked(case, planned.folder, allowed)
 
     def step(saved: SavedCase, counts: ForwardCounts) -> tuple[list[dict], list[Mismatch]]:
         case_id = saved.case.case_id
@@ -188,3 +193,24 @@ def run_saved_cases(
     cases = [c for c in planned.dataset.cases if c.case_id not in options.skip_cases]
     loop_cases(cases, labels, table, sink, options, load, step)
     return extremes
+
+
+def load_checked(case: Case, folder: Path, label_values: set[int]) -> SavedCase:
+    """The case's saved prediction and label, checked: only `label_values` in both, and the
+    prediction on the label's grid (shape, spacing, orientation, origin); `CaseError`
+    naming the file otherwise."""
+    saved = load_saved_case(case, folder, label_values)
+    if saved.gt_labels is None or case.label is None:
+        return saved
+    finding = prediction_grid_check(
+        case.case_id,
+        case.label,
+        saved.prediction.shape,
+        saved.affine,
+        saved.gt_labels.shape,
+        saved.gt_affine,
+    )
+    if finding is not None:
+        raise CaseError(f"{saved.prediction_path}: {finding.message}", findings=(finding,))
+    check_label_values(case.label, saved.gt_labels, label_values)
+    return saved

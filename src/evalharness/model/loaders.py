@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file as load_safetensors
 
+from evalharness.config.schema import ModelConfig
 from evalharness.errors import SourceError, first_line
 from evalharness.model.architectures import (
     ModelSpec,
@@ -30,6 +31,7 @@ from evalharness.model.architectures import (
     with_shared_aliases,
 )
 from evalharness.model.safe_pickle import is_placeholder, load_model_pickle
+from evalharness.model.sources import ResolvedModel
 from evalharness.model.targets import instantiate
 from evalharness.model.training_config import read_safetensors_metadata
 
@@ -261,3 +263,17 @@ def _unpickle(path: Path, allow_globals: Sequence[str], trust_pickle: bool) -> A
         raise
     except Exception as error:  # any unpickling failure means "not a loadable model"
         raise SourceError(f"{path} {NOT_A_MODEL}; unpickling failed: {first_line(error)}") from None
+
+
+def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
+    """Load the resolved model file with the `model.*` loading options; a state dict with a
+    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
+    if source.arch is None and resolved.sibling_metadata_path is not None:
+        metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
+        return load_state_dict_with_metadata(resolved.local_path, metadata)
+    return load_model_file(
+        resolved.local_path,
+        arch=source.arch,
+        allow_globals=list(source.allow_globals),
+        trust_pickle=bool(source.trust_pickle),
+    )

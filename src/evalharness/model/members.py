@@ -14,11 +14,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from evalharness.checks.config_checks import normalize_spec
-from evalharness.checks.mismatches import format_value
 from evalharness.config.rules import MODEL_MEMBER_KEYS, model_sources
 from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import FROM_TRAINING
+from evalharness.config.values import format_value, normalize_spec
 from evalharness.errors import ConfigError
 from evalharness.model.sources import ResolvedModel
 from evalharness.model.training_config import TrainingConfig

@@ -31,6 +31,7 @@ from evalharness.config.rules import MODEL_RUN_KEYS
 from evalharness.config.schema import ModelConfig
 from evalharness.data.training_split import ARTIFACT as TRAINING_SPLIT_ARTIFACT
 from evalharness.errors import SourceError, first_line
+from evalharness.mlflow_client import client_for
 from evalharness.model.discovery import (
     MODEL_FOLDER,
     ArtifactChoice,
@@ -45,7 +46,6 @@ from evalharness.model.training_config import (
     training_config_from_params,
     training_config_from_safetensors,
 )
-from evalharness.track import tracking
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ def resolve_model(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> Re
     notes: list[str] = []
     try:
         if chosen:
-            client = tracking.client_for(uri, registry_uri=uri)
+            client = client_for(uri, registry_uri=uri)
             run, artifact, notes = _locate_run(client, source, uri)
             experiment = client.get_experiment(run.info.experiment_id).name
             split_path = _training_split(client, run, cache_dir, uri)

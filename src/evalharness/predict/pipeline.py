@@ -18,11 +18,11 @@ import torch
 
 from evalharness.checks.probes import header_check
 from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import load_label
 from evalharness.errors import CaseError, ConfigError, first_line
-from evalharness.predict.components import keep_largest_component
 from evalharness.predict.memory import plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import (
@@ -33,8 +33,8 @@ from evalharness.predict.preprocess import (
 )
 from evalharness.predict.restore import restore_labels
 from evalharness.predict.sliding_window import sliding_window_probs
+from evalharness.score.masks import keep_largest_component
 from evalharness.score.metrics import case_metrics
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def metric_rows(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
     probabilities: np.ndarray | None = None,
 ) -> list[dict]:
     """One row per foreground label: case, label, every metric, status ok (`case_metrics`)."""

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
+from evalharness.score.masks import bounding_box
 
 CALIBRATION_METRICS: tuple[str, ...] = ("ece", "brier")
 BINS_COLUMN = "reliability_bins"
@@ -69,14 +70,12 @@ def calibration_region(
 ) -> tuple[slice, ...] | None:
     """Union bounding box of two masks [X, Y, Z] grown by `margin_vox`, or None if both empty."""
     union = np.asarray(pred_mask, dtype=bool) | np.asarray(gt_mask, dtype=bool)
-    hits = [
-        np.flatnonzero(union.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)
-    ]
-    if hits[0].size == 0:
+    box = bounding_box(union)
+    if box is None:
         return None
     return tuple(
-        slice(max(int(h[0]) - margin_vox, 0), min(int(h[-1]) + 1 + margin_vox, n))
-        for h, n in zip(hits, union.shape, strict=True)
+        slice(max(s.start - margin_vox, 0), min(s.stop + margin_vox, n))
+        for s, n in zip(box, union.shape, strict=True)
     )
 
 
@@ -84,7 +83,7 @@ def calibration_metrics(
     probs: np.ndarray,
     pred_mask: np.ndarray,
     gt_mask: np.ndarray,
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
 ) -> dict[str, float]:
     """``ece``, ``brier`` (module doc) and the `BINS_COLUMN` cell of one label's
     probabilities [X, Y, Z]."""
@@ -97,7 +96,7 @@ def calibration_of(
     probs: np.ndarray,
     pred_mask: np.ndarray,
     gt_mask: np.ndarray,
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
 ) -> tuple[ReliabilityBins | None, float]:
     """Reliability bins (None when both masks are empty) and Brier score of [X, Y, Z] maps."""
     if np.shape(probs) != np.shape(gt_mask):

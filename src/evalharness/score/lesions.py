@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 
 LESION_METRICS: tuple[str, ...] = ("lesion_tp", "lesion_fn", "lesion_fp", "lesion_f1", "lesion_dsc")
 LOWER_IS_BETTER_LESION: frozenset[str] = frozenset({"lesion_fn", "lesion_fp"})
@@ -43,7 +43,7 @@ def lesion_metrics(
     pred_mask: np.ndarray,
     gt_mask: np.ndarray,
     spacing_mm: Sequence[float],
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
 ) -> dict[str, float]:
     """The lesion-wise columns (module doc) of two boolean masks [X, Y, Z]."""
     voxel_mm3 = float(np.prod(np.asarray(spacing_mm, dtype=np.float64)))

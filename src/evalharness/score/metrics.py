@@ -44,8 +44,9 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.score import calibration, lesions
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
+from evalharness.score.masks import as_mask, bounding_box
 
 METRIC_NAMES: tuple[str, ...] = (
     "dsc",
@@ -138,7 +139,7 @@ def case_metrics(
     gt_labels: np.ndarray,
     spacing_mm: Sequence[float],
     labels: Sequence[int],
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
     probabilities: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Per-label metrics of label maps [X, Y, Z]: one dict per foreground label k in `labels`,
@@ -260,30 +261,6 @@ def _percentile_float32(distances: np.ndarray) -> np.float32:
     if weight < 0.5:
         return np.float32(low + np.float64(weight) * (high - low))
     return np.float32(high - (high - low) * np.float64(np.float32(1.0) - weight))
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
-    """Smallest box (slices) holding every True voxel of `mask` [X, Y, Z], or None if empty."""
-    if not mask.flags.c_contiguous and mask.flags.f_contiguous:
-        box = bounding_box(mask.T)  # C-ordered [Z, Y, X] view: same fast reductions
-        return None if box is None else (box[2], box[1], box[0])
-    # Reducing over the leading axis, or over all trailing axes, runs at memory speed; reducing
-    # over a middle or last axis of the full volume is about ten times slower.
-    x_hits = np.flatnonzero(mask.any(axis=(1, 2)))
-    if x_hits.size == 0:
-        return None
-    yz = mask.any(axis=0)
-    y_hits, z_hits = np.flatnonzero(yz.any(axis=1)), np.flatnonzero(yz.any(axis=0))
-    x, y, z = (slice(int(h[0]), int(h[-1]) + 1) for h in (x_hits, y_hits, z_hits))
-    return x, y, z
-
-
-def as_mask(mask: np.ndarray) -> np.ndarray:
-    """`mask` as a bool array [X, Y, Z] (non-zero is foreground)."""
-    mask = np.asarray(mask)
-    if mask.ndim != 3:
-        raise ValueError(f"expected a 3-D mask [X, Y, Z], got shape {mask.shape}")
-    return mask if mask.dtype == bool else mask != 0
 
 
 def _check_same_shape(pred: np.ndarray, gt: np.ndarray) -> None:

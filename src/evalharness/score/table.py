@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.score.calibration import CALIBRATION_METRICS
 from evalharness.score.intervals import MIN_CASES, bootstrap_mean_ci
 from evalharness.score.lesions import LESION_METRICS
 from evalharness.score.metrics import METRIC_NAMES
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 
 COLUMNS = ("case", "label", *METRIC_NAMES, "status", "error", "seconds", "flags")
 HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
@@ -61,7 +61,7 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in (*METRIC_NAMES, *optional) if c in table.columns]
 
 
-def summarize(table: pd.DataFrame, options: MetricOptions = DEFAULT_OPTIONS) -> dict[str, float]:
+def summarize(table: pd.DataFrame, options: MetricsConfig = DEFAULT_METRICS) -> dict[str, float]:
     """`<metric>_mean/_std/_median` over all (case, label) rows that succeeded, NaN skipped,
     with the 95 % bootstrap interval of each mean (`<metric>_mean_ci95_low/_high`,
     `intervals.py`) and `n_undefined_<metric>` (rows where it is NaN); `<metric>_mean_label<k>`
@@ -103,7 +103,7 @@ def summarize(table: pd.DataFrame, options: MetricOptions = DEFAULT_OPTIONS) -> 
 
 
 def _interval(
-    key: str, cases: pd.Series, values: pd.Series, options: MetricOptions
+    key: str, cases: pd.Series, values: pd.Series, options: MetricsConfig
 ) -> dict[str, float]:
     """`<key>_ci95_low/_high`: bootstrap interval over cases of the mean of `values`."""
     grouped = values.groupby(cases.to_numpy())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from evalharness.data.datasets import Case
-from evalharness.predict.components import keep_largest_component
+from evalharness.score.masks import bounding_box, keep_largest_component
 
 PLANES = ("axial", "coronal", "sagittal")
 FIXED_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
@@ -68,25 +68,14 @@ def largest_error(reference: np.ndarray, prediction: np.ndarray) -> tuple[tuple[
     Work is done inside the bounding box of the error (or of the reference).
     """
     error = reference ^ prediction
-    box = _bounding_box(error)
+    box = bounding_box(error)
     if box is not None:
         region = keep_largest_component(error[box])
         return _nearest_to_centroid(region, box), int(np.count_nonzero(region))
-    box = _bounding_box(reference)
+    box = bounding_box(reference)
     if box is not None:
         return _nearest_to_centroid(reference[box], box), 0
     return tuple(int(n // 2) for n in reference.shape), 0
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box (slices) holding every True voxel of `mask` [X, Y, Z]; None if empty."""
-    box = []
-    for axis in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if hit.size == 0:
-            return None
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return tuple(box)
 
 
 def _nearest_to_centroid(mask: np.ndarray, box: tuple[slice, ...]) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ Keys say exactly what decides a value, so a hit can never serve something stale:
   one flip, float32 on the CPU: about (patches x patch voxels x K') x 4 bytes, K' the output
   channels (1 for two classes) -- for an overlap of half the patch about 8 times the case's
   probability volume. A case whose entry does not fit the budget is recomputed. A sweep
-  group (`evaluation.group`, case by case) needs one case's entries at a time; settings that
+  group (`sweep.group_pass`, case by case) needs one case's entries at a time; settings that
   share one after another (sweepers other than the basic one) need every case's to stay.
 
 Cached values are shared, never copied: consumers must treat them as read-only (the pipeline
@@ -40,9 +40,9 @@ import torch
 from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
-from evalharness.evaluation.plan import load_resolved_model
-from evalharness.model.loaders import LoadedModel
+from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.sources import ResolvedModel
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.patch_outputs import Flip, PatchOutputs
 from evalharness.predict.pipeline import CaseInputs, load_case_inputs
 from evalharness.predict.preprocess import PreprocessSettings
@@ -150,16 +150,24 @@ class SweepCache:
             return Counters(**self._counts)
 
     def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
-        """`evaluation.load_resolved_model`, once per artifact checksum and loading options
+        """`model.loaders.load_resolved_model`, once per artifact checksum and loading options
         (an ensemble: once per member)."""
         options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
         key = ("model", resolved.sha256, stable_hash(options))
         return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
-    def load_inputs(self, case: Case, settings: PreprocessSettings) -> CaseInputs:
-        """`pipeline.load_case_inputs`, once per case files and preprocessing settings."""
-        key = ("case", *_case_key(case, settings))
-        return self._get(key, "case", lambda: load_case_inputs(case, settings), _inputs_nbytes)
+    def load_inputs(
+        self, case: Case, settings: PreprocessSettings, family: ModelFamily | None = None
+    ) -> CaseInputs:
+        """`pipeline.load_case_inputs` (or a model `family`'s own), once per case files,
+        preprocessing settings and family inputs key."""
+        if family is None:
+            key = ("case", *_case_key(case, settings))
+            load = load_case_inputs
+        else:
+            key = ("case", family.name, family.inputs_key(), *_case_key(case, settings))
+            load = family.load_inputs
+        return self._get(key, "case", lambda: load(case, settings), _inputs_nbytes)
 
     def patch_outputs(
         self, case: Case, settings: PreprocessSettings, forward_key: str

@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
 from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
-from evalharness.sweep import groups
-from evalharness.sweep.report import closing_status, refresh
+from evalharness.sweep import grouping
+from evalharness.sweep.parent_report import closing_status, refresh
 from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_json, write_state
 from evalharness.track import tracking, ui_links
 from evalharness.track.liveness import liveness_tags, process_alive
@@ -122,10 +122,10 @@ class SweepCallback(Callback):
         )
         for stale in (sweep_dir / STATE_DIR / "jobs").glob("*.json"):
             stale.unlink()  # a sweep folder reused by hand: forget the earlier jobs
-        groups.clear(sweep_dir)
+        grouping.clear(sweep_dir)
         expanded = expand_jobs(config.hydra)
         if expanded is not None:
-            groups.write_groups(sweep_dir, groups.plan_jobs(expanded))
+            grouping.write_groups(sweep_dir, grouping.plan_jobs(expanded))
         write_state(sweep_dir, self.state)
         print(f"sweep: parent run {parent} ({sweep_dir.name}) in {uri}")
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evalharness.config.schema import EvalConfig
-from evalharness.evaluation.group import Member, evaluate_group
 from evalharness.evaluation.run import (
     EXIT_ERROR,
     ConfigCompletion,
@@ -17,9 +16,10 @@ from evalharness.evaluation.run import (
     tracking_uri_of,
 )
 from evalharness.evaluation.saved import uses_saved_predictions
-from evalharness.sweep import groups
+from evalharness.sweep import grouping
 from evalharness.sweep.cache import SweepCache, shared_cache
-from evalharness.sweep.groups import is_sharable
+from evalharness.sweep.group_pass import Member, evaluate_group
+from evalharness.sweep.grouping import is_sharable
 from evalharness.sweep.state import SweepState, read_state, setting_of
 from evalharness.track import tracking
 
@@ -43,35 +43,63 @@ class GroupMember:
     task_overrides: tuple[str, ...]
 
 
-MemberBuilder = Callable[[Sequence[groups.PlannedJob]], Sequence[GroupMember]]
-"""The other jobs of a group, as planned -> their configurations (none: they do not compose)."""
+@dataclass(frozen=True)
+class JobStart:
+    """A job once it knows its place in the sweep: its config named after its swept overrides,
+    the sweep's state, whether it keeps patch outputs for reuse, and either the other planned
+    jobs of the sweep group it claimed (the shell composes their configs, as only it reads
+    Hydra's config) or the outcome the group's claimant wrote for it."""
+
+    config: EvalConfig
+    job: Job
+    state: SweepState | None
+    share: bool
+    claimed: tuple[grouping.PlannedJob, ...] = ()
+    outcome: Outcome | None = None
+
+
+def start_job(config: EvalConfig, job: Job) -> JobStart:
+    """Name the job and find its sweep group: with one (`sweep.grouping`) and
+    ``sweep.share_forward``, the first job of the group to start claims it; another job waits
+    for the claimant's record of it (none when the claimant is gone: it evaluates alone)."""
+    state = read_state(job.sweep_dir)
+    config = _named(config, job.task_overrides, job.num, state)
+    share = shares_forward(config, state.swept_keys if state else ())
+    others = grouping.group_of(job.sweep_dir, job.num, job.task_overrides) if state else []
+    if not (others and share and not uses_saved_predictions(config)):
+        return JobStart(config, job, state, share)
+    if grouping.try_claim(job.sweep_dir, others[0].group, job.num):
+        return JobStart(config, job, state, share, claimed=tuple(others))
+    record = grouping.wait_for(job.sweep_dir, others[0].group, job.num)
+    if record is None:
+        return JobStart(config, job, state, share)
+    grouping.take_outputs(job.sweep_dir, job.num, job.output_dir)
+    outcome = Outcome(record.code, record.run_id, record.skipped, record.case_ids, record.error)
+    return JobStart(config, job, state, share, outcome=outcome)
 
 
 def evaluate_job(
-    config: EvalConfig,
-    job: Job,
+    start: JobStart,
     complete: ConfigCompletion | None = None,
-    members: MemberBuilder = lambda planned: (),
+    members: Sequence[GroupMember] = (),
 ) -> Outcome:
-    """Evaluate `config` as job `job` of its sweep, named after its swept overrides.
+    """Evaluate a started job as a child run of its sweep's parent.
 
     Skips the setting when a FINISHED run with the same configuration hash exists
-    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. With
-    a sweep group (`sweep.groups`) and ``sweep.share_forward``, the group is evaluated in one
-    pass by whichever of its jobs starts first, `members` building the other jobs' configs
-    from their plans (called only there); otherwise, when the
+    (``sweep.resume``); logs the cache counters of this job as ``cache.*`` metrics. A job that
+    claimed its sweep group evaluates the group in one pass, `members` being the other jobs'
+    configs (none: they did not compose, and each job evaluates alone); otherwise, when the
     sweep varies a sharable key, the per-patch model outputs are kept in the cache for the
     settings that follow.
     """
-    state = read_state(job.sweep_dir)
-    config = _named(config, job.task_overrides, job.num, state)
+    if start.outcome is not None:
+        return start.outcome
+    config, job, state = start.config, start.job, start.state
     cache = shared_cache(float(config.sweep.cache_mb))
-    share = shares_forward(config, state.swept_keys if state else ())
-    others = groups.group_of(job.sweep_dir, job.num, job.task_overrides) if state else []
-    if others and share and not uses_saved_predictions(config):
-        outcome = _in_group(config, job, complete, others, members, state, cache)
-        if outcome is not None:
-            return outcome
+    if start.claimed and state is not None:
+        if members:
+            return _in_group(config, job, complete, start.claimed[0].group, members, state, cache)
+        grouping.release(job.sweep_dir, start.claimed[0].group)
     before = cache.counters()
     outcome = evaluate(
         config,
@@ -80,7 +108,7 @@ def evaluate_job(
         skip_finished=bool(config.sweep.resume),
         cache=cache,
         complete=complete,
-        share_forward=share,
+        share_forward=start.share,
     )
     used = cache.counters() - before
     print(f"cache: {used.describe()}; {cache.nbytes / 2**20:.1f} MiB held")
@@ -110,33 +138,22 @@ def _in_group(
     config: EvalConfig,
     job: Job,
     complete: ConfigCompletion | None,
-    others: Sequence[groups.PlannedJob],
-    build_members: MemberBuilder,
+    group: str,
+    members: Sequence[GroupMember],
     state: SweepState,
     cache: SweepCache,
-) -> Outcome | None:
-    """This job's outcome from its group's one pass (run here if this job claims the group,
-    else written by the claimant); None when the claimant is gone: evaluate alone."""
+) -> Outcome:
+    """This job's outcome from its group's one pass (`sweep.group_pass`); every other member's
+    outcome is written for its own job to return."""
     sweep_dir = job.sweep_dir
-    group = others[0].group
-    if not groups.try_claim(sweep_dir, group, job.num):
-        record = groups.wait_for(sweep_dir, group, job.num)
-        if record is None:
-            return None
-        groups.take_outputs(sweep_dir, job.num, job.output_dir)
-        return Outcome(record.code, record.run_id, record.skipped, record.case_ids, record.error)
-    members = build_members(others)
-    if not members:  # the members' configs did not compose: each job evaluates alone
-        groups.release(sweep_dir, group)
-        return None
     specs = [Member(config, job.output_dir)]
     for member in members:
         named = _named(member.config, member.task_overrides, member.num, state)
-        specs.append(Member(named, groups.staged_dir(sweep_dir, member.num)))
+        specs.append(Member(named, grouping.staged_dir(sweep_dir, member.num)))
     print(f"sweep group: evaluating {len(specs)} settings in one pass over the cases")
     outcomes: dict[int, Outcome] = {}
     try:
-        with groups.heartbeat(sweep_dir, group):
+        with grouping.heartbeat(sweep_dir, group):
             results = evaluate_group(
                 specs, cache, state.parent_run_id, bool(config.sweep.resume), complete
             )
@@ -151,8 +168,8 @@ def _in_group(
     finally:
         for member in members:  # every waiting job gets an answer, a failure too
             outcome = outcomes.get(member.num, Outcome(EXIT_ERROR, None))
-            record = groups.DoneRecord(
+            record = grouping.DoneRecord(
                 outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids, outcome.error
             )
-            groups.write_done(sweep_dir, member.num, record)
+            grouping.write_done(sweep_dir, member.num, record)
     return outcomes[job.num]

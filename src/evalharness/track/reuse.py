@@ -19,7 +19,7 @@ from mlflow.entities import Run
 
 from evalharness.track import tracking
 from evalharness.track.liveness import HOST_TAG, PID_TAG
-from evalharness.track.pages import NOTE_TAG, headline_first
+from evalharness.track.summaries import NOTE_TAG, headline_first
 
 REUSED_FROM_TAG = "evalharness.reused_from"
 NOT_COPIED = ("predictions",)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -25,6 +24,7 @@ from mlflow.tracking import MlflowClient
 from requests import RequestException
 
 from evalharness.errors import one_line
+from evalharness.mlflow_client import client_for
 from evalharness.track import ui_links
 
 MAX_PARAM_CHARS = 6000
@@ -91,26 +91,6 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path.with_name(path.name + ".lock")), timeout=300):
         yield
-
-
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-"""The one HTTP policy for every tracking server the harness talks to (evaluation and
-training stores): a bounded wait on an unreachable server. A value the user exported wins."""
-
-
-def client_for(tracking_uri: str, registry_uri: str | None = None) -> MlflowClient:
-    """An `MlflowClient` for `tracking_uri` under the harness's process-wide MLflow defaults:
-    `HTTP_DEFAULTS`, no download progress bars (ours is per case), file stores allowed."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if urlparse(tracking_uri).scheme in ("file", ""):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    for name, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
 def prepare_store(tracking_uri: str) -> MlflowClient:

@@ -27,7 +27,7 @@ from evalharness.score.shards import merge_shards
 from evalharness.score.table import HEADLINE
 from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
 from evalharness.track import tracking
-from evalharness.track.pages import log_sweep_summary
+from evalharness.track.summaries import log_sweep_summary
 
 REPLOT_AFTER_S = 60.0
 TERMINAL = frozenset({"FINISHED", "FAILED", "KILLED"})

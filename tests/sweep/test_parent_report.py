@@ -11,7 +11,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from evalharness.score.comparison import JobRecord
-from evalharness.sweep import report
+from evalharness.sweep import parent_report
 from evalharness.sweep.callback import REFRESH_AFTER_S, SweepCallback
 from evalharness.sweep.state import STATE_DIR, SweepState, write_json
 from evalharness.track import tracking
@@ -49,11 +49,11 @@ def test_an_ended_run_is_read_once_a_running_one_each_refresh(
         return download_csv(client, run_id, artifact, scratch)
 
     monkeypatch.setattr(tracking, "download_csv", counting)
-    monkeypatch.setattr(report, "_ENDED_RUNS", {})
-    first = report.refresh(sweep_dir, state, final=False)
+    monkeypatch.setattr(parent_report, "_ENDED_RUNS", {})
+    first = parent_report.refresh(sweep_dir, state, final=False)
     tracking.finish(client, running, "FINISHED")  # ends after the first refresh: read again
-    second = report.refresh(sweep_dir, state, final=False)
-    report.refresh(sweep_dir, state, final=True)
+    second = parent_report.refresh(sweep_dir, state, final=False)
+    parent_report.refresh(sweep_dir, state, final=True)
     assert downloads == {ended: 1, running: 2}
     for comparison in (first, second):
         assert set(comparison.per_case_long["setting"]) == {"a=1", "a=2"}

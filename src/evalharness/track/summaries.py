@@ -2,7 +2,7 @@
 headline metrics first in the metric order.
 
 Writes through `tracking` (every MLflow call lives there); the page text comes from the pure
-`summary_page`. Metric order, as MLflow 3.17's UI uses it (read from its source):
+`plots.summary_html`. Metric order, as MLflow 3.17's UI uses it (read from its source):
 
 - the compare page's parallel-coordinates plot and the run's metric list take the metrics in
   the order the store returns them, which for SQL stores is the order they were first logged:
@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 
+from evalharness.plots.summary_html import Figure, run_note, run_page, sweep_page
 from evalharness.score.table import case_scores
 from evalharness.track import tracking
-from evalharness.track.summary_page import Figure, run_note, run_page, sweep_page
 
 SUMMARY_PAGE = "summary.html"
 """Artifact name of the summary page, on evaluation runs and on sweep parents."""

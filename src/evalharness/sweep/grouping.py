@@ -5,7 +5,7 @@ writes ``.evalharness/groups.json``: every job's overrides and its group, the ha
 overrides of keys that decide the forward passes (all but `SHARABLE_KEYS` and ``metrics.*``).
 The first job of a group to start claims it (``groups/<group>.claim``, created exclusively,
 so one claimant whatever the launcher) and evaluates every member in one pass over the cases
-(`evaluation.group`); each member's outcome goes to ``done/<num>.json`` and its outputs to
+(`sweep.group_pass`); each member's outcome goes to ``done/<num>.json`` and its outputs to
 ``outputs/<num>/``. The other jobs of the group wait for their record, move their outputs
 into their own folder and return the outcome: with the default launcher they find it at once;
 with joblib or submitit workers the group runs on the claimant's worker while the others wait.

@@ -1,4 +1,4 @@
-"""A sweep group in one pass over the cases (`evaluation.group`): every setting gets exactly the
+"""A sweep group in one pass over the cases (`sweep.group_pass`): every setting gets exactly the
 per-case results it gets alone, the forward passes run once per case and flip even when the
 cache holds only one case, and an interrupted group resumes every setting where it stopped.
 
@@ -19,10 +19,10 @@ from tiny import base_overrides, compose_config
 
 from evalharness.cli import config_from
 from evalharness.data.datasets import Case
-from evalharness.evaluation.group import Member, evaluate_group
 from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.score.metrics import METRIC_NAMES
 from evalharness.sweep.cache import SweepCache
+from evalharness.sweep.group_pass import Member, evaluate_group
 
 COLUMNS = ["case", "label", *METRIC_NAMES, "status", "error", "flags"]
 ONE_CASE_OF_PATCHES = PATCHES_PER_CASE * 8**3 * 4  # float32 outputs of one case, one flip

@@ -1,4 +1,4 @@
-"""Tests of evalharness.components: labelling and keep-largest-component, on both of its paths
+"""Tests of evalharness.score.masks: labelling and keep-largest-component, on both of its paths
 (the run graph and voxel labelling, cc3d), against one plain labelling
 of the whole volume by scipy."""
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from evalharness.predict import components
-from evalharness.predict.components import keep_largest_component
+from evalharness.score import masks
+from evalharness.score.masks import keep_largest_component
 
 DIRECTIONS = [d for d in itertools.product((-1, 0, 1), repeat=3) if d != (0, 0, 0)]
 
@@ -57,15 +57,15 @@ def ellipsoid(shape: tuple[int, ...], center: tuple[int, ...], radii: tuple[int,
 
 
 def spy(monkeypatch: pytest.MonkeyPatch, name: str) -> list[object]:
-    """Record the results of components.<name> (None: that path gave up)."""
+    """Record the results of masks.<name> (None: that path gave up)."""
     results: list[object] = []
-    original = getattr(components, name)
+    original = getattr(masks, name)
 
     def recorded(*args, **kwargs):
         results.append(original(*args, **kwargs))
         return results[-1]
 
-    monkeypatch.setattr(components, name, recorded)
+    monkeypatch.setattr(masks, name, recorded)
     return results
 
 
@@ -87,12 +87,12 @@ def path(request, monkeypatch):
     """Force one path of keep_largest_component (the run graph, or labelling voxels with cc3d
     or with scipy); afterwards check it was the one taken."""
     if request.param == "runs":
-        monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 1.0)
-        monkeypatch.setattr(components, "_CANDIDATES_PER_VOXEL", np.inf)
+        monkeypatch.setattr(masks, "_MAX_RUNS_PER_VOXEL", 1.0)
+        monkeypatch.setattr(masks, "_CANDIDATES_PER_VOXEL", np.inf)
     else:
-        monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
+        monkeypatch.setattr(masks, "_MAX_RUNS_PER_VOXEL", 0.0)
         minimum = 0 if request.param == "cc3d" else np.inf
-        monkeypatch.setattr(components, "_CC3D_MIN_VOXELS", minimum)
+        monkeypatch.setattr(masks, "_CC3D_MIN_VOXELS", minimum)
     by_runs = spy(monkeypatch, "_largest_by_runs")
     by_labelling = spy(monkeypatch, "_largest_by_labelling")
     by_cc3d = spy_cc3d(monkeypatch)
@@ -251,8 +251,8 @@ def test_smooth_masks_take_the_run_graph_and_speckle_is_labelled(monkeypatch):
 
 def test_too_many_candidate_run_pairs_fall_back_to_labelling(monkeypatch):
     """Few runs overall but many per row (candidate pairs grow with their square)."""
-    monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 1.0)
-    monkeypatch.setattr(components, "_CANDIDATES_PER_VOXEL", 0.05)
+    monkeypatch.setattr(masks, "_MAX_RUNS_PER_VOXEL", 1.0)
+    monkeypatch.setattr(masks, "_CANDIDATES_PER_VOXEL", 0.05)
     by_runs = spy(monkeypatch, "_largest_by_runs")
     by_labelling = spy(monkeypatch, "_largest_by_labelling")
     mask = np.zeros((20, 20, 40), dtype=bool)
@@ -268,8 +268,8 @@ def test_too_many_candidate_run_pairs_fall_back_to_labelling(monkeypatch):
 def test_boxes_crowded_with_single_voxels_are_labelled(monkeypatch, shape):
     """Dots two apart: as many components as a box can hold. cc3d 4.1 raises on several of
     these small or flat boxes; keep-largest still answers (the first dot: all tie)."""
-    monkeypatch.setattr(components, "_MAX_RUNS_PER_VOXEL", 0.0)
-    monkeypatch.setattr(components, "_CC3D_MIN_VOXELS", 0)  # offer every box to cc3d
+    monkeypatch.setattr(masks, "_MAX_RUNS_PER_VOXEL", 0.0)
+    monkeypatch.setattr(masks, "_CC3D_MIN_VOXELS", 0)  # offer every box to cc3d
     mask = np.zeros(shape, dtype=bool)
     mask[::2, ::2, ::2] = True
     largest = assert_keeps_the_largest(mask)

@@ -145,7 +145,9 @@ def _run_together(
             results[id(member)] = (extremes, cache.counters() - before)
             continue
         pre = dataclasses.asdict(preprocess_settings(member.ev.settings))
-        passes.setdefault(stable_hash(pre), []).append(member)
+        family = member.ev.family
+        inputs = None if family is None else (family.name, family.inputs_key())
+        passes.setdefault(stable_hash({"pre": pre, "family": inputs}), []).append(member)
     for members in passes.values():
         results.update(_one_pass(members, cache))
     return results
@@ -179,7 +181,7 @@ def _one_pass(
     def load(case: Case) -> CaseInputs:
         before = cache.counters()  # only this thread loads cases: the difference is this one's
         try:
-            return cache.load_inputs(case, pre)
+            return cache.load_inputs(case, pre, members[0].ev.family)
         finally:
             loads[case.case_id] = _case_part(cache.counters() - before)
 

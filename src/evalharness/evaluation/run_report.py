@@ -14,16 +14,16 @@ import numpy as np
 import pandas as pd
 
 from evalharness.checks.mismatches import Mismatch, summary_line
+from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.data.nifti_io import load_volume
 from evalharness.evaluation.case_loop import Extremes
 from evalharness.evaluation.plan import Evaluation
 from evalharness.score.calibration import BINS_COLUMN, pooled_bins
 from evalharness.score.intervals import MIN_CASES
-from evalharness.score.options import DEFAULT_OPTIONS, MetricOptions
 from evalharness.score.table import HEADLINE, case_scores, console_table, summarize
 from evalharness.score.worst_cases import CaseSlices, with_image
 from evalharness.track import tracking, ui_links
-from evalharness.track.pages import headline_first, log_run_summary
+from evalharness.track.summaries import headline_first, log_run_summary
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
 OPTIONAL_MEANS = ("lesion_f1_mean", "lesion_dsc_mean", "ece_mean", "brier_mean")
@@ -73,7 +73,7 @@ def log_results(
     plot_dir: Path | None,
     extremes: Extremes,
     context: RunContext | None = None,
-    options: MetricOptions = DEFAULT_OPTIONS,
+    options: MetricsConfig = DEFAULT_METRICS,
 ) -> dict[str, float]:
     """Log summary metrics (headline first, with intervals and undefined counts),
     `per_case.csv`, the `per_case.json` table, plots, the gallery of the worst cases, the
