@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import sqlite_store
 from mlflow.tracking import MlflowClient
 from tiny import SHAPE, ball, base_overrides, compose_config, write_dataset
 
@@ -41,12 +42,14 @@ def case(shift: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+def inputs(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path
+) -> tuple[str, Path, Path]:
     """(tracking URI, model file, dataset root) shared by the module."""
     folder = tmp_path_factory.mktemp("sharing")
     torch.save(blur_model(), folder / "model.pt")
     root = write_dataset(folder / "data", {f"c{i}": case(i - 1) for i in range(N_CASES)})
-    return f"sqlite:///{folder / 'mlflow.db'}", folder / "model.pt", root
+    return sqlite_store(migrated_sqlite, folder / "mlflow.db"), folder / "model.pt", root
 
 
 def evaluate_settings(

@@ -20,43 +20,12 @@ def _runs(client, experiment: str = "evalharness"):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-def test_by_run_id_alone_it_scores_at_least_like_fastmonai(sqlite_uri: str, tmp_path: Path):
-    run_id = log_callback_run(sqlite_uri)
-    result = run_cli(
-        f"mlflow.tracking_uri={sqlite_uri}",
-        f"model.run_id={run_id}",
-        "data=decathlon",
-        *DATA,
-        "data.split.method=sklearn",
-        "data.split.test_size=0.25",
-        "output.plots=false",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"model: runs:/{run_id}/model/best_model.safetensors" in result.stdout
-    client = MlflowClient(tracking_uri=sqlite_uri)
-    (run,) = _runs(client)
-    assert run.info.status == "FINISHED"
-    tags = run.data.tags
-    assert tags["evalharness.model_artifact"] == "model/best_model.safetensors"
-    assert tags["evalharness.model_loader"] == "safetensors"
-    assert tags["evalharness.training_config_source"] == "safetensors"
-    assert tags["evalharness.training_split_version"] == recorded_run()["tags"]["split_version"]
-    assert (tags["evalharness.leakage_count"], tags["evalharness.preprocessing_mismatch"]) == (
-        "0",
-        "false",
-    )
-    ours = pd.read_csv(client.download_artifacts(run.info.run_id, "per_case.csv", str(tmp_path)))
-    peer = pd.read_csv(PEER_METRICS)
-    peer["case"] = peer["case"].str.removesuffix(".nii.gz")
-    both = ours.merge(peer, on="case", suffixes=("", "_fastmonai"))
-    assert sorted(both["case"]) == ["la_001", "la_005"]
-    assert (both["dsc"] >= both["DSC"] - DSC_MARGIN).all(), both[["case", "dsc", "DSC"]]
-
-
-def test_all_cases_report_exactly_the_training_rows_as_leakage_and_held_out_the_rest(
+def test_by_run_id_alone_it_scores_like_fastmonai_and_reports_leakage(
     sqlite_uri: str, tmp_path: Path
 ):
+    """All cases: exactly the training rows are leakage, stopped before inference. Held out:
+    the run id alone finds the model, its configuration and split, and each test case scores
+    at least like fastMONAI's own inference."""
     run_id = log_callback_run(sqlite_uri)
     common = (f"mlflow.tracking_uri={sqlite_uri}", f"model.run_id={run_id}", "data=decathlon")
     leaky = run_cli(
@@ -72,8 +41,12 @@ def test_all_cases_report_exactly_the_training_rows_as_leakage_and_held_out_the_
     assert "error: preprocessing mismatch with the training configuration (leakage)" in (
         leaky.stderr
     )
-    held = run_cli(*common, *DATA, "data.split.method=held_out", "hydra.run.dir=held", cwd=tmp_path)
+    held = run_cli(
+        *common, *DATA, "data.split.method=held_out", "output.plots=false", "hydra.run.dir=held",
+        cwd=tmp_path,
+    )  # fmt: skip
     assert held.returncode == 0, held.stderr[-3000:]
+    assert f"model: runs:/{run_id}/model/best_model.safetensors" in held.stdout
     version = recorded_run()["tags"]["split_version"]
     assert f"held-out split: 2 case(s) that training run {run_id}" in held.stdout
     assert f"(split_version {version})" in held.stdout
@@ -95,8 +68,22 @@ def test_all_cases_report_exactly_the_training_rows_as_leakage_and_held_out_the_
     assert {e["case"]: e["training"] for e in report["split"]} == expected
     assert report["leakage_count"] == len(expected) == 6
     assert stopped.data.tags["evalharness.leakage_count"] == "6"
-    table = client.download_artifacts(evaluated.info.run_id, "per_case.csv", str(tmp_path))
-    assert sorted(pd.read_csv(table)["case"]) == ["la_001", "la_005"]
+
     assert evaluated.info.status == "FINISHED"
-    assert evaluated.data.tags["evalharness.leakage_count"] == "0"
     assert evaluated.data.params["data.split.method"] == "held_out"
+    tags = evaluated.data.tags
+    assert tags["evalharness.model_artifact"] == "model/best_model.safetensors"
+    assert tags["evalharness.model_loader"] == "safetensors"
+    assert tags["evalharness.training_config_source"] == "safetensors"
+    assert tags["evalharness.training_split_version"] == version
+    assert (tags["evalharness.leakage_count"], tags["evalharness.preprocessing_mismatch"]) == (
+        "0",
+        "false",
+    )
+    table = client.download_artifacts(evaluated.info.run_id, "per_case.csv", str(tmp_path))
+    ours = pd.read_csv(table)
+    peer = pd.read_csv(PEER_METRICS)
+    peer["case"] = peer["case"].str.removesuffix(".nii.gz")
+    both = ours.merge(peer, on="case", suffixes=("", "_fastmonai"))
+    assert sorted(ours["case"]) == sorted(both["case"]) == ["la_001", "la_005"]
+    assert (both["dsc"] >= both["DSC"] - DSC_MARGIN).all(), both[["case", "dsc", "DSC"]]

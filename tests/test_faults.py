@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from mlflow.tracking import MlflowClient
 from tiny import (
     Result,
@@ -37,11 +37,11 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+def store(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> tuple[str, Path]:
     """(tracking URI, model file) shared by the in-process tests; one experiment per test."""
     folder = tmp_path_factory.mktemp("store")
     torch.save(threshold_model(), folder / "model.pt")
-    return f"sqlite:///{folder / 'mlflow.db'}", folder / "model.pt"
+    return sqlite_store(migrated_sqlite, folder / "mlflow.db"), folder / "model.pt"
 
 
 def nan_case() -> tuple[np.ndarray, np.ndarray]:
@@ -152,9 +152,9 @@ def _finished_cases(client: MlflowClient, experiment: str, scratch: Path) -> pd.
 
 
 def test_a_killed_evaluation_resumes_without_recomputing_finished_cases(
-    tmp_path: Path, monkeypatch
+    tmp_path: Path, monkeypatch, migrated_sqlite: Path
 ) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(migrated_sqlite, tmp_path / "mlflow.db")
     model = _slow_model(tmp_path, monkeypatch)
     root = write_dataset(tmp_path / "data", {f"case{i}": good_case() for i in range(4)})
     overrides = [

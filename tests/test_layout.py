@@ -217,3 +217,10 @@ def test_the_readme_layout_table_lists_every_module():
         if path.name != "__init__.py" and f"`{path.stem}`" not in section
     ]
     assert missing == []
+
+
+def test_test_files_have_unique_names():
+    """pytest's default import mode imports each test file by its bare name: two files of one
+    name in different folders stop the whole run at collection."""
+    names = [path.name for path in (REPO / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from html_pages import sources
 
 from evalharness.demo.training_run import RUN_NAME as DEMO_RUN_NAME
-from evalharness.track import tracking, ui_links
+from evalharness.track import ui_links
 
 EXPERIMENT = "ui"
 N_CASES = 4  # the tiny demo's cases with data.split.method=all
@@ -120,10 +120,10 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _evaluate(workdir: Path, uri: str, *args: str) -> str:
+def _evaluate(workdir: Path, uri: str, demo_cache: Path, *args: str) -> str:
     command = [sys.executable, "-m", "evalharness", *args]
     command += [f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXPERIMENT}", "demo.size=tiny"]
-    command += [f"demo.cache_dir={workdir / 'demo'}", "data.split.method=all"]
+    command += [f"demo.cache_dir={demo_cache}", "data.split.method=all"]
     env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true", "PYTHONPATH": str(REPO / "src")}
     result = subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=400
@@ -133,13 +133,14 @@ def _evaluate(workdir: Path, uri: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
+def ui(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path, tiny_demo_cache: Path
+) -> Iterator[Ui]:
     """The store with a demo evaluation (overlap 0.5, the training value) and a sweep over
     overlap 0.5 (the demo's run, reused) and 0.75, served by `mlflow server` on loopback
     (started first, so its start overlaps the evaluations; always stopped)."""
     workdir = tmp_path_factory.mktemp("ui")
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    tracking.prepare_store(uri)  # migrated before the server opens it
+    uri = sqlite_store(migrated_sqlite, workdir / "mlflow.db")  # migrated: the server opens it
     port = _free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
@@ -149,10 +150,9 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ui]:
             command, cwd=workdir, stdout=log, stderr=log, start_new_session=True
         )
     try:
-        single = _evaluate(workdir, uri, f"hydra.run.dir={workdir / 'single'}")
-        swept = _evaluate(
-            workdir, uri, "-m", "patch.overlap=0.5,0.75", f"hydra.sweep.dir={workdir / 's'}"
-        )
+        single = _evaluate(workdir, uri, tiny_demo_cache, f"hydra.run.dir={workdir / 'single'}")
+        sweep_dir = f"hydra.sweep.dir={workdir / 's'}"
+        swept = _evaluate(workdir, uri, tiny_demo_cache, "-m", "patch.overlap=0.5,0.75", sweep_dir)
         url = f"http://127.0.0.1:{port}"
         printed = {
             k: v.replace(ui_links.UI_DEFAULT_URL, url) for k, v in links(single + swept).items()

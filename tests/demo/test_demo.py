@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from conftest import sqlite_store
 from mlflow import MlflowClient
 from monai.networks.nets import UNet
 from sklearn.model_selection import train_test_split
@@ -36,18 +37,18 @@ def sqlite_uri_of(path: Path) -> str:
 
 
 @pytest.fixture(params=["sqlite", "file"])
-def store_uri(request, tmp_path, monkeypatch) -> str:
+def store_uri(request, tmp_path, monkeypatch, migrated_sqlite) -> str:
     if request.param == "file":
         monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
         return (tmp_path / "file-store").absolute().as_uri()
-    return sqlite_uri_of(tmp_path / "store" / "mlflow.db")
+    return sqlite_store(migrated_sqlite, tmp_path / "store" / "mlflow.db")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, str, DemoTraining]:
+def built(tmp_path_factory, migrated_sqlite) -> tuple[Path, str, DemoTraining]:
     """One TINY demo, built once for the cache tests: (cache_dir, tracking URI, result)."""
     root = tmp_path_factory.mktemp("built")
-    uri = sqlite_uri_of(root / "first" / "mlflow.db")
+    uri = sqlite_store(migrated_sqlite, root / "first" / "mlflow.db")
     return root / "cache", uri, ensure_demo(root / "cache", uri, spec=TINY)
 
 
@@ -175,12 +176,15 @@ def test_same_store_reuses_the_run_without_training(built, no_training):
     assert [r.info.run_id for r in runs_in(uri)] == [first.run_id]
 
 
-def test_new_store_gets_a_new_run_from_the_cache(built, no_training, tmp_path, monkeypatch):
+def test_new_store_gets_a_new_run_from_the_cache(
+    built, no_training, tmp_path, monkeypatch, migrated_sqlite
+):
     cache, uri, first = built
     marker_path = build_dir(first) / demo.MARKER_NAME
     sha = json.loads(marker_path.read_text())["model_sha256"]
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    other_uris = [sqlite_uri_of(tmp_path / "other.db"), (tmp_path / "mlruns").absolute().as_uri()]
+    other_sqlite = sqlite_store(migrated_sqlite, tmp_path / "other.db")
+    other_uris = [other_sqlite, (tmp_path / "mlruns").absolute().as_uri()]
 
     results = [ensure_demo(cache, other, spec=TINY) for other in other_uris]
 
@@ -201,9 +205,9 @@ def test_new_store_gets_a_new_run_from_the_cache(built, no_training, tmp_path, m
     assert ensure_demo(cache, uri, spec=TINY) == first
 
 
-def test_deleted_run_is_logged_again(built, no_training, tmp_path):
+def test_deleted_run_is_logged_again(built, no_training, tmp_path, migrated_sqlite):
     cache, _, _ = built
-    uri = sqlite_uri_of(tmp_path / "mlflow.db")
+    uri = sqlite_store(migrated_sqlite, tmp_path / "mlflow.db")
     first = ensure_demo(cache, uri, spec=TINY)
     MlflowClient(tracking_uri=uri).delete_run(first.run_id)
 
@@ -241,14 +245,14 @@ def test_other_experiment_in_the_same_store_gets_its_own_run(built, no_training)
     assert ensure_demo(cache, uri, spec=TINY) == first
 
 
-def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch):
+def test_failed_build_leaves_no_partial_cache(tmp_path, monkeypatch, migrated_sqlite):
     def broken(*args, **kwargs):
         raise RuntimeError("training exploded")
 
     monkeypatch.setattr(demo, "train_model", broken)
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="exploded"):
-        ensure_demo(cache, sqlite_uri_of(tmp_path / "mlflow.db"), spec=TINY)
+        ensure_demo(cache, sqlite_store(migrated_sqlite, tmp_path / "mlflow.db"), spec=TINY)
     assert not list(cache.glob("demo-*"))
     assert not list(cache.glob(".build-*"))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXTURE, REPO
+from conftest import FIXTURE, REPO, sqlite_store
 from mlflow.tracking import MlflowClient
 from tiny import base_overrides, good_case, run_in_process, threshold_model, write_dataset
 
@@ -53,7 +53,7 @@ def _training_run(client: MlflowClient, experiment: str, name: str, model: Path,
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path) -> World:
     folder = tmp_path_factory.mktemp("ensembles")
     root = write_dataset(folder / "data", {f"case{i}": good_case() for i in range(3)})
     (folder / "a").mkdir()
@@ -61,7 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     threshold, silent = folder / "a" / "best_learner.pkl", folder / "b" / "best_learner.pkl"
     torch.save(threshold_model(), threshold)
     torch.save(silent_model(), silent)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = sqlite_store(migrated_sqlite, folder / "mlflow.db")
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("training")
     spaced = {**PATCH_CONFIG, "target_spacing": [2.0, 2.0, 2.0]}

@@ -12,13 +12,24 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
+from conftest import sqlite_store
 from mlflow.tracking import MlflowClient
 from nnunet_fixture import MODEL, RAW, SPLITS, reference_dice, reference_labels
 from tiny import Result, compose_config, run_in_process
 
 from evalharness.cli import config_from
 from evalharness.evaluation.nnunet_plan import plan_nnunet
+from evalharness.evaluation.run import evaluate
+from evalharness.score.metrics import METRIC_NAMES
+from evalharness.sweep.cache import SweepCache
+
+
+@pytest.fixture(autouse=True)
+def _migrated_store(tmp_path: Path, migrated_sqlite: Path) -> None:
+    """Each test's ``tmp_path/mlflow.db`` starts as an empty migrated store (conftest)."""
+    sqlite_store(migrated_sqlite, tmp_path / "mlflow.db")
 
 
 def nnunet_overrides(uri: str, experiment: str, *extra: str) -> list[str]:
@@ -34,7 +45,7 @@ def nnunet_overrides(uri: str, experiment: str, *extra: str) -> list[str]:
     ]
 
 
-def evaluate(tmp_path: Path, capsys, *overrides: str) -> Result:
+def evaluate_cli(tmp_path: Path, capsys, *overrides: str) -> Result:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     return run_in_process(uri, tmp_path / "out", nnunet_overrides(uri, "nn", *overrides), capsys)
 
@@ -58,7 +69,7 @@ def sha256(path: Path) -> str:
 def test_by_folder_path_without_mirroring(tmp_path: Path, capsys) -> None:
     """nnUNetv2_predict --disable_tta, both test cases (imagesTs: the default split), with the
     tags naming what was evaluated."""
-    result = evaluate(
+    result = evaluate_cli(
         tmp_path,
         capsys,
         f"model.path={MODEL}",
@@ -83,7 +94,8 @@ def test_by_folder_path_without_mirroring(tmp_path: Path, capsys) -> None:
 def test_mirroring_on_one_case(tmp_path: Path, capsys) -> None:
     """nnU-Net's default (mirroring over the checkpoint's axes 0, 1, 2; step 0.5): 8 passes
     per tile, the result of nnUNetv2_predict's default."""
-    result = evaluate(tmp_path, capsys, f"model.path={MODEL}", "inference.tta=true", "data.limit=1")
+    mirrored = ("inference.tta=true", "data.limit=1")
+    result = evaluate_cli(tmp_path, capsys, f"model.path={MODEL}", *mirrored)
     assert_matches_nnunet(result, tmp_path, "fold0_default")
     assert result.run.data.metrics["forward_passes"] == 64
 
@@ -107,7 +119,7 @@ def test_by_mlflow_run(tmp_path: Path, capsys, monkeypatch) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     run_id = log_model_run(uri)
-    result = evaluate(tmp_path, capsys, f"model.run_id={run_id}", "data.limit=1")
+    result = evaluate_cli(tmp_path, capsys, f"model.run_id={run_id}", "data.limit=1")
     assert_matches_nnunet(result, tmp_path, "fold0_disable_tta")
     tags = result.run.data.tags
     assert tags["evalharness.training_run_id"] == run_id
@@ -158,3 +170,53 @@ def test_plans_give_the_training_settings(tmp_path: Path) -> None:
     assert plan.settings.target_spacing_mm == pytest.approx((1.25, 1.25, 1.37))
     assert plan.settings.overlap == 0.75
     assert plan.training.source == "nnU-Net plans.json"
+
+
+def test_settings_share_forward_passes_and_get_what_they_get_alone(tmp_path: Path) -> None:
+    """One sweep cache over step 0.5, step 0.75 (the same tiles on this image) and step 0.75
+    with keep-largest: the model runs once per tile, and each setting's per-case table equals
+    the table of that setting evaluated alone, exactly (same process)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    settings = [
+        ["patch.overlap=0.5"],
+        ["patch.overlap=0.25"],
+        ["patch.overlap=0.25", "inference.keep_largest_component=true"],
+    ]
+
+    def run(index: int, overrides: list[str], cache: SweepCache | None):
+        base = nnunet_overrides(uri, "share", f"model.path={MODEL}", "data.limit=1")
+        config = config_from(compose_config(*base, *overrides))
+        out = tmp_path / f"{'shared' if cache else 'alone'}{index}"
+        outcome = evaluate(config, out, cache=cache, share_forward=cache is not None)
+        assert outcome.code == 0
+        table = pd.read_csv(client.download_artifacts(outcome.run_id, "per_case.csv", str(out)))
+        return table, client.get_run(outcome.run_id).data.metrics
+
+    cache = SweepCache(512 * 2**20)
+    shared = [run(i, s, cache) for i, s in enumerate(settings)]
+    alone = run(1, settings[1], None)
+    columns = ["case", "label", *METRIC_NAMES, "status"]
+    pd.testing.assert_frame_equal(shared[1][0][columns], alone[0][columns], check_exact=True)
+    assert [m["forward_passes"] for _, m in shared] == [8, 0, 0]
+    assert [m["forward_passes_reused"] for _, m in shared] == [0, 8, 8]
+    assert alone[1]["forward_passes"] == 8
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("patch.overlap=16", "patch.overlap=16: an nnU-Net model takes a fraction"),
+        ("inference.tta=[[0]]", "inference.tta=[[0]]: an nnU-Net model mirrors over"),
+        ("inference.aggregation=hann", "inference.aggregation=hann: an nnU-Net model blends"),
+        ("preprocessing.apply_reorder=true", "preprocessing.apply_reorder: an nnU-Net model"),
+        ("model.folds=[0,9]", "fold_9/checkpoint_final.pth: not found"),
+        ("model.splits=/nonexistent/splits_final.json", "splits_final.json: unreadable splits"),
+    ],
+)
+def test_settings_nnunet_has_no_equivalent_for(tmp_path: Path, override: str, expected: str):
+    from evalharness.errors import HarnessError
+
+    with pytest.raises(HarnessError) as error:
+        planned(tmp_path, override)
+    assert expected in str(error.value)

@@ -185,7 +185,7 @@ def test_refuses_code_in_a_checkpoint(tmp_path: Path) -> None:
         read_model_folder(folder, [0])
 
 
-def test_nnunetv2_missing_is_one_line(tmp_path: Path) -> None:
+def test_nnunetv2_missing_is_one_line(tmp_path: Path, sqlite_uri: str) -> None:
     """Without nnunetv2 (hidden from the import system), one error line names the extra."""
     script = (
         "import sys, importlib.abc\n"
@@ -200,7 +200,7 @@ def test_nnunetv2_missing_is_one_line(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "MLFLOW_ALLOW_FILE_STORE": "true"}
     args = [
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"mlflow.tracking_uri={sqlite_uri}",
         "model=nnunet",
         f"model.path={MODEL}",
         "data=nnunet",

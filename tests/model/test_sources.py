@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FIXTURE
+from conftest import FIXTURE, sqlite_store
 from mlflow import MlflowClient
 
 from evalharness.config.schema import ModelConfig, from_mapping
@@ -57,12 +57,15 @@ def _file_sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module", params=["file", "sqlite"])
-def store(request, tmp_path_factory) -> Store:
+def store(request, tmp_path_factory, migrated_sqlite: Path) -> Store:
     """One store per backend, shared by this module's tests (SQLite setup costs seconds)."""
     root = tmp_path_factory.mktemp(f"store-{request.param}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-        uri = (root / "mlruns").as_uri() if request.param == "file" else f"sqlite:///{root}/db"
+        if request.param == "file":
+            uri = (root / "mlruns").as_uri()
+        else:
+            uri = sqlite_store(migrated_sqlite, root / "db")
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp = client.create_experiment("heart", artifact_location=(root / "artifacts").as_uri())
         model = [(LEARNER, "model"), (SAFETENSORS, "model")]

@@ -26,10 +26,9 @@ def lesion_case(shift: int) -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def run(tmp_path: Path, capsys, n_cases: int, *overrides: str):
+def run(uri: str, tmp_path: Path, capsys, n_cases: int, *overrides: str):
     model = tmp_path / "model.pt"
     torch.save(threshold_model(), model)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     root = write_dataset(tmp_path / "data", {f"c{i}": lesion_case(i % 2) for i in range(n_cases)})
     base = base_overrides(uri, model, root, "metrics")
     cfg = compose_config(*base, *overrides)
@@ -40,8 +39,9 @@ def run(tmp_path: Path, capsys, n_cases: int, *overrides: str):
     return outcome, client.get_run(outcome.run_id), printed, client
 
 
-def test_lesion_wise_and_calibration_reach_the_run(tmp_path: Path, capsys) -> None:
+def test_lesion_wise_and_calibration_reach_the_run(sqlite_uri: str, tmp_path: Path, capsys) -> None:
     outcome, logged, printed, client = run(
+        sqlite_uri,
         tmp_path,
         capsys,
         3,
@@ -68,8 +68,8 @@ def test_lesion_wise_and_calibration_reach_the_run(tmp_path: Path, capsys) -> No
     assert "lesion_f1_mean" in printed and "ece_mean" in printed
 
 
-def test_two_cases_print_undefined_intervals(tmp_path: Path, capsys) -> None:
-    outcome, logged, printed, _ = run(tmp_path, capsys, 2, "metrics.missing=nan")
+def test_two_cases_print_undefined_intervals(sqlite_uri: str, tmp_path: Path, capsys) -> None:
+    outcome, logged, printed, _ = run(sqlite_uri, tmp_path, capsys, 2, "metrics.missing=nan")
     assert outcome.code == 0
     assert "dsc_mean" in logged.data.metrics
     assert "dsc_mean_ci95_low" not in logged.data.metrics  # undefined: not logged (not finite)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, sqlite_store
 from hydra.core.utils import JobReturn, JobStatus
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -43,13 +43,16 @@ N_CASES = 4  # the tiny demo's cases with data.split.method=all
 class Store:
     workdir: Path
     uri: str
+    demo_cache: Path
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
-    """One SQLite store and demo cache shared by the module (the demo is built once)."""
+def store(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path, tiny_demo_cache: Path
+) -> Store:
+    """One SQLite store shared by the module; the session's built demo."""
     workdir = tmp_path_factory.mktemp("sweeps")
-    return Store(workdir, f"sqlite:///{workdir / 'mlflow.db'}")
+    return Store(workdir, sqlite_store(migrated_sqlite, workdir / "mlflow.db"), tiny_demo_cache)
 
 
 def _command(store: Store, experiment: str, name: str, *overrides: str) -> list[str]:
@@ -61,7 +64,7 @@ def _command(store: Store, experiment: str, name: str, *overrides: str) -> list[
         f"mlflow.tracking_uri={store.uri}",
         f"mlflow.experiment={experiment}",
         "demo.size=tiny",
-        f"demo.cache_dir={store.workdir / 'demo'}",
+        f"demo.cache_dir={store.demo_cache}",
         f"hydra.sweep.dir={store.workdir / 'sweeps' / name}",
         *overrides,
     ]

@@ -17,9 +17,13 @@ from evalharness.errors import ConfigError
 AGGREGATIONS = ("crop", "average", "hann", "gaussian")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_LAYOUTS = ("demo", "decathlon", "csv", "nnunet")
-MODEL_FAMILIES = ("nnunet",)  # besides null: fastMONAI/MONAI model files and runs
+MODEL_FAMILIES = ("nnunet", "bundle")
+"""Besides null (model files and runs; a MONAI bundle found by its content): an nnU-Net model
+folder (model=nnunet), a MONAI bundle (model=bundle)."""
 SPLIT_METHODS = ("decathlon", "sklearn", "file", "all", "held_out")
 MODEL_ROLES = ("best", "final")
+MODEL_LOADING_OPTIONS = ("arch", "allow_globals", "trust_pickle", "trust_bundle")
+"""The `model.*` keys that change what a model file loads into (cache keys include them)."""
 CASE_ERROR_POLICIES = ("continue", "stop")
 MISMATCH_POLICIES = ("warn", "error", "ignore")
 DEMO_SIZES = ("demo", "tiny")

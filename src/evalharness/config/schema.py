@@ -44,10 +44,13 @@ class ModelConfig:
     trust_pickle: bool = False
     arch: Any = None
     cache_dir: str | None = None
-    family: str | None = None  # null: fastMONAI/MONAI files and runs; nnunet: a model folder
+    family: str | None = (
+        None  # null: model files and runs (a bundle found by content); nnunet; bundle
+    )
     folds: Any = None  # nnU-Net: fold numbers (several: an ensemble); null: every fold found
     checkpoint: str | None = None  # nnU-Net: checkpoint file of each fold (checkpoint_final.pth)
     splits: str | None = None  # nnU-Net: splits_final.json (null: found beside the model)
+    trust_bundle: bool = False  # run a MONAI bundle's $ expressions and any _target_
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ def validate(config: EvalConfig) -> None:
         raise ConfigError(
             f"model: only one of run_id, uri, path may list an ensemble (got {listed})"
         )
+    if listed and config.model.family == "bundle":
+        raise ConfigError(
+            f"model.{listed[0]}: model=bundle evaluates one MONAI bundle; expected one value"
+        )
     _saved_predictions(config)
 
 

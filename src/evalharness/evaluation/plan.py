@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from evalharness.checks.bundle_checks import bundle_findings, check_bundle_data
 from evalharness.checks.config_checks import config_mismatches
 from evalharness.checks.leakage import held_out_line, leakage_findings
 from evalharness.checks.mismatches import Mismatch
@@ -27,6 +28,7 @@ from evalharness.config.validate import validate
 from evalharness.data.datasets import Dataset, load_dataset
 from evalharness.data.training_split import held_out_cases, training_split_of
 from evalharness.errors import ConfigError
+from evalharness.model.bundle_source import holds_bundle, resolve_bundle
 from evalharness.model.loaders import LoadedModel, load_resolved_model
 from evalharness.model.members import (
     agreed_training_config,
@@ -36,6 +38,7 @@ from evalharness.model.members import (
 )
 from evalharness.model.sources import ResolvedModel, resolve_model
 from evalharness.model.training_config import TrainingConfig
+from evalharness.predict.bundle_transforms import BundleFamily
 from evalharness.predict.ensemble import Ensemble
 from evalharness.predict.family import ModelFamily
 from evalharness.predict.pipeline import probe_channels
@@ -90,13 +93,21 @@ class Plan:
 ModelLoader = Callable[[ResolvedModel, ModelConfig], LoadedModel]
 
 
+def resolve_member(source: ModelConfig, tracking_uri: str, cache_dir: Path) -> ResolvedModel:
+    """One model: a MONAI bundle (``model.family=bundle``, or with the family unset a folder or
+    run found to hold one: `bundle_source.holds_bundle`), else a model file and its run."""
+    if source.family == "bundle" or (source.family is None and holds_bundle(source, tracking_uri)):
+        return resolve_bundle(source, tracking_uri, cache_dir)
+    return resolve_model(source, tracking_uri, cache_dir)
+
+
 def plan(config: EvalConfig, tracking_uri: str) -> Plan:
     """Validate `config`, fetch the model file and the training config, merge settings, list
     cases and hash them (the configuration hash: effective settings, model checksum, cases)."""
     validate(config)
     cache_dir = Path(config.model.cache_dir or Path.cwd() / "outputs" / "cache" / "models")
     members = tuple(
-        resolve_model(member, tracking_uri, cache_dir) for member in member_configs(config.model)
+        resolve_member(member, tracking_uri, cache_dir) for member in member_configs(config.model)
     )
     for member in members:
         print(f"model: {member.artifact_uri or member.local_path} ({member.artifact_reason})")
@@ -172,6 +183,15 @@ def prepare(
     findings += transform_mismatches(
         training.transforms, training.values.get("normalization") or [], settings.normalization
     )
+    family = None
+    if planned.resolved.family == "bundle":
+        contents, cases = planned.resolved.contents, planned.dataset.cases
+        first_image = cases[0].image if cases else None
+        names = planned.dataset.label_names
+        check_bundle_data(contents.bundle, names, first_image, n_in, n_out)
+        findings += bundle_findings(contents.contract, settings)
+        memory_mb = config.inference.max_device_memory_mb
+        family = BundleFamily(contents, networks[0], settings, device, n_out, memory_mb)
     return Evaluation(
         resolved=planned.resolved,
         loaded=loaded_members[0],
@@ -188,6 +208,7 @@ def prepare(
         loaded_members=tuple(loaded_members),
         network=Ensemble(networks).eval() if len(networks) > 1 else networks[0],
         training=training,
+        family=family,
     )
 
 
@@ -212,6 +233,9 @@ def foreground_labels(dataset: Dataset, n_channels: int) -> list[int]:
     if named:
         return named
     return [1] if n_channels == 1 else list(range(1, n_channels))
+
+
+PROBABILITY_RULE = "mean of probabilities over flips and ensemble members (fastMONAI, MONAI)"
 
 
 def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
@@ -239,6 +263,7 @@ def run_tags(config: EvalConfig, ev: Evaluation) -> dict[str, str]:
         "evalharness.config_hash": ev.config_hash,
         "evalharness.device": str(ev.device),
         **ensemble_tags(ev),
+        "evalharness.combine_rule": PROBABILITY_RULE,
         **(ev.family.tags() if ev.family is not None else {}),
     }
 

@@ -32,6 +32,7 @@ from evalharness.checks.mismatches import (
     report_json,
     report_tags,
 )
+from evalharness.config.rules import MODEL_LOADING_OPTIONS
 from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
@@ -338,7 +339,7 @@ def outputs_for_sweep(config: EvalConfig, ev: Evaluation, cache: Reuse | None) -
     """The case -> patch-output store of this setting's forward key in the sweep cache."""
     if cache is None:
         return None
-    options = {k: getattr(config.model, k) for k in ("arch", "allow_globals", "trust_pickle")}
+    options = {k: getattr(config.model, k) for k in MODEL_LOADING_OPTIONS}
     shas = [member.sha256 for member in (ev.members or (ev.resolved,))]  # every ensemble member
     model_key = stable_hash({"sha256": shas, "options": options})
     if ev.family is not None:

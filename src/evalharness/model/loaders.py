@@ -267,7 +267,10 @@ def _unpickle(path: Path, allow_globals: Sequence[str], trust_pickle: bool) -> A
 
 def load_resolved_model(resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
     """Load the resolved model file with the `model.*` loading options; a state dict with a
-    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata."""
+    safetensors sibling (and no `model.arch`) is rebuilt from the sibling's metadata; a model
+    family's source (a MONAI bundle's) loads its own network (`ResolvedModel.contents`)."""
+    if resolved.contents is not None:
+        return resolved.contents.load()
     if source.arch is None and resolved.sibling_metadata_path is not None:
         metadata = read_safetensors_metadata(resolved.sibling_metadata_path) or {}
         return load_state_dict_with_metadata(resolved.local_path, metadata)

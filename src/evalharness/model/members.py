@@ -65,6 +65,12 @@ def check_agreement(members: Sequence[ResolvedModel]) -> None:
     """`ConfigError` naming the first training field (or the output contract) on which two
     members' training configurations disagree. A field only some members record is not a
     disagreement: the ensemble takes it from those that do (`agreed_training_config`)."""
+    families = [m for m in members if m.family is not None]
+    if len(members) > 1 and families:
+        raise ConfigError(
+            f"model: {member_name(families[0])} is a MONAI bundle, which cannot be an ensemble "
+            "member; expected one bundle, or model files only"
+        )
     for index, later in enumerate(members[1:], start=1):
         for earlier in members[:index]:
             a, b = earlier.training_config, later.training_config

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from filelock import FileLock, Timeout
@@ -73,6 +74,8 @@ class ResolvedModel:
     sibling_metadata_path: Path | None = None  # safetensors giving a state dict's architecture
     training_split_path: Path | None = None  # the run's data/train_val_split.csv, if it has one
     split_version: str | None = None  # the run's `split_version` tag
+    family: str | None = None  # None: a model file; "bundle": a MONAI bundle
+    contents: Any = None  # what a family's source read; its `load()` gives the network
 
 
 def normalise_artifact_path(path: str) -> str:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from evalharness.predict.preprocess import (
     restore_to_native,
 )
 from evalharness.predict.restore import restore_labels
-from evalharness.predict.sliding_window import sliding_window_probs
+from evalharness.predict.sliding_window import decode, sliding_window_probs
 from evalharness.score.masks import keep_largest_component
 from evalharness.score.metrics import case_metrics
 
@@ -70,11 +71,16 @@ def preprocess_settings(settings: EffectiveSettings) -> PreprocessSettings:
     )
 
 
-def load_case_inputs(case: Case, settings: PreprocessSettings) -> CaseInputs:
-    """Read and preprocess the image, read the label, and check both share one grid."""
+def load_case_inputs(
+    case: Case,
+    settings: PreprocessSettings,
+    prepare: Callable[[Path, PreprocessSettings], PreparedImage] = prepare_image,
+) -> CaseInputs:
+    """Read and preprocess the image (`prepare`: the harness's, or a model family's own, such
+    as a MONAI bundle's), read the label, and check both share one grid."""
     if not case.image.is_file():
         raise CaseError(f"{case.image}: image file not found")
-    prepared = prepare_image(case.image, settings)
+    prepared = prepare(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
         if not case.label.is_file():
@@ -177,6 +183,8 @@ def native_labels(
     """Labels [X, Y, Z] (uint8 up to 256 classes) on the native grid from probabilities
     [K, X', Y', Z'] on the model grid, restored by the `inference.restore` method (`restore.py`;
     where restoring only moves voxels, the decoded labels are moved: exact for every method)."""
+    if prepared.inverse is not None:  # a model family's own restoration (a bundle's Invertd)
+        return decode(prepared.inverse(probs), threshold).cpu().numpy()
     return restore_labels(probs, prepared, restore, threshold)
 
 

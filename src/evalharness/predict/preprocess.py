@@ -69,6 +69,7 @@ class PreparedImage:
     tensor: torch.Tensor  # [C, X, Y, Z] float32 on the model grid, normalised, padded
     affine: np.ndarray  # 4x4 voxel -> world of `tensor`'s grid (after padding)
     native: NativeGrid
+    inverse: Callable[[torch.Tensor], torch.Tensor] | None = None  # a bundle's Invertd: [K, ..]
 
 
 def native_grid(affine: np.ndarray, shape_vox: Sequence[int]) -> NativeGrid:
@@ -383,8 +384,11 @@ def restore_to_native(probs: torch.Tensor, prepared: PreparedImage) -> torch.Ten
     SimpleITK's linear interpolator (what TorchIO's Resample uses), points up to half a voxel
     outside the model grid take the border value; points farther out get background
     (probability 1 for class 0 when K > 1, 0 when K == 1). A label map [1, X', Y', Z'] (integer
-    dtype) can be restored where `restores_by_voxels`: the same voxels, moved.
+    dtype) can be restored where `restores_by_voxels`: the same voxels, moved. A model family's
+    own restoration (`PreparedImage.inverse`, a bundle's Invertd) replaces all of this.
     """
+    if prepared.inverse is not None:
+        return prepared.inverse(probs)
     if not probs.is_floating_point() and not restores_by_voxels(prepared):
         raise ValueError("restore_to_native: integer values need a grid restored by voxels")
     native_to_model = np.linalg.inv(prepared.affine) @ prepared.native.affine

@@ -117,7 +117,9 @@ def _flip_probs(
             logits = member(flipped)
         logits = logits.float()
         n_classes = logits.shape[1]
-        if n_classes == 2:
+        if blends_logits(member):  # activated after blending (`activate_blended`)
+            probs = torch.sub(logits[:, 1:], logits[:, :1]) if n_classes == 2 else logits
+        elif n_classes == 2:
             probs = torch.sub(logits[:, 1:], logits[:, :1]).sigmoid_()
         else:
             probs = torch.sigmoid(logits) if n_classes == 1 else torch.softmax(logits, dim=1)
@@ -126,6 +128,24 @@ def _flip_probs(
     if len(members) > 1:
         total = total.div_(len(members))
     return (total.flip(dims) if dims else total), n_classes
+
+
+def blends_logits(model: torch.nn.Module) -> bool:
+    """Whether `model` (a bundle's network, `model.bundle.BundleNetwork`) has its logits
+    blended across patches and activated afterwards, as MONAI's sliding-window inferer
+    followed by an activation does; other models' patches are activated first, as
+    fastMONAI's and TorchIO's patch inference do."""
+    return all(getattr(member, "blends_logits", False) for member in members_of(model))
+
+
+def activate_blended(blended: torch.Tensor) -> torch.Tensor:
+    """In place: blended logits [K', ...] -> probabilities. K' = 1 holds l1 - l0 of a
+    two-class model (sigmoid of it is its softmax of class 1) or a one-channel model's logit
+    (sigmoid); more channels take a softmax."""
+    if blended.shape[0] == 1:
+        return blended.sigmoid_()
+    blended.copy_(torch.softmax(blended, dim=0))
+    return blended
 
 
 class _Forwards:
@@ -317,6 +337,8 @@ def sliding_window_probs(
     forwards.finish()
     if window is not None:
         _divide_by_window_sum(blended, starts, shape, patch, aggregation, window)
+    if blends_logits(model):
+        activate_blended(blended)
     if out.shape[0] == 2:
         out[0].fill_(1.0).sub_(out[1])
     return out

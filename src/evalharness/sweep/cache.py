@@ -8,7 +8,7 @@ so a sweep can show each case was prepared once.
 
 Keys say exactly what decides a value, so a hit can never serve something stale:
 
-- model: the artifact's sha256 plus the loading options (arch, allow_globals, trust_pickle);
+- model: the artifact's sha256 plus the loading options (`rules.MODEL_LOADING_OPTIONS`);
 - case: its id, both files' paths, sizes and modification times, and every preprocessing
   setting including ``min_shape_vox`` (volumes are padded to the patch size, so another patch
   size is another entry);
@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from evalharness.config.rules import MODEL_LOADING_OPTIONS
 from evalharness.config.schema import ModelConfig
 from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
@@ -152,7 +153,7 @@ class SweepCache:
     def load_model(self, resolved: ResolvedModel, source: ModelConfig) -> LoadedModel:
         """`model.loaders.load_resolved_model`, once per artifact checksum and loading options
         (an ensemble: once per member)."""
-        options = {k: getattr(source, k) for k in ("arch", "allow_globals", "trust_pickle")}
+        options = {k: getattr(source, k) for k in MODEL_LOADING_OPTIONS}
         key = ("model", resolved.sha256, stable_hash(options))
         return self._get(key, "model", lambda: load_resolved_model(resolved, source), _model_nbytes)
 
