@@ -14,16 +14,14 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import yaml
-from requests import RequestException
 
 from evalharness.checks.mismatches import (
     REPORT_ARTIFACT,
@@ -33,11 +31,21 @@ from evalharness.checks.mismatches import (
     report_tags,
 )
 from evalharness.config.rules import MODEL_LOADING_OPTIONS
-from evalharness.config.schema import EvalConfig, MlflowConfig, as_dict
+from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
-from evalharness.errors import ConfigError, HarnessError, one_line
+from evalharness.errors import ConfigError
 from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, Reuse, run_cases
+from evalharness.evaluation.lifecycle import (
+    EXIT_CASES_FAILED,
+    EXIT_ERROR,
+    EXIT_OK,
+    LazyRun,
+    Outcome,
+    guarded,
+    store_error,
+    tracking_uri_of,
+)
 from evalharness.evaluation.nnunet_plan import is_nnunet, plan_nnunet, prepare_nnunet
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
@@ -57,47 +65,10 @@ from evalharness.predict.pipeline import forward_key, load_case_inputs
 from evalharness.score.table import CaseTable
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
-from evalharness.track.liveness import liveness_tags
 
-EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
 """(validated config, evaluation store URI) -> the config to evaluate."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one evaluation ended: exit code, its run (or the finished one it skipped to)."""
-
-    code: int
-    run_id: str | None
-    skipped: bool = False
-    case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
-
-
-def tracking_uri_of(tracking_uri: str | None) -> str:
-    """The evaluation store's URI (`mlflow.tracking_uri`; null: the default store under the
-    current folder), local paths made absolute."""
-    uri = tracking_uri or tracking.default_tracking_uri(Path.cwd())
-    return tracking.absolute_tracking_uri(uri)
-
-
-class LazyRun:
-    """The evaluation run, created on first need so an early failure still gets one."""
-
-    def __init__(self, client: Any, experiment_id: str, name: str | None, parent: str | None):
-        self.client, self.experiment_id, self.name = client, experiment_id, name
-        self.tags = {"evalharness.kind": "evaluation", **liveness_tags()}
-        if parent is not None:
-            self.tags["mlflow.parentRunId"] = parent
-        self.run_id: str | None = None
-        self.case_ids: tuple[str, ...] = ()  # set once the cases are listed
-
-    def ensure(self) -> str:
-        if self.run_id is None:
-            self.run_id = tracking.create_run(self.client, self.experiment_id, self.name, self.tags)
-        return self.run_id
 
 
 def evaluate(
@@ -144,55 +115,6 @@ def complete_config(config: EvalConfig, uri: str, complete: ConfigCompletion | N
     return complete(config, uri)
 
 
-def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
-    """`action()`, its run never left RUNNING: a `HarnessError` is one line on stderr and a
-    FAILED run (the outcome says so); Ctrl-C marks it KILLED, anything else FAILED, and both
-    propagate."""
-    try:
-        return action()
-    except HarnessError as error:
-        message = one_line(error)
-        print(f"error: {message}", file=sys.stderr)
-        log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
-        tracking.finish(run.client, run.ensure(), "FAILED", message)
-        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
-    except KeyboardInterrupt:
-        tracking.finish(run.client, run.ensure(), "KILLED", "interrupted")
-        raise
-    except BaseException as error:
-        reason = f"internal error: {one_line(error)}"
-        tracking.finish(run.client, run.ensure(), "FAILED", reason)
-        raise
-
-
-def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
-    """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
-    message = one_line(error)
-    print(f"error: {message}", file=sys.stderr)
-    uri = tracking_uri_of(mlflow_config.tracking_uri)
-    try:
-        client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
-        run = LazyRun(client, experiment, mlflow_config.run_name, None)
-        tracking.finish(client, run.ensure(), "FAILED", message)
-    except Exception as unusable:  # the store is unusable too: say so, on one more line
-        print(f"error: {store_error(uri, unusable)}", file=sys.stderr)
-        return Outcome(EXIT_ERROR, None)
-    return Outcome(EXIT_ERROR, run.run_id)
-
-
-def store_error(uri: str, error: Exception) -> str:
-    """One line for an unusable tracking store; a server that does not answer said plainly."""
-    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
-    if not isinstance(cause, RequestException):
-        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
-    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
-    return (
-        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
-        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
-        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
-    )
-
-
 @dataclass(eq=False)
 class Opened:
     """An evaluation set up to run its cases: its run, plan, table, sink and loop options."""
@@ -225,6 +147,7 @@ def open_evaluation(
     """Plan, skip a finished setting (`skip_finished`: its outcome), prepare, create the run
     and log its parameters, tags, configuration, dataset and config-level findings."""
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
+    run.output_dir = output_dir
     saved = uses_saved_predictions(config)
     if saved:
         planned = plan_saved(config, uri, output_dir / "saved_predictions")
@@ -272,6 +195,7 @@ def open_evaluation(
     if previous_findings:
         sink.findings(previous_findings)
     table = CaseTable(output_dir / "per_case.csv", previous_rows)
+    run.table_path = table.csv_path
     options = LoopOptions(
         on_case_error=config.run.on_case_error,
         prefetch=config.run.prefetch,
