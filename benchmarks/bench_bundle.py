@@ -11,10 +11,11 @@ its ``datalist`` globs). Per repeat, interleaved, after one warm-up of each side
   SaveImaged writing ``<case>/<case>_trans.nii.gz`` (`bundle_run_seconds`, per case
   `bundle_seconds_per_case`);
 - `harness`: the bundle read and checked and its network loaded (`harness_setup_seconds`), then
-  per case file -> `load_case_inputs` (the bundle's preprocessing by MONAI; the next case loaded
-  on one thread meanwhile, as the case loop's `run.prefetch`) -> `predict` (the harness's
-  sliding window, Invertd, argmax) -> `<case>_pred.nii.gz` written
-  (`harness_seconds_per_case`; no metrics, which the bundle's inference does not compute).
+  per case its `BundleFamily` (what an evaluation runs): `load_inputs` (the bundle's
+  preprocessing by MONAI; the next case loaded on one thread meanwhile, as the case loop's
+  `run.prefetch`) -> `predict` (the harness's sliding window, Invertd, argmax) ->
+  `<case>_pred.nii.gz` written (`harness_seconds_per_case`; no metrics, which the bundle's
+  inference does not compute).
 
 MONAI's workflow needs pytorch-ignite (its SupervisedEvaluator and CheckpointLoader); where
 ignite is not installed (this machine's shared environment) `bundle` is `run_bundle_loop`: the
@@ -52,9 +53,9 @@ from evalharness.config.schema import EvalConfig, InferenceConfig, ModelConfig
 from evalharness.config.settings import resolve_settings
 from evalharness.data.datasets import Case
 from evalharness.data.nifti_io import write_nifti
-from evalharness.model.bundle import load_bundle_network
 from evalharness.model.bundle_source import resolve_bundle
-from evalharness.predict.pipeline import load_case_inputs, predict, preprocess_settings
+from evalharness.predict.bundle_transforms import BundleFamily
+from evalharness.predict.pipeline import preprocess_settings
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "monai-bundle-spleen"
 
@@ -130,19 +131,19 @@ def run_harness(bundle: Path, images: list[Path], out: Path, batch: int) -> tupl
     contents = resolved.contents
     config = EvalConfig(inference=InferenceConfig(device="cpu", batch_size=batch))
     settings, _, _ = resolve_settings(config, contents.contract.training.values)
-    pre = preprocess_settings(settings, contents.contract.pipeline)
-    network = load_bundle_network(contents.bundle).network
-    device = torch.device("cpu")
+    pre = preprocess_settings(settings)
+    network = contents.load().network
+    family = BundleFamily(contents, network, settings, torch.device("cpu"), 2)
     setup = time.perf_counter() - started
     started = time.perf_counter()
     cases = [Case(image.name.removesuffix(".nii.gz"), image, None) for image in images]
     with ThreadPoolExecutor(max_workers=1) as prefetch:  # the case loop's run.prefetch=true
-        loading = prefetch.submit(load_case_inputs, cases[0], pre)
+        loading = prefetch.submit(family.load_inputs, cases[0], pre)
         for index, case in enumerate(cases):
             inputs = loading.result()
             if index + 1 < len(cases):
-                loading = prefetch.submit(load_case_inputs, cases[index + 1], pre)
-            prediction = predict(network, inputs.prepared, settings, device, 2)
+                loading = prefetch.submit(family.load_inputs, cases[index + 1], pre)
+            prediction = family.predict(inputs, False, None, None)
             labels, affine = prediction.labels, inputs.prepared.native.affine
             write_nifti(out / f"{case.case_id}_pred.nii.gz", labels, affine)
     return setup, (time.perf_counter() - started) / len(cases)

@@ -10,6 +10,8 @@ show what the user's terminal shows.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import pickle
 import socket
@@ -38,6 +40,7 @@ from tiny import (
     write_dataset,
 )
 
+from evalharness.cli import unparsable_override
 from evalharness.data.nifti_io import write_nifti
 
 IMAGE, LABEL = Path("imagesTr/bad.nii.gz"), Path("labelsTr/bad.nii.gz")
@@ -133,6 +136,44 @@ def _with_voxel(value: float) -> np.ndarray:
     return image
 
 
+def _folder_at(relative: Path) -> Callable[[Path], None]:
+    def mutate(root: Path) -> None:
+        (root / relative).unlink()
+        (root / relative).mkdir()
+
+    return mutate
+
+
+def _header_shorter_than_data(root: Path) -> None:
+    """The header says 7 slices, the file holds 8 (the data would be silently cut)."""
+    image = nib.load(str(root / IMAGE))
+    data = np.asarray(image.dataobj)
+    header = image.header.copy()
+    header.set_data_shape(data.shape[:2] + (data.shape[2] - 1,))
+    raw = gzip.decompress((root / IMAGE).read_bytes())
+    (root / IMAGE).write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock) :]))
+
+
+def _claims_terabytes(root: Path) -> None:
+    """A small file whose header claims 30000^3 float32 voxels (a hostile or corrupt header,
+    or a gzip bomb): reading it would exhaust the memory."""
+    image = nib.load(str(root / IMAGE))
+    header = image.header.copy()
+    header.set_data_shape((30000, 30000, 30000))
+    raw = gzip.decompress((root / IMAGE).read_bytes())
+    (root / IMAGE).write_bytes(gzip.compress(header.binaryblock + raw[len(header.binaryblock) :]))
+
+
+def _sheared(root: Path) -> None:
+    """A gantry-tilted CT: only the sform holds the (sheared) geometry."""
+    affine = AFFINE.copy()
+    affine[:3, 2] += 0.3 * np.linalg.norm(AFFINE[:3, 2]) * AFFINE[:3, 0] / 1.5
+    image = nib.Nifti1Image(ball().astype(np.float32), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(None, code=0)
+    nib.save(image, str(root / IMAGE))
+
+
 BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it says was expected)
     "truncated image": (_noisy_then_truncated, IMAGE, "file is truncated (expected 4192 bytes"),
     "truncated label header": (
@@ -167,6 +208,22 @@ BAD_CASES = {  # mutation of the 'bad' case -> (file the error names, what it sa
         _write(IMAGE, np.stack([ball(), ball()], axis=-1).astype(np.float32)),
         IMAGE,
         "the image has 2 channel(s); the model expects 1",
+    ),
+    "label path is a folder": (_folder_at(LABEL), LABEL, "is a folder, expected a label file"),
+    "more voxel data than the header's dimensions": (
+        _header_shorter_than_data,
+        IMAGE,
+        "holds more voxel data than its header's dimensions 12x10x7 describe",
+    ),
+    "header dims beyond any host's memory": (
+        _claims_terabytes,
+        IMAGE,
+        "MB (header dimensions 30000x30000x30000 of float32), more than the",
+    ),
+    "sheared grid (gantry tilt)": (
+        _sheared,
+        IMAGE,
+        "sheared voxel grid (its axes are 16.7 degrees from orthogonal",
     ),
     "NaN voxel": (_write(IMAGE, _with_voxel(np.nan)), IMAGE, "NaN or infinite voxels"),
     "Inf voxel": (_write(IMAGE, _with_voxel(np.inf)), IMAGE, "NaN or infinite voxels"),
@@ -232,6 +289,38 @@ def test_empty_masks_small_images_follow_the_documented_conventions(
     saved = nib.load(tmp_path / "out" / "predictions" / "small_pred.nii.gz")
     assert saved.shape == small.shape and np.allclose(saved.affine, AFFINE)
     assert np.array_equal(np.asarray(saved.dataobj), small)
+
+
+def test_a_one_voxel_image_fails_on_its_non_finite_input_and_calibration_goes_on(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    """z-normalising one voxel divides by a NaN standard deviation: the case fails with that
+    reason (not an `ok` row with DSC 0), and calibration over the other cases still works. A
+    dataset.json entry without a label is a `no_label` row that says why it is not scored."""
+    one = np.ones((1, 1, 1), np.uint8)
+    cases = {"ok": good_case(), "one_voxel": (one.astype(np.float32), one), "unlabelled": None}
+    root = write_dataset(tmp_path / "data", {k: v or good_case() for k, v in cases.items()})
+    listing = json.loads((root / "dataset.json").read_text())
+    del listing["training"][2]["label"]
+    (root / "dataset.json").write_text(json.dumps(listing))
+    result = evaluate(
+        world,
+        tmp_path,
+        capsys,
+        "metrics.calibration=true",
+        "preprocessing.normalization=[{name:ZNormalization}]",
+        root=root,
+    )
+    assert result.outcome.code == 2 and result.run.info.status == "FINISHED"
+    assert "Traceback" not in result.stderr
+    assert result.row("ok")["status"] == "ok" and np.isfinite(result.row("ok")["ece"])
+    failed = result.row("one_voxel")
+    assert failed["status"] == "failed"
+    assert "imagesTr/one_voxel.nii.gz: the normalised input is not finite" in failed["error"]
+    unlabelled = result.row("unlabelled")
+    assert unlabelled["status"] == "no_label"
+    assert unlabelled["error"] == "no label file listed for this case (nothing to score against)"
+    assert result.run.data.metrics["n_failed_cases"] == 2
 
 
 # ------------------------------------------------------------------------- run-level errors
@@ -415,6 +504,54 @@ def test_unreachable_tracking_server_stops_within_bounded_time(
     assert_not_started(result, world, tmp_path.name, f"cannot read run 'abc' from {uri}")
 
 
+def test_a_typo_in_the_store_scheme_a_store_that_is_no_database_and_a_deleted_experiment(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    typo = f"sqlit:///{tmp_path / 'mlflow.db'}"
+    result = evaluate(world, tmp_path, capsys, f"mlflow.tracking_uri={typo}")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.tracking_uri={typo}: unknown tracking URI scheme 'sqlit' (expected "
+        "sqlite:///<file>, file:<folder>, http(s)://<server>, a database URL or a path)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database" * 100)
+    result = evaluate(world, tmp_path, capsys, f"mlflow.tracking_uri=sqlite:///{garbage}")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.tracking_uri=sqlite:///{garbage}: file is not a database"
+    ]
+    client = MlflowClient(tracking_uri=world.uri)
+    deleted = client.create_experiment("deleted")
+    client.delete_experiment(deleted)
+    result = evaluate(world, tmp_path, capsys, "mlflow.experiment=deleted")
+    assert result.outcome.code == 1 and result.run is None and "Traceback" not in result.stderr
+    assert result.error_lines == [
+        f"error: mlflow.experiment=deleted: the experiment is deleted in {world.uri} (restore "
+        f"it: mlflow experiments restore --experiment-id {deleted}, or choose another "
+        "mlflow.experiment)"
+    ]
+
+
+def test_a_corrupt_training_configuration_beside_the_model_names_it(
+    world: World, tmp_path: Path, capsys
+) -> None:
+    """model=file reads patch_config.pkl beside the model (one folder up from model/): a
+    truncated one is one line naming it, the run FAILED."""
+    run_folder = tmp_path / "training_run"
+    (run_folder / "model").mkdir(parents=True)
+    model = run_folder / "model" / "best.pt"
+    model.write_bytes(world.model.read_bytes())
+    config = pickle.dumps({"patch_size": [8, 8, 8], "apply_reorder": True})
+    (run_folder / "patch_config.pkl").write_bytes(config[: len(config) // 2])
+    result = evaluate(world, tmp_path, capsys, "model=file", f"model.path={model}")
+    assert_run_failed(
+        result,
+        f"{run_folder / 'patch_config.pkl'}: not a readable pickle (EOFError: the data ends early)",
+    )
+
+
 def test_trusting_a_pickle_is_tagged_on_the_run(world: World, tmp_path: Path, capsys) -> None:
     result = evaluate(world, tmp_path, capsys, "model.trust_pickle=true")
     assert result.outcome.code == 0
@@ -456,6 +593,22 @@ def test_cli_typo_in_a_config_key(world: World, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "Key 'sise' not in 'PatchConfig'" in result.stderr  # Hydra's own message
     assert "Traceback" not in result.stderr
+
+
+def test_cli_characters_hydra_cannot_parse_unquoted(world: World, tmp_path: Path) -> None:
+    """A data root with ``ü`` (or ``(``) unquoted: one `error:` line saying how to quote it,
+    not Hydra's lexer exception; no run (the configuration never started)."""
+    overrides = cli_overrides(world, tmp_path, "lexer")
+    result = run_cli(tmp_path, *overrides, "data.root=/data/Müller")
+    assert_cli_failed(
+        result,
+        "error: data.root=/data/Müller: Hydra cannot parse this override (unexpected "
+        "character 'ü' at column 18); quote the value: 'data.root=\"/data/Müller\"'",
+    )
+    assert "LexerNoViableAltException" not in result.stderr
+    assert MlflowClient(tracking_uri=world.uri).get_experiment_by_name("lexer") is None
+    assert "mismatched input '('" in unparsable_override(["-m", "data.root=/data/a(1)"])
+    assert unparsable_override(["data.root='/data/a(1)'", "--cfg", "job"]) is None
 
 
 def test_cli_outputs_folder_under_a_file(world: World, tmp_path: Path) -> None:

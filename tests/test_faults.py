@@ -28,7 +28,7 @@ from tiny import (
     write_dataset,
 )
 
-from evalharness.errors import CaseError
+from evalharness.errors import STOP_SIGNALS, CaseError, Stopped, sigterm_seen, stop_on_sigterm
 from evalharness.predict.memory import MB, aggregation_bytes, plan_buffers, plan_for
 from evalharness.track.tracking import prepare_store
 
@@ -253,3 +253,87 @@ def test_gpu_aggregation_falls_back_to_the_cpu_with_a_warning(
     assert fallback.outcome.code == 0
     assert "aggregating this volume on the CPU" in caplog.text
     assert fallback.row("a")["dsc"] == on_gpu.row("a")["dsc"] == 1.0
+
+
+def _stop_after_first_case(
+    process: subprocess.Popen[str], client: MlflowClient, experiment: str, sig: int
+) -> tuple[int, str]:
+    """Send `sig` once the newest run of `experiment` logged a case; (exit code, output)."""
+    deadline = time.monotonic() + 240
+    while True:
+        found = client.get_experiment_by_name(experiment)
+        runs = (
+            client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+            if found
+            else []
+        )
+        running = runs and runs[0].info.status == "RUNNING"
+        if running and "per_case.csv" in {
+            a.path for a in client.list_artifacts(runs[0].info.run_id)
+        }:
+            break
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(sig)
+    output = process.communicate(timeout=120)[0]
+    return process.returncode, output
+
+
+def test_sigterm_and_ctrl_c_close_a_single_evaluation_as_killed(
+    tmp_path: Path, monkeypatch, sqlite_uri: str
+):
+    """What SLURM sends on preemption, then Ctrl-C on the resumed run: each closes its run
+    KILLED with the rows so far kept, prints one line (no traceback) and exits 128 + signal."""
+    uri = sqlite_uri
+    model = _slow_model(tmp_path, monkeypatch)
+    root = write_dataset(tmp_path / "data", {f"case{i}": good_case() for i in range(4)})
+    overrides = [
+        *base_overrides(uri, model, root, "stop"),
+        "model.allow_globals=[slownet.SlowNet]",
+        "inference.batch_size=8",
+    ]
+    client = prepare_store(uri)
+    outcomes = []
+    for number, sig in enumerate((signal.SIGTERM, signal.SIGINT)):
+        process = _start(tmp_path, overrides, f"run{number}")
+        code, output = _stop_after_first_case(process, client, "stop", sig)
+        outcomes.append((code, output))
+    (term_code, term_out), (int_code, int_out) = outcomes
+    assert term_code == 143, term_out[-3000:]
+    assert int_code == 130, int_out[-3000:]
+    for output, name in ((term_out, "SIGTERM"), (int_out, "Ctrl-C")):
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+        stopped = [line for line in output.splitlines() if line.startswith("stopped by")]
+        assert stopped == [
+            f"stopped by {name}: any run in progress was closed as KILLED; "
+            "the same command resumes it"
+        ]
+    experiment = client.get_experiment_by_name("stop").experiment_id
+    first, second = client.search_runs([experiment], order_by=["attributes.start_time ASC"])
+    assert first.info.status == second.info.status == "KILLED"
+    assert first.data.tags["evalharness.error"] == "interrupted"
+    assert second.data.tags["evalharness.resumed_from"] == first.info.run_id
+    kept = pd.read_csv(client.download_artifacts(first.info.run_id, "per_case.csv", str(tmp_path)))
+    assert 1 <= len(kept) < 4 and (kept["status"] == "ok").all()
+
+
+def test_sighup_and_sigterm_unwind_like_ctrl_c_once() -> None:
+    """A closed terminal (SIGHUP) stops like SIGTERM; a second stop signal while the runs are
+    being closed is ignored (the handler is this process's real one, signals really sent)."""
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        for sent in (signal.SIGHUP, signal.SIGTERM):
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_DFL)
+            stop_on_sigterm()
+            with pytest.raises(Stopped) as stopped:
+                os.kill(os.getpid(), sent)
+                time.sleep(5)  # the handler raises at the next bytecode
+            assert (stopped.value.signum, stopped.value.name) == (sent, sent.name)
+            assert sigterm_seen()
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored now: no second interruption
+            assert all(signal.getsignal(s) == signal.SIG_IGN for s in STOP_SIGNALS)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from evalharness.cli import evaluate_config, register_configs
 from evalharness.data.nifti_io import write_nifti
 from evalharness.demo.synthetic import affine_from_axcodes
-from evalharness.evaluation.run import Outcome
+from evalharness.evaluation.lifecycle import Outcome
 
 CONF = REPO / "src" / "evalharness" / "conf"
 SHAPE = (12, 10, 8)

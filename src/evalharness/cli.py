@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import signal
 import sys
 import typing
 from collections.abc import Sequence
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra._internal.utils import get_args_parser
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -31,9 +34,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from evalharness.config.schema import GROUPS, EvalConfig, from_mapping
 from evalharness.demo.build import ensure_demo
 from evalharness.demo.spec import DEMO, TINY
-from evalharness.errors import ConfigError
+from evalharness.errors import ConfigError, Stopped, stop_on_sigterm
+from evalharness.evaluation.lifecycle import Outcome, record_failure
 from evalharness.evaluation.outputs import check_outputs_folder
-from evalharness.evaluation.run import Outcome, evaluate, record_failure
+from evalharness.evaluation.run import evaluate
 from evalharness.sweep.grouping import PlannedJob
 from evalharness.sweep.jobs import GroupMember, Job, evaluate_job, start_job
 from evalharness.sweep.state import setting_of
@@ -158,6 +162,32 @@ def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[Group
     return tuple(members)
 
 
+def unparsable_override(argv: Sequence[str]) -> str | None:
+    """One line for the first command-line override Hydra's grammar cannot parse (a value
+    with ``(``, ``ü``, ... unquoted), naming it, where and how to quote it; None if all parse."""
+    try:
+        overrides = get_args_parser().parse_known_args(list(argv))[0].overrides or []
+    except SystemExit:  # an argument error: Hydra reports it itself
+        return None
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as error:
+            lines = str(error).splitlines()
+            reason = lines[0]
+            if reason.startswith("LexerNoViableAltException") and len(lines) > 1:
+                column = lines[1].find("^") - len("LexerNoViableAltException: ")
+                if 0 <= column < len(override):
+                    reason = f"unexpected character {override[column]!r} at column {column + 1}"
+            key, _, value = override.partition("=")
+            return (
+                f"{override}: Hydra cannot parse this override ({reason}); quote the value: "
+                f"'{key}=\"{value}\"'"
+            )
+    return None
+
+
 class OutputsCheck(Callback):
     """Hydra callback: stop before Hydra creates an outputs folder it cannot create."""
 
@@ -178,8 +208,31 @@ def _check_or_exit(config: DictConfig, key: str) -> None:
 register_configs()
 
 
+def main() -> None:
+    """The command: Hydra's entry point, with SIGTERM and SIGHUP unwinding like Ctrl-C. Each
+    closes the open runs KILLED (on their way out), prints one line, and exits 128 + the
+    signal's number (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP); the same command then resumes."""
+    stop_on_sigterm()
+    unparsable = unparsable_override(sys.argv[1:])
+    if unparsable is not None:
+        print(f"error: {unparsable}", file=sys.stderr)
+        sys.exit(1)
+    try:
+        hydra_main()
+    except KeyboardInterrupt as stop:
+        name, signum = (
+            (stop.name, stop.signum) if isinstance(stop, Stopped) else ("Ctrl-C", signal.SIGINT)
+        )
+        print(
+            f"stopped by {name}: any run in progress was closed as KILLED; the same command "
+            "resumes it",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signum)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> Any:
+def hydra_main(cfg: DictConfig) -> Any:
     """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)

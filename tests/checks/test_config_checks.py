@@ -185,15 +185,21 @@ def test_sweep_dimensions_are_info_only():
     assert "inference.batch_size" not in by_key(check(settings(batch_size=8)))
 
 
-def test_missing_training_config_is_one_warning_listing_assumptions():
+def test_missing_training_config_is_one_entry_listing_assumptions():
+    """Guessing the training preprocessing (reorientation, spacing, normalisation) can make an
+    evaluation silently wrong: an error-class entry. Guessing only inference settings: a
+    warning."""
     assumed = {"apply_reorder": True, "patch_overlap": 0.5}
     found = config_mismatches(settings(), {}, "none", assumed)
     assert len(found) == 1
     (entry,) = found
-    assert (entry.key, entry.severity, entry.training) == ("training_config", "warning", None)
+    assert (entry.key, entry.severity, entry.training) == ("training_config", "error", None)
     assert "apply_reorder=True" in entry.message and "patch_overlap=0.5" in entry.message
+    assert "(apply_reorder guessed, not known: set preprocessing.*" in entry.message
     assert entry.evaluation == assumed
-    assert not has_errors(found)
+    assert has_errors(found)
+    (mild,) = config_mismatches(settings(), {}, "none", {"patch_overlap": 0.5})
+    assert mild.severity == "warning" and "guessed" not in mild.message
 
 
 def test_missing_training_field_is_a_warning_naming_it():

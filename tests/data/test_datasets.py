@@ -283,6 +283,11 @@ def _dataset_json(tmp_path: Path, text: str) -> dict:
             "dataset.json: unreadable dataset.json",
         ),
         (
+            lambda t: _dataset_json(t, "[" * 100_000 + "]" * 100_000),
+            DataError,
+            "dataset.json: unreadable dataset.json (maximum recursion depth exceeded",
+        ),
+        (
             lambda t: _dataset_json(t, json.dumps({"training": [{"image": "a/x.nii"}] * 2})),
             DataError,
             "dataset.json: duplicate case ids x",
@@ -295,3 +300,12 @@ def test_errors_name_the_file_or_key_on_one_line(tmp_path, make_cfg, error, mess
     text = str(raised.value)
     assert message.format(t=tmp_path) in text
     assert "\n" not in text
+
+
+def test_a_csv_error_names_the_line_of_the_file(tmp_path):
+    """Blank lines and a quoted cell over two lines still count: the empty cell is on line 9."""
+    rows = ["image,label", "a.nii,a_seg.nii", "", '"b.nii","b', 'seg.nii"', "", "c.nii,c.nii"]
+    text = "\n".join([*rows, "", ",d_seg.nii", "e.nii,e_seg.nii"]) + "\n"
+    with pytest.raises(DataError) as raised:
+        load_dataset(data_config(_manifest(tmp_path, text)))
+    assert "line 9 has an empty 'image' cell" in str(raised.value)

@@ -67,6 +67,7 @@ def test_a_bundle_folder_is_evaluated_with_its_own_settings(sqlite_uri, tmp_path
     assert tags["evalharness.bundle_name"] == "Tiny threshold bundle"
     assert tags["evalharness.bundle_version"] == "0.1.0"
     assert tags["evalharness.trust_bundle"] == "false"
+    assert tags["evalharness.combine_rule"].startswith("logits blended over patches and mirrors")
     files = dict(item.split("=") for item in tags["evalharness.bundle_files"].split(", "))
     assert files == {
         p: hashlib.sha256((bundle / p).read_bytes()).hexdigest()
@@ -74,6 +75,20 @@ def test_a_bundle_folder_is_evaluated_with_its_own_settings(sqlite_uri, tmp_path
     }
     assert tags["evalharness.mismatch_count"] == "0"
     assert not marker.exists()  # datalist, output_dir, run: never evaluated
+
+
+def test_test_time_flips_over_a_bundle(sqlite_uri, tmp_path, capsys, data):
+    """inference.tta=true: every patch also runs mirrored on the 7 other flips, the flipped
+    logits blended with the rest (the threshold network is flip-invariant: DSC stays 1)."""
+    bundle = write_bundle(tmp_path / "bundle")
+    plain = evaluate(sqlite_uri, tmp_path, capsys, data, f"model.path={bundle}")
+    flips = evaluate(
+        sqlite_uri, tmp_path, capsys, data, f"model.path={bundle}", "inference.tta=true"
+    )
+    assert flips.run.info.status == "FINISHED", flips.stderr
+    assert flips.table["dsc"].tolist() == [1.0, 1.0, 1.0]
+    passes = plain.run.data.metrics["forward_passes"]
+    assert flips.run.data.metrics["forward_passes"] == 8 * passes > 0
 
 
 def test_the_trust_rule(sqlite_uri, tmp_path, capsys, data):

@@ -3,6 +3,7 @@ TorchScript give the same networks, and unsafe or unloadable files are refused b
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -101,3 +102,37 @@ def test_torchscript_is_loaded_by_content_not_name(tmp_path: Path):
     assert loaded.loader == "torchscript"
     x = torch.randn(1, 1, 4, 4, 4)
     assert torch.equal(_forward(loaded.network, x), _forward(scripted, x))
+
+
+def test_a_corrupt_safetensors_file_says_what_is_wrong_with_it(tmp_path: Path):
+    source = (RUN / "model" / "best_model.safetensors").read_bytes()
+    header = int.from_bytes(source[:8], "little")
+    corrupt = {  # name -> (bytes, what the one line says)
+        "short_data": (source[:-1000], "unreadable safetensors file ("),
+        "huge_length": ((1 << 62).to_bytes(8, "little") + source[8:], "header length 46116"),
+        "cut_header": (source[: 8 + header // 2], "more than the file holds after it"),
+        "bad_json": (source[:8] + b'{"x' + b" " * (header - 3) + source[8 + header :], "header ("),
+    }
+    for name, (data, expected) in corrupt.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(SourceError) as raised:
+            load_model_file(path)
+        message = str(raised.value)
+        assert message.startswith(f"{path}: ") and expected in message, message
+        assert "safetensors" in message and "\n" not in message and "unpickling" not in message
+
+
+def test_metadata_describing_a_huge_network_is_refused_before_any_allocation(tmp_path: Path):
+    """A file's arch_kwargs decide what gets allocated: 120 GiB of UNet from a 16-byte file
+    would exhaust the memory; it is measured on the meta device and refused."""
+    arch = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "strides": [2, 2, 2]}
+    arch["channels"] = [4096, 8192, 16384, 32768]
+    path = tmp_path / "huge.safetensors"
+    save_file(
+        {"w": torch.zeros(4)},
+        str(path),
+        metadata={"arch_id": "monai.unet", "arch_kwargs": json.dumps(arch)},
+    )
+    with pytest.raises(SourceError, match=r"arch_kwargs describe a network of 120962 MiB"):
+        load_model_file(path)

@@ -173,9 +173,24 @@ def test_resolve_by_local_path(store, tmp_path: Path):
     alone = resolve({"path": str(LEARNER)}, store.uri, tmp_path)
     assert (alone.local_path, alone.downloaded, alone.artifact_uri) == (LEARNER, False, None)
     assert alone.sha256 == _file_sha256(LEARNER) and alone.training_run_id is None
-    assert alone.training_config.source == "none"
+    # the training configuration beside the model file (the run's root, above model/)
+    assert alone.training_config.source == "patch_config.pkl"
+    assert alone.training_config.values["patch_size"] == [48, 48, 32]
+    assert alone.training_config.values["aggregation_mode"] == "hann"
     safe = resolve({"path": str(SAFETENSORS)}, store.uri, tmp_path)
-    assert safe.training_config.source == "safetensors"
+    assert safe.training_config.source == "patch_config.pkl"
+    assert safe.training_config.output["decision"] == "argmax"  # the metadata's contract kept
+    copy = tmp_path / "copy" / "best_model.safetensors"
+    copy.parent.mkdir()
+    copy.write_bytes(SAFETENSORS.read_bytes())
+    assert resolve({"path": str(copy)}, store.uri, tmp_path).training_config.source == "safetensors"
+    (copy.parent / "patch_config.json").write_bytes((RUN / "patch_config.json").read_bytes())
+    beside = resolve({"path": str(copy)}, store.uri, tmp_path).training_config
+    assert beside.source == "patch_config.json"
+    chosen = {"path": str(copy), "config_artifact": str(RUN / "patch_config.pkl")}
+    assert resolve(chosen, store.uri, tmp_path).training_config.source == "patch_config.pkl"
+    with pytest.raises(SourceError, match=r"model.config_artifact=nope.json: no \.pkl or \.json"):
+        resolve({"path": str(copy), "config_artifact": "nope.json"}, store.uri, tmp_path)
     with_run = resolve({"path": str(LEARNER), "run_id": store.full}, store.uri, tmp_path)
     assert with_run.local_path == LEARNER and with_run.training_config.source == "patch_config.pkl"
     with pytest.raises(SourceError, match="model.path: file not found"):

@@ -395,7 +395,8 @@ def test_sigterm_mid_sweep_leaves_no_run_running(store: Store) -> None:
         cwd=store.workdir,
         env=_env(),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
@@ -403,7 +404,10 @@ def test_sigterm_mid_sweep_leaves_no_run_running(store: Store) -> None:
         assert time.monotonic() < deadline, "the first job never started"
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGTERM)
-    assert process.wait(timeout=120) != 0
+    stderr = process.communicate(timeout=120)[1]
+    assert process.returncode == 143, stderr[-3000:]  # 128 + SIGTERM, as the README says
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM: any run in progress was closed as KILLED" in stderr
     _, parents, children = runs(store, "stopped")
     assert parents[0].info.status in ("KILLED", "FAILED")
     assert "RUNNING" not in {r.info.status for r in [*parents, *children]}

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
+from conftest import REPO
 from mlflow.tracking import MlflowClient
 
 from evalharness.track import tracking
@@ -99,3 +104,48 @@ def test_a_plots_folder_is_logged_in_one_call_at_the_same_paths(sqlite_uri, tmp_
     tracking.log_folder(counting, run_id, folder, paths, "plots")
     assert counting.calls == [("file", "plots"), ("file", "plots/gallery")]
     assert artifact_files(client, run_id, "plots") == expected
+
+
+FIRST_USE = """
+import sys, time
+from pathlib import Path
+from evalharness.track import tracking
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported everything: ready
+while not go.exists():
+    time.sleep(0.01)
+client, experiment = tracking.open_experiment(sys.argv[1], "evalharness")
+run = tracking.create_run(client, experiment, "same", {})
+tracking.finish(client, run, "FINISHED")
+print("done", experiment)
+"""
+
+
+def test_two_processes_creating_the_same_sqlite_store_both_succeed(tmp_path: Path) -> None:
+    """Store creation (MLflow migrates a new SQLite file when a client is made), experiment
+    creation and the first run, started by two processes at the same moment (before the lock
+    covered the client's creation, one of them failed every time)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    for attempt in range(1):
+        uri = f"sqlite:///{tmp_path / str(attempt) / 'outputs' / 'mlflow.db'}"
+        go = tmp_path / f"go{attempt}"
+        ready = [tmp_path / f"ready{attempt}_{i}" for i in range(2)]
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", FIRST_USE, uri, str(go), str(flag)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for flag in ready
+        ]
+        while not all(flag.exists() for flag in ready):  # both wait at the barrier
+            assert all(p.poll() is None for p in processes), processes[0].communicate()
+            time.sleep(0.05)
+        go.touch()
+        results = [p.communicate(timeout=300) for p in processes]
+        for process, (out, err) in zip(processes, results, strict=True):
+            assert process.returncode == 0, err.decode()[-3000:]
+            assert out.decode().strip() == "done 1"
+        client = MlflowClient(tracking_uri=uri)
+        assert len(client.search_runs(["1"])) == 2

@@ -84,16 +84,20 @@ def config_mismatches(
     out: list[Mismatch] = []
     if training_source == "none":
         listed = ", ".join(f"{k}={format_value(v)}" for k, v in assumed.items()) or "none"
-        out.append(
-            Mismatch(
-                "config",
-                "training_config",
-                None,
-                jsonable(dict(assumed)),
-                "warning",
-                "no training configuration found: preprocessing cannot be checked against "
-                f"training; assumed fastMONAI defaults: {listed}",
+        guessed = [key for key in PREPROCESSING_FIELDS if key in assumed]
+        message = (
+            "no training configuration found: preprocessing cannot be checked against "
+            f"training; assumed fastMONAI defaults: {listed}"
+        )
+        if guessed:  # a silently wrong evaluation unless the defaults happen to be right
+            message += (
+                f" ({', '.join(guessed)} guessed, not known: set preprocessing.* to the training "
+                "values, or give the training configuration: a training run, or "
+                "patch_config.json/.pkl beside the model file)"
             )
+        severity: Severity = "error" if guessed else "warning"
+        out.append(
+            Mismatch("config", "training_config", None, jsonable(dict(assumed)), severity, message)
         )
     else:
         out += _field_mismatches(settings, training_values, assumed)
@@ -101,6 +105,9 @@ def config_mismatches(
     out += _contract_mismatches(output_contract, n_output_channels)
     return out
 
+
+PREPROCESSING_FIELDS = ("apply_reorder", "target_spacing", "normalization")
+"""The training preprocessing: guessed, an evaluation can be silently wrong."""
 
 _DIFFERS: dict[str, tuple[Severity, str]] = {
     "padding_mode": (

@@ -16,6 +16,7 @@ bad configuration values raise ``ConfigError``.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections import Counter
@@ -169,7 +170,7 @@ def _read_decathlon(path: Path) -> tuple[list[Case], dict[int, str]]:
     """Cases of dataset.json's "training" list (file order) and its "labels" names."""
     try:
         content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # JSON errors, too deep
         raise DataError(f"{path}: unreadable dataset.json ({exc})".replace("\n", " ")) from exc
     training = content.get("training") if isinstance(content, dict) else None
     if not isinstance(training, list) or not training:
@@ -246,12 +247,34 @@ def _file_split(split_cfg: SplitConfig, folder: Path) -> list[Case]:
 
 
 def _read_csv(path: Path, key: str) -> pd.DataFrame:
-    """The CSV with every cell as a string (empty cells as "")."""
+    """The CSV with every cell as a string (empty cells as ""), indexed by the line of the file
+    each row starts on (blank lines and multi-line cells counted), for messages."""
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        lines = _record_lines(path)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         message = str(exc).replace("\n", " ")
         raise DataError(f"{key}={path}: unreadable CSV ({message})") from exc
+    if len(lines) == len(table):
+        table.index = pd.Index(lines)
+    else:  # a dialect pandas reads otherwise: the row number under the header
+        table.index = table.index + 2
+    return table
+
+
+def _record_lines(path: Path) -> list[int]:
+    """The line each data record of a CSV starts on, past the header; blank lines skipped, as
+    pandas skips them."""
+    starts = []
+    with path.open(newline="") as stream:
+        reader = csv.reader(stream)
+        start, header_seen = 1, False
+        for record in reader:
+            if record and header_seen:
+                starts.append(start)
+            header_seen |= bool(record)
+            start = reader.line_num + 1
+    return starts
 
 
 def _missing_column(path: Path, key: str, column: str, why: str, table: pd.DataFrame) -> str:
@@ -274,7 +297,7 @@ def _cases_from_rows(
     for index, row in table.to_dict("index").items():
         image = row[image_col].strip()
         if not image:
-            raise DataError(f"{source}: line {index + 2} has an empty {image_col!r} cell")
+            raise DataError(f"{source}: line {index} has an empty {image_col!r} cell")
         label = row[label_col].strip() if has_labels else ""
         image_path = _resolve(folder, image)
         case_id = row[case_col].strip() if case_col else case_id_of(image_path)

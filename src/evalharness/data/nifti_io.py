@@ -41,7 +41,7 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from torchio.data.io import check_uint_to_int, get_ras_affine_from_sitk, sitk_to_nib
 
-from evalharness.errors import CaseError
+from evalharness.errors import CaseError, writing
 
 NIFTI1_HEADER_BYTES = 348  # the least a NIfTI file holds
 MAX_VOX_OFFSET = 1 << 24  # header + extensions beyond this are left to the reference reader
@@ -62,6 +62,14 @@ ITK_EPSILON = float(np.finfo(np.float64).eps)  # NiftiImageIO's tolerance for sl
 
 class _Stream(Protocol):
     def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+
+def require_file(path: Path, role: str) -> None:
+    """`CaseError` unless `path` is a file: "<path>: <role> file not found", or a folder."""
+    if path.is_dir():
+        raise CaseError(f"{path}: is a folder, expected a {role} file (NIfTI)")
+    if not path.is_file():
+        raise CaseError(f"{path}: {role} file not found")
 
 
 def read_image(path: Path) -> tio.ScalarImage:
@@ -138,6 +146,8 @@ def _read_verbatim(
         expected = header.get_data_offset() + flat.nbytes
         what = f"{expected} bytes of NIfTI header and voxels"
         raise CaseError(f"{path}: file is truncated (expected {what}; the file ends before)")
+    if _read_exactly(stream, 1) is not None:
+        raise CaseError(_more_data_than_header(path, size, header.get_data_offset() + flat.nbytes))
     if not file_dtype.isnative:
         flat.byteswap(inplace=True)  # the values now, in native order
     if flat.dtype.kind == "f" and not np.isfinite([flat.min(), flat.max()]).all():
@@ -145,6 +155,14 @@ def _read_verbatim(
     data = check_uint_to_int(flat.reshape(size, order="F"))  # file order: x fastest
     data = data[np.newaxis] if len(size) == 3 else data.transpose(3, 0, 1, 2)
     return data, get_ras_affine_from_sitk(reader)
+
+
+def _more_data_than_header(path: Path, size: tuple[int, ...], expected: int) -> str:
+    return (
+        f"{path}: the file holds more voxel data than its header's dimensions "
+        f"{'x'.join(map(str, size))} describe (expected {expected} bytes of NIfTI header and "
+        "voxels); the header's dim field is likely wrong"
+    )
 
 
 def _nifti_header(stream: _Stream) -> nib.Nifti1Header | None:
@@ -210,6 +228,13 @@ def _read_with_simpleitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:  # SimpleITK's message ends with the reason
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        shear = _shear_degrees(path) if "orthonormal" in str(error) else None
+        if shear is not None:
+            raise CaseError(
+                f"{path}: sheared voxel grid (its axes are {shear:.1f} degrees from orthogonal, "
+                "e.g. a CT gantry tilt) is not supported: ITK, which reads images on the training "
+                "side too (TorchIO), cannot represent it; resample it to an orthogonal grid first"
+            ) from error
         raise CaseError(f"{path}: cannot read image ({lines[-1] if lines else error})") from error
     if image.GetDimension() not in (3, 4):
         raise CaseError(f"{path}: expected a 3-D or 4-D image, got {image.GetDimension()}-D")
@@ -217,6 +242,18 @@ def _read_with_simpleitk(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if _has_non_finite(path, data):
         raise CaseError(f"{path}: image holds NaN or infinite voxels")
     return data, affine
+
+
+def _shear_degrees(path: Path) -> float | None:
+    """How far the voxel axes of a NIfTI file are from orthogonal (the largest deviation of
+    an angle between two axes from 90 degrees); None when nibabel cannot read the header."""
+    try:
+        axes = nib.load(str(path)).affine[:3, :3]
+    except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError):
+        return None
+    unit = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs(unit.T @ unit - np.eye(3))
+    return float(np.degrees(np.arcsin(min(1.0, cosines.max()))))
 
 
 def _check_complete(path: Path) -> None:
@@ -236,6 +273,9 @@ def _check_complete(path: Path) -> None:
     if length is not None and length < (expected or NIFTI1_HEADER_BYTES):
         what = f"{expected} bytes of NIfTI header and voxels" if expected else "a NIfTI header"
         raise CaseError(f"{path}: file is truncated (expected {what}; the file ends before)")
+    if length is not None and expected is not None and length > expected:
+        shape = nib.load(str(path)).shape
+        raise CaseError(_more_data_than_header(path, shape, expected))
 
 
 def _promised_bytes(path: Path) -> int | None:
@@ -317,4 +357,5 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     img = nib.Nifti1Image(data, affine)
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    nib.save(img, str(path))
+    with writing(path):
+        nib.save(img, str(path))

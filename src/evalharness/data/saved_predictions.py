@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
+from evalharness.data.nifti_io import load_label, require_file
 from evalharness.errors import CaseError
 
 PREDICTION_NAMES = ("{case}_pred.nii.gz", "{case}.nii.gz", "{case}_pred.nii", "{case}.nii")
@@ -80,8 +80,7 @@ def load_saved_case(case: Case, folder: Path, label_values: Set[int]) -> SavedCa
     spacing = tuple(float(s) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
     gt_labels = gt_affine = None
     if case.label is not None:
-        if not case.label.is_file():
-            raise CaseError(f"{case.label}: label file not found")
+        require_file(case.label, "label")
         gt_labels, gt_affine = load_label(case.label)
     spacing_mm = (spacing[0], spacing[1], spacing[2])
     return SavedCase(case, path, prediction, gt_labels, affine, spacing_mm, gt_affine)

@@ -38,7 +38,7 @@ from evalharness.predict.pipeline import (
     preprocess_settings,
 )
 from evalharness.predict.preprocess import PreprocessSettings
-from evalharness.score.table import CaseTable, failure_rows
+from evalharness.score.table import CaseTable, failure_rows, no_label_row
 from evalharness.score.worst_cases import WorstCases
 
 InputLoader = Callable[[Case, PreprocessSettings], CaseInputs]
@@ -327,7 +327,7 @@ def _score(
 ) -> list[dict]:
     case_id = inputs.case.case_id
     if inputs.gt_labels is None:
-        return [{"case": case_id, "label": k, "status": "no_label", "error": ""} for k in labels]
+        return [no_label_row(case_id, k) for k in labels]
     spacing_mm = inputs.prepared.native.spacing_mm
     return metric_rows(
         case_id,

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import yaml
@@ -36,8 +36,18 @@ from evalharness.config.rules import MODEL_LOADING_OPTIONS
 from evalharness.config.schema import EvalConfig, as_dict
 from evalharness.config.settings import stable_hash
 from evalharness.config.validate import validate
-from evalharness.errors import ConfigError, HarnessError, one_line
+from evalharness.errors import ConfigError
 from evalharness.evaluation.case_loop import Extremes, LoopOptions, OutputsFor, Reuse, run_cases
+from evalharness.evaluation.lifecycle import (
+    EXIT_CASES_FAILED,
+    EXIT_ERROR,
+    EXIT_OK,
+    LazyRun,
+    Outcome,
+    guarded,
+    store_error,
+    tracking_uri_of,
+)
 from evalharness.evaluation.nnunet_plan import is_nnunet, plan_nnunet, prepare_nnunet
 from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.plan import Evaluation, model_label, plan, prepare, run_tags
@@ -57,57 +67,11 @@ from evalharness.predict.pipeline import forward_key, load_case_inputs
 from evalharness.score.table import CaseTable
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
-from evalharness.track.liveness import liveness_tags
 from evalharness.track.reuse import finished_setting
 
-EXIT_OK, EXIT_ERROR, EXIT_CASES_FAILED = 0, 1, 2
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
 """(validated config, evaluation store URI) -> the config to evaluate."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one evaluation ended: exit code, its run (or the finished one it skipped to)."""
-
-    code: int
-    run_id: str | None
-    skipped: bool = False
-    case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
-    error: str = ""  # the one line an evaluation that stopped printed (with or without a run)
-
-
-def tracking_uri_of(tracking_uri: str | None) -> str:
-    """The evaluation store's URI (`mlflow.tracking_uri`; null: the default store under the
-    current folder), local paths made absolute."""
-    uri = tracking_uri or tracking.default_tracking_uri(Path.cwd())
-    return tracking.absolute_tracking_uri(uri)
-
-
-class LazyRun:
-    """The evaluation run, created once the configuration has started (planned, prepared)."""
-
-    def __init__(
-        self,
-        client: Any,
-        experiment_id: str,
-        name: str | None,
-        parent: str | None,
-        setting: str = "",
-    ):
-        self.client, self.experiment_id, self.name = client, experiment_id, name
-        self.setting = setting  # the values set on the command line, for the default name
-        self.tags = {"evalharness.kind": "evaluation", **liveness_tags()}
-        if parent is not None:
-            self.tags["mlflow.parentRunId"] = parent
-        self.run_id: str | None = None
-        self.case_ids: tuple[str, ...] = ()  # set once the cases are listed
-
-    def ensure(self) -> str:
-        if self.run_id is None:
-            self.run_id = tracking.create_run(self.client, self.experiment_id, self.name, self.tags)
-        return self.run_id
 
 
 def evaluate(
@@ -135,7 +99,7 @@ def evaluate(
     try:
         client, experiment = tracking.open_experiment(uri, config.mlflow.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: {tracking.store_error(uri, error)}", file=sys.stderr)
+        print(f"error: {store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
     run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id, setting)
 
@@ -156,37 +120,6 @@ def complete_config(config: EvalConfig, uri: str, complete: ConfigCompletion | N
         return config
     validate(config)
     return complete(config, uri)
-
-
-def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
-    """`action()`, its run never left RUNNING: a `HarnessError` is one line on stderr and a
-    FAILED run (the outcome says so); Ctrl-C marks it KILLED, anything else FAILED, and both
-    propagate. A configuration that fails before its run was created (it could not start:
-    validation, an unknown run, missing data, a model that does not load) creates none."""
-    try:
-        return action()
-    except HarnessError as error:
-        message = one_line(error)
-        print(f"error: {message}", file=sys.stderr)
-        log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
-        if run.run_id is not None:
-            tracking.finish(run.client, run.run_id, "FAILED", message)
-        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids, error=message)
-    except KeyboardInterrupt:
-        if run.run_id is not None:
-            tracking.finish(run.client, run.run_id, "KILLED", "interrupted")
-        raise
-    except BaseException as error:
-        if run.run_id is not None:
-            tracking.finish(run.client, run.run_id, "FAILED", f"internal error: {one_line(error)}")
-        raise
-
-
-def record_failure(error: HarnessError) -> Outcome:
-    """For an error found before `evaluate` could start: one line on stderr, no run."""
-    message = one_line(error)
-    print(f"error: {message}", file=sys.stderr)
-    return Outcome(EXIT_ERROR, None, error=message)
 
 
 @dataclass(eq=False)
@@ -221,6 +154,7 @@ def open_evaluation(
     """Plan, skip a finished setting (`skip_finished`: its outcome), prepare, create the run
     and log its parameters, tags, configuration, dataset and config-level findings."""
     check_outputs_folder(output_dir, "hydra.runtime.output_dir")
+    run.output_dir = output_dir
     saved = uses_saved_predictions(config)
     if saved:
         planned = plan_saved(config, uri, output_dir / "saved_predictions")
@@ -271,6 +205,7 @@ def open_evaluation(
     if previous_findings:
         sink.findings(previous_findings)
     table = CaseTable(output_dir / "per_case.csv", previous_rows)
+    run.table_path = table.csv_path
     options = LoopOptions(
         on_case_error=config.run.on_case_error,
         prefetch=config.run.prefetch,

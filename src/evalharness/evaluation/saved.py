@@ -40,7 +40,7 @@ from evalharness.evaluation.case_loop import CaseSink, Extremes, LoopOptions, lo
 from evalharness.evaluation.run_report import RunContext
 from evalharness.predict.patch_outputs import ForwardCounts
 from evalharness.predict.pipeline import metric_rows
-from evalharness.score.table import CaseTable
+from evalharness.score.table import CaseTable, no_label_row
 from evalharness.score.worst_cases import WorstCases
 from evalharness.track import tracking
 
@@ -179,9 +179,7 @@ def run_saved_cases(
     def step(saved: SavedCase, counts: ForwardCounts) -> tuple[list[dict], list[Mismatch]]:
         case_id = saved.case.case_id
         if saved.gt_labels is None:
-            rows = [
-                {"case": case_id, "label": k, "status": "no_label", "error": ""} for k in labels
-            ]
+            rows = [no_label_row(case_id, k) for k in labels]
             return rows, []
         rows = metric_rows(
             case_id, saved.prediction, saved.gt_labels, saved.spacing_mm, labels, options.metrics

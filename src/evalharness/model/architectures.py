@@ -134,8 +134,27 @@ def _build_segmamba(arch_kwargs: Mapping[str, Any], path: Path) -> torch.nn.Modu
     return SegMamba(**arch_kwargs)
 
 
-def build_network(spec: ModelSpec, path: Path) -> torch.nn.Module:
-    """The network ``spec`` describes, wrappers applied inner to outer (not yet loaded)."""
+def network_bytes(network: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of `network` (shared tensors counted once)."""
+    tensors = {id(t): t for t in (*network.parameters(), *network.buffers())}.values()
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_network(spec: ModelSpec, path: Path, max_bytes: int | None = None) -> torch.nn.Module:
+    """The network ``spec`` describes, wrappers applied inner to outer (not yet loaded).
+
+    With `max_bytes` (what the file's weights justify) it is first built on the ``meta``
+    device, which allocates nothing: metadata describing a far larger network (a file's
+    ``arch_kwargs`` with huge channel counts would exhaust the memory) is refused."""
+    if max_bytes is not None and spec.arch_id != "segmamba.v2":
+        with torch.device("meta"):
+            needed = network_bytes(_build_architecture(spec.arch_id, spec.arch_kwargs, path))
+        if needed > max_bytes:
+            raise SourceError(
+                f"{path}: arch_kwargs describe a network of {needed / 2**20:.0f} MiB of "
+                f"weights, far more than the file holds ({max_bytes / 2**20:.0f} MiB allowed); "
+                "refusing to build it"
+            )
     network = _build_architecture(spec.arch_id, spec.arch_kwargs, path)
     for wrapper in spec.wrapper_spec:
         wrapper_id = wrapper.get("wrapper_id") if isinstance(wrapper, Mapping) else None

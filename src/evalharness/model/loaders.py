@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from evalharness.config.schema import ModelConfig
@@ -97,7 +98,7 @@ def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path
 def _json_metadata(metadata: Mapping[str, str], key: str, default: str, path: Path) -> Any:
     try:
         return json.loads(metadata.get(key) or default)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(f"{path}: unreadable safetensors metadata '{key}' ({error})") from None
 
 
@@ -115,7 +116,8 @@ def _rebuilt(
 ) -> LoadedModel:
     """fastMONAI's ``load_safetensors_model``: rebuild, compare ``repr``, strict load."""
     spec = model_spec(metadata, path)
-    network = build_network(spec, path)
+    stored = sum(t.numel() * t.element_size() for t in state.values())
+    network = build_network(spec, path, max_bytes=2 * stored + 16 * 2**20)
     check_repr(network, spec, path)
     _load_weights(network, with_shared_aliases(network, state), path)
     arch_info = {"arch_id": spec.arch_id, "arch_kwargs": spec.arch_kwargs}
@@ -128,7 +130,10 @@ def _rebuilt(
 def _from_safetensors(
     path: Path, metadata: Mapping[str, str], arch: Mapping[str, Any] | None
 ) -> LoadedModel:
-    state = load_safetensors(str(path), device="cpu")
+    try:
+        state = load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError) as error:  # e.g. data shorter than the header's offsets
+        raise SourceError(f"{path}: unreadable safetensors file ({first_line(error)})") from None
     if arch is None:
         return _rebuilt(state, metadata, path, "safetensors")
     network = _instantiate(arch, path)

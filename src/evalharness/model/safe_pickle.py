@@ -8,14 +8,15 @@ through an unpickler whose ``find_class`` resolves only an allow-list of classes
 * ``torch.nn`` layer classes and ``monai.networks`` classes (resolved, then checked to be
   ``nn.Module`` subclasses defined there), einops' layers (MONAI's transformers use them) and
   MONAI's enums;
-* inert data types: ``OrderedDict``, numpy arrays and scalars, ``pathlib`` paths, a few
-  ``builtins`` containers;
+* inert data types: ``OrderedDict``, numpy values, ``pathlib`` paths, ``builtins`` containers;
 * whatever the user lists in ``model.allow_globals`` (never anything on the deny-list).
 
+Naming a global is not calling it: `pickle_calls` rules which callables the file may call
+with its own arguments, and rebuilds classes without running their constructors.
+
 Globals of the training stack (fastai, fastcore, fastMONAI, fastprogress, plum, cloudpickle,
-and MONAI's losses) become :class:`Placeholder` classes that record what they are given and
-never run code, so a fastai ``Learner`` export loads, without fastai, as a placeholder whose
-``.model`` is the real network. Every other global is refused with a :class:`SourceError`.
+MONAI's losses) become inert :class:`Placeholder` classes, so a fastai ``Learner`` export loads
+without fastai as a placeholder whose ``.model`` is the real network. Any other global: refused.
 """
 
 from __future__ import annotations
@@ -30,25 +31,22 @@ import pathlib
 import pickle
 import types
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, ClassVar
 
 import torch
 
-from evalharness.errors import SourceError
-
-
-def _names(text: str) -> frozenset[str]:
-    return frozenset(text.split())
-
+from evalharness.errors import HarnessError, SourceError, first_line
+from evalharness.model.pickle_calls import GUARDED, GuardedUnpickler, Refused, names
 
 # Plain data: enough for dicts of lists/floats/paths/numpy values, nothing executable.
-# `_codecs.encode` rebuilds protocol-2 bytes (codecs come only from the stdlib `encodings`);
-# `copyreg._reconstructor` only calls classes that are themselves allowed.
-_DATA_GLOBALS = _names(
+# `_codecs.encode` (protocol-2 bytes) and the `copyreg` helpers resolve to the checked
+# versions of `pickle_calls`.
+_DATA_GLOBALS = names(
     """
-    collections.OrderedDict _codecs.encode copyreg._reconstructor
+    collections.OrderedDict _codecs.encode copyreg._reconstructor copyreg.__newobj__
+    copyreg.__newobj_ex__
     builtins.set builtins.frozenset builtins.slice builtins.bytes builtins.bytearray
     builtins.complex builtins.object builtins.dict builtins.list builtins.tuple builtins.int
     builtins.float builtins.str builtins.bool builtins.range
@@ -57,9 +55,9 @@ _DATA_GLOBALS = _names(
     pathlib.PurePath pathlib.PurePosixPath pathlib.PureWindowsPath
     """
 )
-# What torch.save writes for tensors and parameters (`_rebuild_from_type_v2` calls an allowed
-# rebuild function, then an allowed class).
-_TORCH_GLOBALS = _names(
+# What torch.save writes for tensors and parameters (`_rebuild_from_type_v2` and
+# `_rebuild_wrapper_subclass` resolve to the checked versions of `pickle_calls`).
+_TORCH_GLOBALS = names(
     """
     torch._utils._rebuild_tensor torch._utils._rebuild_tensor_v2 torch._utils._rebuild_tensor_v3
     torch._utils._rebuild_parameter torch._utils._rebuild_parameter_with_state
@@ -73,7 +71,7 @@ _TORCH_GLOBALS = _names(
 )
 # Never resolved, not even through model.allow_globals: each one runs code, imports, touches
 # files or processes, or reaches any other object (getattr).
-_DENIED_EXACT = _names(
+_DENIED_EXACT = names(
     """
     builtins.eval builtins.exec builtins.compile builtins.getattr builtins.setattr
     builtins.delattr builtins.__import__ builtins.open builtins.breakpoint builtins.input
@@ -82,7 +80,7 @@ _DENIED_EXACT = _names(
 )
 _DENIED_PREFIXES = tuple(
     f"{module}."
-    for module in _names(
+    for module in names(
         """
         os posix nt subprocess sys importlib runpy shutil socket pickle _pickle marshal ctypes
         pty code torch.hub torch.jit torch.ops torch._C torch.utils.cpp_extension
@@ -186,23 +184,15 @@ def _placeholder_class(qualified: str) -> type[Placeholder]:
     return type(name, (Placeholder,), {"__placeholder_for__": qualified})
 
 
-def _class_factory(qualified: str) -> Callable[..., type[Placeholder]]:
+class _ClassFactory:
     """cloudpickle's skeleton-class makers: return a placeholder *class* (instances follow)."""
 
-    def make(*args: Any, **kwargs: Any) -> type[Placeholder]:
-        name = args[1] if len(args) > 1 and isinstance(args[1], str) else "class"
-        return _placeholder_class(f"{qualified}:{name}")
-
-    return make
-
-
-class _Refused(Exception):
-    """Raised inside find_class; turned into a SourceError naming the file."""
-
-    def __init__(self, qualified: str, denied: bool) -> None:
-        super().__init__(qualified)
+    def __init__(self, qualified: str) -> None:
         self.qualified = qualified
-        self.denied = denied
+
+    def __call__(self, *args: Any, **kwargs: Any) -> type[Placeholder]:
+        name = args[1] if len(args) > 1 and isinstance(args[1], str) else "class"
+        return _placeholder_class(f"{self.qualified}:{name}")
 
 
 def _canonical(module: str, name: str) -> tuple[str, str]:
@@ -286,9 +276,11 @@ class _Policy:
         module, name = _canonical(module, name)
         qualified = f"{module}.{name}"
         if qualified in _DENIED_EXACT or qualified.startswith(_DENIED_PREFIXES):
-            raise _Refused(qualified, denied=True)
+            raise Refused(qualified, "denied")
+        if qualified in GUARDED:
+            return _resolve(module, name)  # swapped for its checked version by the unpickler
         if any(part.startswith("__") for part in name.split(".")):
-            raise _Refused(qualified, denied=False)
+            raise Refused(qualified, "not_allowed")
         if qualified in self.substitutes:
             return self.substitutes[qualified]
         if qualified in self.allowed:
@@ -298,25 +290,32 @@ class _Policy:
             if obj is not None:
                 return obj
             if qualified in _CLASS_FACTORIES:
-                return _class_factory(qualified)
+                return _ClassFactory(qualified)
             if qualified.startswith(_PLACEHOLDER_PREFIXES) or qualified in _INERT_BUILTINS:
                 return _placeholder_class(qualified)
             if seen_cloudpickle and qualified in _CLOUDPICKLE_BUILTINS:
                 return _placeholder_class(qualified)
-        raise _Refused(qualified, denied=False)
+        raise Refused(qualified, "not_allowed")
 
 
 def _pickle_module(policy: _Policy) -> types.ModuleType:
     """A module-like object for ``torch.load(pickle_module=...)`` bound to ``policy``."""
 
-    class RestrictedUnpickler(pickle.Unpickler):
+    substitutes = frozenset(id(f) for f in policy.substitutes.values())
+
+    class RestrictedUnpickler(GuardedUnpickler):
+        inert = (Placeholder, _ClassFactory)
+
         def __init__(self, file: BinaryIO, **kwargs: Any) -> None:
             super().__init__(file, **kwargs)
             self._seen_cloudpickle = False
 
-        def find_class(self, module: str, name: str) -> Any:
+        def resolve(self, module: str, name: str) -> Any:
             self._seen_cloudpickle |= module.startswith("cloudpickle")
             return policy.find(module, name, self._seen_cloudpickle)
+
+        def extra_callables(self) -> frozenset[int]:
+            return substitutes
 
     module = types.ModuleType("evalharness_restricted_pickle")
     module.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
@@ -346,16 +345,24 @@ def _load_file(path: Path, policy: _Policy | None) -> Any:
     try:
         with open(path, "rb") as stream:
             return _load_stream(stream, module)
-    except _Refused as refused:
-        if refused.denied:
-            hint = "never allowed; use model.trust_pickle=true only if you trust the file"
-        elif policy is not None and not policy.model:
-            hint = "this file may hold plain data only"
-        else:
-            hint = "not on the allow-list; add it with model.allow_globals=[...] if you trust it"
-        raise SourceError(
-            f"{path}: refused to unpickle global '{refused.qualified}' ({hint})"
-        ) from None
+    except Refused as refused:
+        raise SourceError(_refusal(path, refused, policy)) from None
+
+
+def _refusal(path: Path, refused: Refused, policy: _Policy | None) -> str:
+    if refused.kind == "call":
+        return (
+            f"{path}: refused to call '{refused.qualified}' with the file's arguments (classes "
+            "are rebuilt from their saved state, never constructed while loading; only tensor "
+            "and container rebuilders are called)"
+        )
+    if refused.kind == "denied":
+        hint = "never allowed; use model.trust_pickle=true only if you trust the file"
+    elif policy is not None and not policy.model:
+        hint = "this file may hold plain data only"
+    else:
+        hint = "not on the allow-list; add it with model.allow_globals=[...] if you trust it"
+    return f"{path}: refused to unpickle global '{refused.qualified}' ({hint})"
 
 
 def load_model_pickle(
@@ -372,8 +379,17 @@ def load_model_pickle(
 
 
 def load_data_pickle(path: Path) -> Any:
-    """Unpickle plain data (dicts, lists, numbers, strings, numpy values, paths) only."""
-    return _load_file(Path(path), _Policy(model=False))
+    """Unpickle plain data (dicts, lists, numbers, strings, numpy values, paths) only; a file
+    that is no readable pickle (truncated, garbage) is a `SourceError` naming it."""
+    try:
+        return _load_file(Path(path), _Policy(model=False))
+    except (HarnessError, OSError):
+        raise
+    except Exception as error:  # noqa: BLE001 - any parse failure of untrusted bytes
+        detail = first_line(error) if str(error).strip() else "the data ends early"
+        raise SourceError(
+            f"{path}: not a readable pickle ({type(error).__name__}: {detail})"
+        ) from error
 
 
 __all__ = [

@@ -41,8 +41,10 @@ from evalharness.model.discovery import (
     safetensors_sibling,
 )
 from evalharness.model.training_config import (
+    CONFIG_ARTIFACT_NAMES,
     TrainingConfig,
     fill_from_params,
+    local_training_config,
     training_config_from_file,
     training_config_from_params,
     training_config_from_safetensors,
@@ -51,7 +53,6 @@ from evalharness.model.training_config import (
 log = logging.getLogger(__name__)
 
 SPLIT_VERSION_TAG = "split_version"  # fastMONAI's hash of the split's sample ids and roles
-CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
 _CONFIG_SEARCH_DEPTH = 3  # artifact folder levels searched for patch_config.*
 _LISTING_LIMIT = 20  # artifact paths named when an artifact is missing
 
@@ -256,7 +257,7 @@ def _training_config(
     from_safetensors = training_config_from_safetensors(model_path)
     output = from_safetensors.output
     if run is None or client is None:
-        return from_safetensors
+        return local_training_config(model_path, config_artifact, from_safetensors)
     if config_artifact is not None:
         name = normalise_artifact_path(config_artifact)
         if not name.endswith((".pkl", ".json")):

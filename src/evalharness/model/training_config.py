@@ -18,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +236,7 @@ def training_config_from_file(path: Path, name: str) -> TrainingConfig:
         return parse_patch_config(load_data_pickle(path), "patch_config.pkl")
     try:
         raw = json.loads(Path(path).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
         raise SourceError(f"{name}: not valid JSON ({error})") from None
     return parse_patch_config(raw, "patch_config.json")
 
@@ -244,21 +244,30 @@ def training_config_from_file(path: Path, name: str) -> TrainingConfig:
 def read_safetensors_metadata(path: Path) -> dict[str, str] | None:
     """The ``__metadata__`` of a safetensors file, or None when ``path`` is not one.
 
-    The format: an 8-byte little-endian header length, then a JSON header.
-    """
+    The format: an 8-byte little-endian header length, then a JSON header (``{"...``). A file
+    that starts so but whose length or header is wrong is a `SourceError` saying what."""
     with open(path, "rb") as stream:
-        head = stream.read(8)
-        if len(head) < 8:
+        head = stream.read(10)
+        if len(head) < 10 or head[8:9] != b"{" or head[9:10] not in (b'"', b"}"):
             return None
-        size = int.from_bytes(head, "little")
-        if not 2 <= size <= min(_MAX_SAFETENSORS_HEADER, os.path.getsize(path) - 8):
-            return None
+        size = int.from_bytes(head[:8], "little")
+        available = os.path.getsize(path) - 8
+        if size > min(_MAX_SAFETENSORS_HEADER, available):
+            raise SourceError(
+                f"{path}: safetensors header length {size} bytes is more than "
+                f"{'the file holds after it' if size > available else 'any header needs'} "
+                f"({available} bytes follow; the file is truncated or corrupt)"
+            )
+        stream.seek(8)
         raw = stream.read(size)
     try:
-        header = json.loads(raw) if raw.startswith(b"{") else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return (header.get("__metadata__") or {}) if isinstance(header, dict) else None
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+        raise SourceError(f"{path}: unreadable safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def training_config_from_safetensors(path: Path) -> TrainingConfig:
@@ -266,7 +275,7 @@ def training_config_from_safetensors(path: Path) -> TrainingConfig:
     metadata = read_safetensors_metadata(path) or {}
     try:
         inference_config = json.loads(metadata.get("inference_config") or "{}")
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(f"{path}: unreadable inference_config ({error})") from None
     if not isinstance(inference_config, Mapping):
         return TrainingConfig()
@@ -283,7 +292,7 @@ def parse_transformations(text: str) -> tuple[dict, ...]:
     """The ``transformations`` param (JSON list of ``{"name", "params"}``) as plain dicts."""
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as error:
+    except (ValueError, RecursionError) as error:
         raise SourceError(
             f"training run param {TRANSFORMATIONS_PARAM}: not JSON ({error})"
         ) from None
@@ -349,3 +358,38 @@ def fill_from_params(config: TrainingConfig, params: Mapping[str, str]) -> Train
         field_sources={k: v for k, v in sources.items() if v != source},
         transforms=transforms,
     )
+
+
+CONFIG_ARTIFACT_NAMES = ("patch_config.pkl", "patch_config.json")
+"""The training configuration files fastMONAI writes, in the order they are preferred."""
+
+
+def config_beside(model_path: Path, config_artifact: str | None) -> Path | None:
+    """The training configuration of a local model file without a run: `config_artifact`
+    (relative to the model's folder, or absolute), else the first of `CONFIG_ARTIFACT_NAMES`
+    in the model's folder, then in its parent (a run's ``model/`` folder beside its
+    ``patch_config.*``, as fastMONAI logs them)."""
+    folder = model_path.parent
+    if config_artifact is not None:
+        path = (folder / Path(config_artifact).expanduser()).resolve()
+        if not path.is_file() or path.suffix not in (".pkl", ".json"):
+            raise SourceError(
+                f"model.config_artifact={config_artifact}: no .pkl or .json file at {path}"
+            )
+        return path
+    for place in (folder, folder.parent):
+        for name in CONFIG_ARTIFACT_NAMES:
+            if (place / name).is_file():
+                return place / name
+    return None
+
+
+def local_training_config(
+    model_path: Path, config_artifact: str | None, from_safetensors: TrainingConfig
+) -> TrainingConfig:
+    """A local model file's training configuration without a run: the file `config_beside`
+    finds (with the safetensors output contract attached), else `from_safetensors`."""
+    beside = config_beside(model_path, config_artifact)
+    if beside is None:
+        return from_safetensors
+    return replace(training_config_from_file(beside, beside.name), output=from_safetensors.output)

@@ -14,8 +14,12 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import nibabel as nib
 import torch
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 
 from evalharness.errors import CaseError
 
@@ -51,6 +55,27 @@ def host_available_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_image_fits(path: Path) -> None:
+    """`CaseError` when reading the image at `path` would need more memory than the host can
+    give: its header's voxels times the file's voxel size plus two float32 copies (the read
+    volume and the preprocessed one). A header claiming absurd dimensions (corrupt, hostile,
+    or a gzip bomb: a small file decompressing to terabytes) fails the case instead of the
+    process running out of memory. Files nibabel cannot read are left to the reader."""
+    try:
+        header = nib.load(str(path)).header
+        shape, dtype = header.get_data_shape(), header.get_data_dtype()
+    except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError):
+        return
+    need = math.prod(int(n) for n in shape) * (dtype.itemsize + 8)
+    available = host_available_bytes()
+    if need > available:
+        raise CaseError(
+            f"{path}: reading it needs about {need / MB:.0f} MB (header dimensions "
+            f"{'x'.join(str(n) for n in shape)} of {dtype}), more than the "
+            f"{available / MB:.0f} MB of memory available"
+        )
 
 
 def plan_buffers(

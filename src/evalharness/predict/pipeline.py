@@ -22,9 +22,9 @@ from evalharness.config.rules import DEFAULT_RESTORE, overlap_to_voxels
 from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
 from evalharness.config.settings import EffectiveSettings, stable_hash
 from evalharness.data.datasets import Case
-from evalharness.data.nifti_io import load_label
+from evalharness.data.nifti_io import load_label, require_file
 from evalharness.errors import CaseError, ConfigError, first_line
-from evalharness.predict.memory import plan_for
+from evalharness.predict.memory import check_image_fits, plan_for
 from evalharness.predict.patch_outputs import ForwardCounts, OutputStore
 from evalharness.predict.preprocess import (
     PreparedImage,
@@ -78,13 +78,13 @@ def load_case_inputs(
 ) -> CaseInputs:
     """Read and preprocess the image (`prepare`: the harness's, or a model family's own, such
     as a MONAI bundle's), read the label, and check both share one grid."""
-    if not case.image.is_file():
-        raise CaseError(f"{case.image}: image file not found")
+    require_file(case.image, "image")
+    check_image_fits(case.image)
     prepared = prepare(case.image, settings)
     gt_labels = gt_affine = None
     if case.label is not None:
-        if not case.label.is_file():
-            raise CaseError(f"{case.label}: label file not found")
+        require_file(case.label, "label")
+        check_image_fits(case.label)
         gt_labels, gt_affine = load_label(case.label)
         check_same_grid(case, prepared, gt_labels.shape, gt_affine)
     return CaseInputs(case=case, prepared=prepared, gt_labels=gt_labels, gt_affine=gt_affine)

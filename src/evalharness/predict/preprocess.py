@@ -195,6 +195,8 @@ def prepare_image(path: Path, settings: PreprocessSettings) -> PreparedImage:
             image = transform(image)
     except RuntimeError as error:  # e.g. ZNormalization of a constant image
         raise CaseError(f"{path}: normalisation failed ({error})") from error
+    if not bool(torch.isfinite(image.data).all()):  # e.g. the std of one voxel is NaN
+        raise CaseError(f"{path}: the normalised input is not finite (normalisation gave NaN/inf)")
     if settings.min_shape_vox is not None:
         shape = image.spatial_shape
         target_shape = tuple(max(s, m) for s, m in zip(shape, settings.min_shape_vox, strict=True))

@@ -54,9 +54,12 @@ class ReliabilityBins:
 
 
 def reliability_bins(probs: np.ndarray, truth: np.ndarray, n_bins: int) -> ReliabilityBins:
-    """Bin sums of probabilities `probs` [N] in [0, 1] against boolean `truth` [N]."""
+    """Bin sums of probabilities `probs` [N] in [0, 1] against boolean `truth` [N]; a
+    non-finite probability belongs to no bin."""
     p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), 0.0, 1.0)
     y = np.asarray(truth, dtype=np.float64).ravel()
+    finite = np.isfinite(p)
+    p, y = p[finite], y[finite]
     index = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)  # p = 1 in the last bin
     return ReliabilityBins(
         np.bincount(index, minlength=n_bins).astype(np.float64),

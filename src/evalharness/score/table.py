@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from evalharness.config.schema import DEFAULT_METRICS, MetricsConfig
+from evalharness.errors import writing
 from evalharness.score.calibration import CALIBRATION_METRICS
 from evalharness.score.intervals import MIN_CASES, bootstrap_mean_ci
 from evalharness.score.lesions import LESION_METRICS
@@ -19,6 +20,13 @@ from evalharness.score.metrics import METRIC_NAMES
 COLUMNS = ("case", "label", *METRIC_NAMES, "status", "error", "seconds", "flags")
 HEADLINE = ("dsc", "hd95_mm", "sens", "ldr", "rve")
 log = logging.getLogger(__name__)
+
+
+def no_label_row(case_id: str, label: int) -> dict:
+    """The row of a case its dataset lists without a label file: status ``no_label``, and
+    why it is not scored (it counts as failed)."""
+    reason = "no label file listed for this case (nothing to score against)"
+    return {"case": case_id, "label": label, "status": "no_label", "error": reason}
 
 
 def failure_rows(case_id: str, labels: Sequence[int], error: str, seconds: float) -> list[dict]:
@@ -36,11 +44,15 @@ class CaseTable:
         self.csv_path = csv_path
         self._rows: list[dict] = [] if previous is None else previous.to_dict("records")
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
-        self.frame().to_csv(self.csv_path, index=False)
+        self._write()
 
     def add(self, rows: Iterable[dict]) -> None:
         self._rows.extend(rows)
-        self.frame().to_csv(self.csv_path, index=False)
+        self._write()
+
+    def _write(self) -> None:
+        with writing(self.csv_path):
+            self.frame().to_csv(self.csv_path, index=False)
 
     def frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self._rows)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from evalharness.evaluation.run import EXIT_ERROR, Outcome, tracking_uri_of
+from evalharness.errors import Stopped, sigterm_seen, stop_on_sigterm
+from evalharness.evaluation.lifecycle import EXIT_ERROR, Outcome, tracking_uri_of
 from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
 from evalharness.sweep import grouping
 from evalharness.sweep.parent_report import closing_status, refresh
@@ -39,7 +38,6 @@ from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_jso
 from evalharness.track import tracking, ui_links
 from evalharness.track.liveness import liveness_tags, process_alive
 
-_STOP_REQUESTED = threading.Event()  # SIGTERM seen (see `_stop`)
 REFRESH_AFTER_S = 10.0
 """After a job, the parent's comparison is refreshed when the last refresh in this process is
 at least this old (a group's jobs end within a second of each other); the end always does."""
@@ -108,7 +106,7 @@ class SweepCallback(Callback):
         plots = bool(config.output.plots)
         self.state = SweepState(parent, uri, keys, primary, plots, experiment)
         atexit.register(self._close_at_exit)
-        _terminate_as_interrupt()
+        stop_on_sigterm()
         tracking.log_params(
             client,
             parent,
@@ -145,8 +143,8 @@ class SweepCallback(Callback):
         if self.refreshed_at is None or now - self.refreshed_at >= REFRESH_AFTER_S:
             refresh(self.sweep_dir, self.state, final=False)
             self.refreshed_at = time.monotonic()
-        if _STOP_REQUESTED.is_set():
-            raise KeyboardInterrupt("stopped by SIGTERM")  # not an Exception: ends the sweep
+        if sigterm_seen():
+            raise Stopped()  # not an Exception: ends the sweep
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.state is None or self.closed:
@@ -166,7 +164,7 @@ class SweepCallback(Callback):
         self.closed = True
         client = tracking.prepare_store(self.state.tracking_uri)
         try:
-            stopped = _STOP_REQUESTED.is_set()  # SIGTERM: the scheduler's kill follows soon
+            stopped = sigterm_seen()  # SIGTERM: the scheduler's kill follows soon
             comparison = refresh(self.sweep_dir, self.state, final=True, figures=not stopped)
         except Exception as error:  # the parent must still be closed
             tracking.finish(client, self.state.parent_run_id, "FAILED", f"comparison: {error}")
@@ -227,18 +225,3 @@ def _record(num: int, setting: str, values: dict[str, str], job_return: JobRetur
     error = getattr(job_return, "_return_value", None)  # the exception (the property re-raises)
     reason = " ".join(str(error).split()) or type(error).__name__
     return JobRecord(num, setting, values, "failed", EXIT_ERROR, None, f"raised: {reason}")
-
-
-def _terminate_as_interrupt() -> None:
-    """Let SIGTERM (a scheduler's stop) unwind like Ctrl-C, so runs get closed, not orphaned."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _stop)
-
-
-def _stop(signum: int, frame: Any) -> None:
-    """Raise KeyboardInterrupt now; should it land where Python ignores exceptions (a weakref
-    callback, a ``__del__``), `on_job_end` raises it again after the running job."""
-    _STOP_REQUESTED.set()
-    raise KeyboardInterrupt(f"stopped by signal {signum}")

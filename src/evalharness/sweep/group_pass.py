@@ -29,19 +29,23 @@ from evalharness.config.schema import EvalConfig
 from evalharness.config.settings import stable_hash
 from evalharness.data.datasets import Case
 from evalharness.evaluation.case_loop import CaseStep, Extremes, Lane, case_step, loop_lanes
-from evalharness.evaluation.run import (
+from evalharness.evaluation.lifecycle import (
     EXIT_ERROR,
-    ConfigCompletion,
     LazyRun,
-    Opened,
     Outcome,
+    close_run,
+    guarded,
+    store_error,
+    tracking_uri_of,
+)
+from evalharness.evaluation.run import (
+    ConfigCompletion,
+    Opened,
     close_evaluation,
     complete_config,
-    guarded,
     open_evaluation,
     outputs_for_sweep,
     run_model_cases,
-    tracking_uri_of,
 )
 from evalharness.predict.memory import reset_peak_memory
 from evalharness.predict.patch_outputs import ForwardCounts
@@ -81,7 +85,7 @@ def evaluate_group(
     try:
         client, experiment = tracking.open_experiment(uri, first.experiment)
     except Exception as error:  # the store itself is unusable: there is no run to mark
-        print(f"error: {tracking.store_error(uri, error)}", file=sys.stderr)
+        print(f"error: {store_error(uri, error)}", file=sys.stderr)
         return [MemberResult(Outcome(EXIT_ERROR, None), Counters()) for _ in members]
     runs = [LazyRun(client, experiment, m.config.mlflow.run_name, parent_run_id) for m in members]
     results: list[Outcome | Opened] = []
@@ -96,7 +100,7 @@ def evaluate_group(
     except BaseException as error:
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         for member in opened:
-            tracking.finish(client, member.run.ensure(), status, f"sweep group: {error!r}")
+            close_run(member.run, status, f"sweep group: {error!r}")
         raise
     finished = []
     for result, used in zip(results, opening, strict=True):

@@ -8,13 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalharness.config.schema import EvalConfig
-from evalharness.evaluation.run import (
-    EXIT_ERROR,
-    ConfigCompletion,
-    Outcome,
-    evaluate,
-    tracking_uri_of,
-)
+from evalharness.evaluation.lifecycle import EXIT_ERROR, Outcome, tracking_uri_of
+from evalharness.evaluation.run import ConfigCompletion, evaluate
 from evalharness.evaluation.saved import uses_saved_predictions
 from evalharness.sweep import grouping
 from evalharness.sweep.cache import SweepCache, shared_cache

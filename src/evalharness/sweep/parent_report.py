@@ -14,7 +14,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from evalharness.evaluation.run import EXIT_ERROR
+from evalharness.evaluation.lifecycle import EXIT_ERROR
 from evalharness.score.comparison import (
     Comparison,
     RunData,

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from evalharness.data.datasets import Case, Dataset
+from evalharness.track.tracking import store_write
 
 CONTEXT = "evaluation"
 COLUMNS = ("case", "image", "label", "split")
@@ -76,6 +77,7 @@ def cases_dataset(
     return evaluation_dataset(dataset.cases, dataset.root, name, split)
 
 
+@store_write
 def log_evaluation_dataset(client: MlflowClient, run_id: str, dataset: PandasDataset) -> None:
     """Log `dataset` as the run's input with context ``evaluation``."""
     tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=CONTEXT)]

@@ -7,24 +7,25 @@ exported ``MLFLOW_RUN_ID`` or a run left active elsewhere cannot redirect what i
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import math
+import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pandas as pd
-from filelock import FileLock
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
-from requests import RequestException
 
-from evalharness.errors import one_line
-from evalharness.mlflow_client import client_for
+from evalharness.errors import ConfigError, HarnessError, StoreError, first_line
+from evalharness.mlflow_client import client_for, local_store_path, store_lock
 from evalharness.track import ui_links
 
 MAX_PARAM_CHARS = 6000
@@ -41,20 +42,6 @@ T = TypeVar("T")
 def default_tracking_uri(cwd: Path) -> str:
     """``sqlite:///<cwd>/outputs/mlflow.db`` as an absolute URI."""
     return f"sqlite:///{(cwd / 'outputs' / 'mlflow.db').resolve()}"
-
-
-def local_store_path(tracking_uri: str) -> Path | None:
-    """The SQLite file or file-store folder behind `tracking_uri`; None for other stores."""
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite" and tracking_uri.startswith("sqlite:///"):
-        path = unquote(tracking_uri[len("sqlite:///") :].split("?", 1)[0])
-    elif parsed.scheme == "file":
-        path = unquote(parsed.path)
-    elif parsed.scheme == "" and tracking_uri:
-        path = tracking_uri
-    else:
-        return None
-    return Path(path) if path and path != ":memory:" else None
 
 
 def absolute_tracking_uri(tracking_uri: str) -> str:
@@ -81,18 +68,6 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (path.absolute().parent / "mlartifacts").as_uri()
 
 
-@contextlib.contextmanager
-def store_lock(tracking_uri: str) -> Iterator[None]:
-    """Serialise first use of a local store across processes (SQLite migrations collide)."""
-    path = local_store_path(tracking_uri)
-    if path is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path.with_name(path.name + ".lock")), timeout=300):
-        yield
-
-
 def prepare_store(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, with the store created (under a lock)."""
     client = client_for(tracking_uri)
@@ -110,6 +85,12 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **ui_links.experiment_view_tags()}
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(name)
+        if experiment is not None and experiment.lifecycle_stage == "deleted":
+            raise ConfigError(
+                f"mlflow.experiment={name}: the experiment is deleted in {tracking_uri} (restore "
+                f"it: mlflow experiments restore --experiment-id {experiment.experiment_id}, "
+                "or choose another mlflow.experiment)"
+            )
         if experiment is None:
             return client.create_experiment(
                 name, artifact_location=artifact_location(tracking_uri), tags=wanted
@@ -164,6 +145,63 @@ def retry_locked(write: Callable[[], T]) -> T:
             time.sleep(LOCKED_BACKOFF_S * 2 ** (attempt - 1))
 
 
+WRITE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EIO}
+)
+"""A write refused by the file system: the user's to fix (space, permissions), not a bug."""
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in a few words (``No space left on device``, ``database or disk is
+    full``, ``file is not a database``), or None when `error` is no failed write or SQLite
+    error."""
+    for link in (error, error.__cause__, error.__context__):
+        if isinstance(link, OSError) and link.errno in WRITE_ERRNOS:
+            return os.strerror(link.errno)
+    sqlite = re.search(r"\(sqlite3\.\w+\) ([^\[\n]+)", str(error))
+    return sqlite.group(1).strip() if sqlite else None
+
+
+def _written_path(error: BaseException) -> str | None:
+    for link in (error, error.__cause__, error.__context__):
+        if isinstance(link, OSError) and link.filename:
+            return str(link.filename)
+    return None
+
+
+def _where(client: MlflowClient, error: BaseException, args: tuple) -> str:
+    """The file a failed write names, else the run's artifact folder (a file-system error
+    while logging an artifact), else the store."""
+    path = _written_path(error)
+    if path:
+        return f"artifact {path}"
+    file_system = any(isinstance(e, OSError) for e in (error, error.__cause__, error.__context__))
+    if file_system and args and isinstance(args[0], str):
+        with contextlib.suppress(Exception):  # a read may still work on a full disk
+            return f"artifacts {client.get_run(args[0]).info.artifact_uri}"
+    return f"mlflow.tracking_uri={client.tracking_uri}"
+
+
+def store_write(function: Callable[..., T]) -> Callable[..., T]:
+    """Decorator of a write to the store (first argument: the client, then the run id): its
+    failure becomes a one-line `StoreError` naming the store, or the artifact file or folder,
+    and the cause."""
+
+    @functools.wraps(function)
+    def write(client: MlflowClient, *args: Any, **kwargs: Any) -> T:
+        try:
+            return function(client, *args, **kwargs)
+        except HarnessError:
+            raise
+        except Exception as error:
+            cause = write_failure(error) or first_line(error)
+            where = _where(client, error, args)
+            raise StoreError(f"{where}: cannot write to the store ({cause})") from error
+
+    return write
+
+
+@store_write
 def create_run(
     client: MlflowClient, experiment_id: str, name: str | None, tags: Mapping[str, str]
 ) -> str:
@@ -172,6 +210,7 @@ def create_run(
     return run.info.run_id
 
 
+@store_write
 def _log_batch(client: MlflowClient, run_id: str, **items: list) -> None:
     retry_locked(lambda: client.log_batch(run_id, **items))
 
@@ -202,12 +241,14 @@ def log_metrics(
         _log_batch(client, run_id, metrics=items[start : start + BATCH])
 
 
+@store_write
 def log_file(
     client: MlflowClient, run_id: str, path: Path, artifact_dir: str | None = None
 ) -> None:
     client.log_artifact(run_id, str(path), artifact_dir)
 
 
+@store_write
 def log_folder(
     client: MlflowClient, run_id: str, folder: Path, paths: Sequence[Path], artifact_dir: str
 ) -> None:
@@ -228,10 +269,12 @@ def log_folder(
         )
 
 
+@store_write
 def log_text(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:
     client.log_text(run_id, text, artifact_file)
 
 
+@store_write
 def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_file: str) -> None:
     """Log `table` through MLflow's table API (shown in the UI's artifact and evaluation views).
 
@@ -240,6 +283,7 @@ def log_table(client: MlflowClient, run_id: str, table: pd.DataFrame, artifact_f
     client.log_table(run_id, data=table, artifact_file=artifact_file)
 
 
+@store_write
 def finish(client: MlflowClient, run_id: str, status: str, error: str | None = None) -> None:
     """End the run with `status` (FINISHED, FAILED, KILLED), recording `error` as a tag."""
     if error is not None:
@@ -293,16 +337,3 @@ def download_folder(client: MlflowClient, run_id: str, folder: str, scratch: Pat
         shutil.rmtree(target)
     target.mkdir(parents=True)
     return Path(client.download_artifacts(run_id, folder, str(target)))
-
-
-def store_error(uri: str, error: Exception) -> str:
-    """One line for an unusable tracking store; a server that does not answer said plainly."""
-    cause = error if isinstance(error, RequestException) else error.__cause__ or error.__context__
-    if not isinstance(cause, RequestException):
-        return f"mlflow.tracking_uri={uri}: {one_line(error)}"
-    reason = re.search(r"\[Errno -?\d+\] ([^'\"()]+)", str(cause))
-    return (
-        f"mlflow.tracking_uri={uri}: cannot reach the tracking server "
-        f"({reason.group(1).strip() if reason else type(cause).__name__}); "
-        "expected a running MLflow server there, or a local sqlite:/// or file: URI"
-    )
