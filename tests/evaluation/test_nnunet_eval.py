@@ -220,3 +220,34 @@ def test_settings_nnunet_has_no_equivalent_for(tmp_path: Path, override: str, ex
     with pytest.raises(HarnessError) as error:
         planned(tmp_path, override)
     assert expected in str(error.value)
+
+
+def test_two_folds_are_one_model_with_both_checkpoints(tmp_path: Path) -> None:
+    """'model.folds=[0,1]': both folds' networks in the family's slot, both checksums tagged,
+    the held-out cases those of neither fold (splits_final.json beside the copied folder)."""
+    from nnunet_fixture import add_perturbed_fold, copy_model
+
+    from evalharness.evaluation.nnunet_plan import prepare_nnunet
+
+    results = tmp_path / "nnUNet_results" / "Dataset501_HeartSynth"
+    results.mkdir(parents=True)
+    folder = copy_model(results)
+    fold_1 = add_perturbed_fold(folder)
+    splits = tmp_path / "nnUNet_preprocessed" / "Dataset501_HeartSynth"
+    splits.mkdir(parents=True)
+    shutil.copy(SPLITS, splits)
+    root = raw_with_training_cases(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = nnunet_overrides(
+        uri, "nn", f"model.path={folder}", "model.folds=[0,1]", f"data.root={root}"
+    )
+    config = config_from(compose_config(*overrides, "data.split.method=all"))
+    plan = plan_nnunet(config, uri)
+    leaks = {(m.case, m.training) for m in plan.split_findings}
+    assert leaks == {("la_004", "train")}  # fold 1 trained on la_004 (fold 0 validated on it)
+    ev = prepare_nnunet(config, plan)
+    assert len(ev.family.runner.network.folds) == 2
+    tags = ev.family.tags()
+    assert tags["evalharness.nnunet.folds"] == "0,1"
+    first = sha256(folder / "fold_0" / "checkpoint_final.pth")
+    assert tags["evalharness.nnunet.checkpoint_sha256"] == f"0:{first},1:{sha256(fold_1)}"
