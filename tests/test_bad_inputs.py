@@ -1,6 +1,8 @@
 """Bad input, one test each: a one-line error naming the file, case or key and what was
-expected; a non-zero exit; the run FAILED with the reason as a tag (or, for one case, a
-failure row while the other cases go on); never a traceback.
+expected; a non-zero exit; no run for a configuration that cannot start (validation, an
+unknown run, missing data, a model that does not load), a FAILED run with the reason as a tag
+for one that started (or, for one case, a failure row while the other cases go on); never a
+traceback.
 
 Most run in-process (`run.evaluate` on the composed config); a few go through the real CLI to
 show what the user's terminal shows.
@@ -79,13 +81,32 @@ def evaluate(
     return run_in_process(world.uri, tmp_path / "out", [*base, *overrides], capsys)
 
 
-def assert_run_failed(result: Result, *expected: str) -> None:
-    """Exit 1, one `error:` line holding every `expected` text, FAILED with it as the tag."""
+def assert_one_error(result: Result, *expected: str) -> None:
+    """Exit 1, one `error:` line holding every `expected` text, no traceback."""
     assert result.outcome.code == 1
     assert "Traceback" not in result.stderr
     assert len(result.error_lines) == 1, result.stderr
     for text in expected:
         assert text in result.error_lines[0]
+
+
+def no_run(world: World, experiment: str) -> bool:
+    """No run in `experiment` (or no such experiment): the configuration never started."""
+    client = MlflowClient(tracking_uri=world.uri)
+    found = client.get_experiment_by_name(experiment)
+    return found is None or not client.search_runs([found.experiment_id])
+
+
+def assert_not_started(result: Result, world: World, experiment: str, *expected: str) -> None:
+    """`assert_one_error`, and no run at all in `experiment` (the configuration never started)."""
+    assert_one_error(result, *expected)
+    assert result.outcome.run_id is None
+    assert no_run(world, experiment)
+
+
+def assert_run_failed(result: Result, *expected: str) -> None:
+    """`assert_one_error`, the run FAILED with the line as its tag."""
+    assert_one_error(result, *expected)
     assert result.run is not None and result.run.info.status == "FAILED"
     assert result.run.data.tags["evalharness.error"] == result.error_lines[0][len("error: ") :]
 
@@ -308,14 +329,18 @@ def test_a_one_voxel_image_fails_on_its_non_finite_input_and_calibration_goes_on
 def test_unknown_run_id(world: World, tmp_path: Path, capsys) -> None:
     run_id = "0123456789abcdef0123456789abcdef"
     result = evaluate(world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={run_id}")
-    assert_run_failed(result, f"training run '{run_id}' not found", world.uri)
+    assert_not_started(
+        result, world, tmp_path.name, f"training run '{run_id}' not found", world.uri
+    )
 
 
 def test_run_without_the_artifact_lists_what_it_has(world: World, tmp_path: Path, capsys):
     overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
     result = evaluate(world, tmp_path, capsys, *overrides, "model.artifact=model/best_learner.pkl")
-    assert_run_failed(
+    assert_not_started(
         result,
+        world,
+        tmp_path.name,
         "no artifact file 'model/best_learner.pkl'",
         "(it has: model/model.pt, model/notes.txt)",
     )
@@ -344,8 +369,10 @@ def test_a_model_file_is_discovered_and_its_choice_tagged(world: World, tmp_path
 def test_run_with_no_loadable_model_lists_what_it_has(world: World, tmp_path: Path, capsys):
     run_id = _training_run(world, [world.folder / "notes.txt"], {})
     result = evaluate(world, tmp_path, capsys, "model=mlflow_run", f"model.run_id={run_id}")
-    assert_run_failed(
+    assert_not_started(
         result,
+        world,
+        tmp_path.name,
         f"run '{run_id}' has no loadable model file (looked for model/best_learner.pkl",
         "it has: model/notes.txt)",
     )
@@ -365,13 +392,17 @@ def test_a_training_transform_that_cannot_be_reproduced_stops_before_inference(
 
 def test_held_out_needs_a_training_run_with_its_split(world: World, tmp_path: Path, capsys):
     result = evaluate(world, tmp_path, capsys, "data.split.method=held_out")  # model.path only
-    assert_run_failed(result, "data.split.method=held_out: needs a training run")
+    assert_not_started(
+        result, world, tmp_path.name, "data.split.method=held_out: needs a training run"
+    )
     overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
     result = evaluate(
         world, tmp_path, capsys, *overrides, "data.split.method=held_out", "mlflow.experiment=b"
     )
-    assert_run_failed(
+    assert_not_started(
         result,
+        world,
+        "b",
         f"training run '{world.training_run}' has no artifact 'data/train_val_split.csv'",
     )
 
@@ -383,14 +414,17 @@ def test_artifact_that_is_not_a_model(world: World, tmp_path: Path, capsys) -> N
         "model.artifact=model/notes.txt",
     )
     result = evaluate(world, tmp_path, capsys, *overrides)
-    assert_run_failed(result, "notes.txt is not a model (expected a fastai Learner export")
+    assert_not_started(
+        result, world, tmp_path.name, "notes.txt is not a model (expected a fastai Learner export"
+    )
 
 
 @pytest.mark.parametrize("artifact", ["../x", "../../x"])
 def test_artifact_path_leaving_its_run(artifact: str, world: World, tmp_path: Path, capsys):
     overrides = ("model=mlflow_run", f"model.run_id={world.training_run}")
     result = evaluate(world, tmp_path, capsys, *overrides, f"model.artifact={artifact}")
-    assert_run_failed(result, f"artifact path '{artifact}' escapes the run's artifacts")
+    expected = f"artifact path '{artifact}' escapes the run's artifacts"
+    assert_not_started(result, world, tmp_path.name, expected)
 
 
 def test_output_channels_contradicting_the_labels_stop_before_inference(
@@ -416,17 +450,20 @@ def test_output_channels_contradicting_the_labels_stop_before_inference(
     ],
 )
 def test_bad_config_value(override: str, expected: str, world: World, tmp_path, capsys) -> None:
-    assert_run_failed(evaluate(world, tmp_path, capsys, override), expected)
+    assert_not_started(evaluate(world, tmp_path, capsys, override), world, tmp_path.name, expected)
 
 
 def test_data_root_without_cases(world: World, tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     result = evaluate(world, tmp_path, capsys, root=empty)
-    assert_run_failed(result, f"data.root={empty}: no dataset.json", "(expected a Medical")
+    assert_not_started(
+        result, world, tmp_path.name, f"data.root={empty}: no dataset.json", "(expected a Medical"
+    )
     (empty / "dataset.json").write_text('{"labels": {"0": "background"}, "training": []}')
     result = evaluate(world, tmp_path, capsys, "mlflow.experiment=again", root=empty)
-    assert_run_failed(result, str(empty / "dataset.json"), 'expected a non-empty "training" list')
+    expected = 'expected a non-empty "training" list'
+    assert_not_started(result, world, "again", str(empty / "dataset.json"), expected)
 
 
 def test_outputs_folder_that_cannot_be_written(world: World, tmp_path: Path, capsys) -> None:
@@ -436,8 +473,12 @@ def test_outputs_folder_that_cannot_be_written(world: World, tmp_path: Path, cap
     root = write_dataset(tmp_path / "data", {"ok": good_case()})
     base = base_overrides(world.uri, world.model, root, tmp_path.name)
     result = run_in_process(world.uri, blocker / "out", base, capsys)
-    assert_run_failed(
-        result, f"hydra.runtime.output_dir={blocker / 'out'}", f"{blocker} is not a folder"
+    assert_not_started(
+        result,
+        world,
+        tmp_path.name,
+        f"hydra.runtime.output_dir={blocker / 'out'}",
+        f"{blocker} is not a folder",
     )
 
 
@@ -455,12 +496,12 @@ def test_unreachable_tracking_server_stops_within_bounded_time(
     assert "cannot reach the tracking server" in result.error_lines[0]
     assert "Traceback" not in result.stderr
     assert waited < 20, waited
-    # the training store unreachable, the evaluation store fine: the run is marked FAILED
+    # the training store unreachable, the evaluation store fine: it cannot start, no run
     started = time.monotonic()
     training = ("model=mlflow_run", "model.run_id=abc", f"model.tracking_uri={uri}")
     result = evaluate(world, tmp_path, capsys, *training)
     assert time.monotonic() - started < 20
-    assert_run_failed(result, f"cannot read run 'abc' from {uri}")
+    assert_not_started(result, world, tmp_path.name, f"cannot read run 'abc' from {uri}")
 
 
 def test_a_typo_in_the_store_scheme_a_store_that_is_no_database_and_a_deleted_experiment(
@@ -497,7 +538,7 @@ def test_a_corrupt_training_configuration_beside_the_model_names_it(
     world: World, tmp_path: Path, capsys
 ) -> None:
     """model=file reads patch_config.pkl beside the model (one folder up from model/): a
-    truncated one is one line naming it, the run FAILED."""
+    truncated one is one line naming it; the configuration never started: no run."""
     run_folder = tmp_path / "training_run"
     (run_folder / "model").mkdir(parents=True)
     model = run_folder / "model" / "best.pt"
@@ -505,10 +546,8 @@ def test_a_corrupt_training_configuration_beside_the_model_names_it(
     config = pickle.dumps({"patch_size": [8, 8, 8], "apply_reorder": True})
     (run_folder / "patch_config.pkl").write_bytes(config[: len(config) // 2])
     result = evaluate(world, tmp_path, capsys, "model=file", f"model.path={model}")
-    assert_run_failed(
-        result,
-        f"{run_folder / 'patch_config.pkl'}: not a readable pickle (EOFError: the data ends early)",
-    )
+    expected = f"{run_folder / 'patch_config.pkl'}: not a readable pickle (EOFError: the data"
+    assert_not_started(result, world, tmp_path.name, expected)
 
 
 def test_trusting_a_pickle_is_tagged_on_the_run(world: World, tmp_path: Path, capsys) -> None:
@@ -536,13 +575,6 @@ def cli_overrides(world: World, tmp_path: Path, experiment: str) -> list[str]:
         *base_overrides(world.uri, world.model, root, experiment),
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-
-
-def only_run(world: World, experiment: str):
-    client = MlflowClient(tracking_uri=world.uri)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    assert len(runs) == 1
-    return runs[0]
 
 
 def assert_cli_failed(result: subprocess.CompletedProcess[str], *expected: str) -> None:
@@ -583,8 +615,7 @@ def test_cli_outputs_folder_under_a_file(world: World, tmp_path: Path) -> None:
     overrides = cli_overrides(world, tmp_path, "outputs")
     result = run_cli(tmp_path, *overrides, f"hydra.run.dir={blocker / 'run'}")
     assert_cli_failed(result, f"hydra.run.dir={blocker / 'run'}", f"{blocker} is not a folder")
-    run = only_run(world, "outputs")
-    assert run.info.status == "FAILED" and "is not a folder" in run.data.tags["evalharness.error"]
+    assert no_run(world, "outputs")
 
 
 class Payload:
@@ -605,5 +636,4 @@ def test_cli_pickle_payload_is_refused_and_never_runs(world: World, tmp_path: Pa
     result = run_cli(tmp_path, *overrides, f"model.path={evil}")
     assert_cli_failed(result, str(evil), "refused to unpickle global", "system")
     assert not marker.exists()
-    run = only_run(world, "payload")
-    assert run.info.status == "FAILED" and "system" in run.data.tags["evalharness.error"]
+    assert no_run(world, "payload")

@@ -66,27 +66,56 @@ def test_demo_end_to_end(tmp_path: Path, sqlite_uri: str) -> None:
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"per_case.csv", "per_case.json", "config.yaml", "plots"} <= paths
     assert run.data.params["effective.apply_reorder"] == "True"
+    assert run.info.run_name == "demo-training"  # named after its model
+    lines = result.stdout.rstrip().splitlines()[-4:]  # where the results are, last
+    folder = Path(lines[0].removeprefix("Results: ").split(" (")[0])
+    assert lines[0].startswith("Results: ") and (folder / "summary.html").is_file()
+    assert lines[1] == f"MLflow UI: mlflow ui --backend-store-uri '{sqlite_uri}', then open"
+    assert lines[2].split()[:1] == ["run:"] and run.info.run_id in lines[2]
+    assert "workflowType=machine_learning" in lines[2] and "viewStateShareKey" in lines[3]
+    # a named model never touches the demo's training run (the demo's data is still used)
+    named = run_cli(
+        f"mlflow.tracking_uri={sqlite_uri}",
+        "demo.size=tiny",
+        f"demo.cache_dir={tmp_path / 'demo'}",
+        "model.run_id=deadbeef",
+        cwd=tmp_path,
+    )
+    assert named.returncode == 1 and "reusing training run" not in named.stderr
+    errors = [line for line in named.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: training run 'deadbeef' not found at tracking URI {sqlite_uri}"]
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [
+        run.info.run_id
+    ]
 
 
-def test_a_bad_config_value_fails_fast(tmp_path: Path, sqlite_uri) -> None:
-    """What the terminal shows (one `error:` line naming the key, exit 1, no traceback) and a
-    FAILED run; every other rule's message: tests/test_bad_inputs.py (the same path in-process)."""
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("patch.overlap=1.5", "patch.overlap"),
+        ("+patch.sise=64", "patch.sise: unknown key (expected one of overlap, size)"),  # a typo
+    ],
+)
+def test_a_bad_config_value_fails_fast(override: str, expected: str, tmp_path, sqlite_uri):
+    """What the terminal shows (one `error:` line naming the key, exit 1, no traceback) and no
+    run (the configuration never started); a key added with Hydra's ``+`` is refused like any
+    unknown key. Every other rule's message: tests/test_bad_inputs.py (in-process)."""
     result = run_cli(
         f"mlflow.tracking_uri={sqlite_uri}",
         "model=file",
         f"model.path={FIXTURE_MODEL / 'best_model.safetensors'}",
         "data=decathlon",
         f"data.root={FIXTURE_DATA}",
-        "patch.overlap=1.5",
+        override,
         cwd=tmp_path,
     )
     assert result.returncode == 1
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "patch.overlap" in error_lines[0]
+    assert len(error_lines) == 1 and expected in error_lines[0]
     assert "Traceback" not in result.stderr
-    _, run = only_evaluation_run(sqlite_uri)
-    assert run.info.status == "FAILED"
-    assert "patch.overlap" in run.data.tags["evalharness.error"]
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    experiment = client.get_experiment_by_name("evalharness")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])  # no start
 
 
 def test_help_and_cfg_job(tmp_path: Path) -> None:

@@ -280,10 +280,12 @@ def _stop_after_first_case(
     return process.returncode, output
 
 
-def test_sigterm_and_ctrl_c_close_a_single_evaluation_as_killed(tmp_path: Path, monkeypatch):
+def test_sigterm_and_ctrl_c_close_a_single_evaluation_as_killed(
+    tmp_path: Path, monkeypatch, sqlite_uri: str
+):
     """What SLURM sends on preemption, then Ctrl-C on the resumed run: each closes its run
     KILLED with the rows so far kept, prints one line (no traceback) and exits 128 + signal."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     model = _slow_model(tmp_path, monkeypatch)
     root = write_dataset(tmp_path / "data", {f"case{i}": good_case() for i in range(4)})
     overrides = [

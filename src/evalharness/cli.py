@@ -40,6 +40,7 @@ from evalharness.evaluation.outputs import check_outputs_folder
 from evalharness.evaluation.run import evaluate
 from evalharness.sweep.grouping import PlannedJob
 from evalharness.sweep.jobs import GroupMember, Job, evaluate_job, start_job
+from evalharness.sweep.state import setting_of
 
 _HYDRA_SCHEMAS: dict[type, type] = {}
 
@@ -94,20 +95,23 @@ def config_from(cfg: DictConfig) -> EvalConfig:
     try:
         return from_mapping(EvalConfig, values)
     except TypeError as error:
-        raise ConfigError(f"configuration: {error}") from None
+        raise ConfigError(str(error)) from None
 
 
 def with_demo(config: EvalConfig, tracking_uri: str) -> EvalConfig:
-    """Build (or reuse) the demo's data and training run and point `config` at them."""
+    """Build (or reuse) the demo's data and point `config` at it; and at the demo's training
+    run unless `config` names a model or saved predictions (then the run is not touched)."""
     cache = Path(config.demo.cache_dir or Path.cwd() / "outputs" / "demo")
-    demo = ensure_demo(cache, tracking_uri, spec=TINY if config.demo.size == "tiny" else DEMO)
+    model = config.model
+    saved = config.predictions.dir or config.predictions.run_id  # scored without a model
+    named = any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name"))
+    spec = TINY if config.demo.size == "tiny" else DEMO
+    demo = ensure_demo(cache, tracking_uri, spec=spec, with_run=not (saved or named))
     split = config.data.split
     if split.method == "file" and split.file is None:
         split = dataclasses.replace(split, file=str(demo.split_file))
     data = dataclasses.replace(config.data, root=str(demo.data_root), split=split)
-    model = config.model
-    saved = config.predictions.dir or config.predictions.run_id  # scored without a model
-    if not saved and not any(getattr(model, key) for key in ("run_id", "path", "uri", "run_name")):
+    if demo.run_id is not None:  # the demo's own model: nothing else was named
         model = dataclasses.replace(model, run_id=demo.run_id)
     return dataclasses.replace(config, data=data, model=model)
 
@@ -116,10 +120,27 @@ def _completion(config: EvalConfig) -> Any:
     return with_demo if config.data.name == "demo" else None
 
 
-def evaluate_config(cfg: DictConfig, output_dir: Path, **options: Any) -> Outcome:
+SETTING_GROUPS = ("preprocessing", "patch", "inference", "metrics")
+"""Keys whose command-line values a single run's name shows (with its model)."""
+
+
+def setting_name(task_overrides: Sequence[str]) -> str:
+    """``overlap=0.25`` of the command line's ``patch.overlap=0.25`` (settings keys only)."""
+    keys = [
+        text.lstrip("+~").partition("=")[0]
+        for text in task_overrides
+        if text.lstrip("+~").split(".", 1)[0] in SETTING_GROUPS
+    ]
+    return setting_of(task_overrides, keys, 0)[0] if keys else ""
+
+
+def evaluate_config(
+    cfg: DictConfig, output_dir: Path, task_overrides: Sequence[str] = (), **options: Any
+) -> Outcome:
     """Evaluate a composed config (what `main` does for one run; tests call it directly)."""
     config = config_from(cfg)
-    return evaluate(config, output_dir, complete=_completion(config), **options)
+    setting = setting_name(task_overrides)
+    return evaluate(config, output_dir, complete=_completion(config), setting=setting, **options)
 
 
 def group_members(cfg: DictConfig, planned: Sequence[PlannedJob]) -> tuple[GroupMember, ...]:
@@ -181,7 +202,7 @@ def _check_or_exit(config: DictConfig, key: str) -> None:
     try:
         check_outputs_folder(Path(str(OmegaConf.select(config, key))), key)
     except ConfigError as error:
-        sys.exit(record_failure(config_from(config).mlflow, error).code)
+        sys.exit(record_failure(error).code)
 
 
 register_configs()
@@ -215,8 +236,14 @@ def hydra_main(cfg: DictConfig) -> Any:
     """Evaluate one configuration; in a sweep, return the outcome to the sweep callback."""
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    try:  # a key the schema lacks (``+patch.sise=64``): one line, like any unknown key
         config = config_from(cfg)
+    except ConfigError as error:
+        outcome = record_failure(error)
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            return outcome
+        sys.exit(outcome.code)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
         job = Job(
             sweep_dir=Path(hydra_cfg.sweep.dir).absolute(),
             output_dir=output_dir,
@@ -226,7 +253,7 @@ def hydra_main(cfg: DictConfig) -> Any:
         start = start_job(config, job)
         members = group_members(cfg, start.claimed) if start.claimed else ()
         return evaluate_job(start, _completion(config), members)
-    code = evaluate_config(cfg, output_dir).code
+    code = evaluate_config(cfg, output_dir, tuple(hydra_cfg.overrides.task)).code
     if code:
         sys.exit(code)
     return code

@@ -309,3 +309,6 @@ def test_a_csv_error_names_the_line_of_the_file(tmp_path):
     with pytest.raises(DataError) as raised:
         load_dataset(data_config(_manifest(tmp_path, text)))
     assert "line 9 has an empty 'image' cell" in str(raised.value)
+    huge = "image,label\n" + "a" * 200_000 + ".nii,a.nii\n,b.nii\n"  # over csv's field limit
+    with pytest.raises(DataError, match="line 3 has an empty 'image' cell"):
+        load_dataset(data_config(_manifest(tmp_path, huge)))

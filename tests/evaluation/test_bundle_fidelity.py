@@ -78,8 +78,8 @@ def assert_faithful(predictions: Path, table: pd.DataFrame) -> None:
 
 
 @pytest.mark.slow
-def test_by_folder_path_through_the_cli(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_by_folder_path_through_the_cli(tmp_path: Path, sqlite_uri: str) -> None:
+    uri = sqlite_uri
     out = tmp_path / "run"
     command = [
         sys.executable,

@@ -46,12 +46,10 @@ def evaluate(uri: str, tmp_path: Path, capsys, data: Path, *extra: str):
 
 
 def failed_before_inference(result, message: str) -> None:
-    """One error line; the run FAILED with it as its error, no case evaluated (the harness's
-    rule for an error found once the run could be named)."""
+    """One error line and no run: the configuration could not start (the harness's rule for
+    an error found before the evaluation's run is created)."""
     assert result.outcome.code != 0 and result.error_lines == [f"error: {message}"]
-    assert result.run.info.status == "FAILED" and result.table is None
-    assert result.run.data.tags["evalharness.error"] == message
-    assert "n_cases" not in result.run.data.metrics
+    assert result.outcome.run_id is None and result.run is None
 
 
 def test_a_bundle_folder_is_evaluated_with_its_own_settings(sqlite_uri, tmp_path, capsys, data):
@@ -151,7 +149,7 @@ def test_a_run_without_a_bundle(sqlite_uri, tmp_path, capsys, data):
         mlflow.log_text("{}", "configs/metadata.json")
     mlflow.set_tracking_uri("")
     result = evaluate(sqlite_uri, tmp_path, capsys, data, f"model.run_id={run.info.run_id}")
-    assert result.run.info.status == "FAILED" and len(result.error_lines) == 1
+    assert result.run is None and len(result.error_lines) == 1  # it could not start: no run
     assert result.error_lines[0].startswith(
         f"error: run '{run.info.run_id}' holds no MONAI bundle (looked for a folder with "
         "configs/inference.json or configs/metadata.json, and models/; it has: "

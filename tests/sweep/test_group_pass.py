@@ -19,6 +19,7 @@ from tiny import base_overrides, compose_config
 
 from evalharness.cli import config_from
 from evalharness.data.datasets import Case
+from evalharness.predict.family import ModelFamily
 from evalharness.predict.preprocess import PreprocessSettings
 from evalharness.score.metrics import METRIC_NAMES
 from evalharness.sweep.cache import SweepCache
@@ -102,7 +103,9 @@ class InterruptedCache(SweepCache):
         super().__init__(64 * 2**20)
         self.stop_at = stop_at
 
-    def load_inputs(self, case: Case, settings: PreprocessSettings, family=None):
+    def load_inputs(
+        self, case: Case, settings: PreprocessSettings, family: ModelFamily | None = None
+    ):
         if case.case_id == self.stop_at:
             raise KeyboardInterrupt("stopped")
         return super().load_inputs(case, settings, family)

@@ -229,19 +229,32 @@ def server(store: Store):
 
 def test_same_sweep_again_evaluates_nothing_new(store: Store, grid, tmp_path) -> None:
     """Every setting already FINISHED: all skipped before the model is loaded (the cache of this
-    new process counts no model load or hit), and the comparison still covers them."""
+    new process counts no model load or hit), and the comparison still covers them. Each is
+    still a child of the new parent: a copy of the finished run's results (metrics, per-case
+    table), tagged with the run it came from."""
     result = sweep(store, "grid", "grid2", "data.split.method=all", "output.plots=false", *GRID)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("skipped: this setting already finished") == 4
     nothing = "cache: model 0 load(s), 0 hit(s); cases 0 load(s), 0 hit(s)"
     assert result.stdout.count(nothing) == 4, result.stdout[-3000:]
     client, parents, children = runs(store, "grid")
-    assert len(parents) == 2 and len(children) == 4  # no new evaluation run
+    assert len(parents) == 2 and len(children) == 8
     second = parents[1]
     assert second.info.status == "FINISHED"
+    first_ids = {c.info.run_id for c in children[:4]}
+    copies = [c for c in children if c.data.tags["mlflow.parentRunId"] == second.info.run_id]
+    assert {c.info.run_name for c in copies} == GRID_NAMES
+    sources = {c.info.run_id: c for c in children[:4]}
+    for copy in copies:
+        origin = copy.data.tags["evalharness.reused_from"]
+        assert origin in first_ids and copy.info.status == "FINISHED"
+        assert copy.data.metrics["dsc_mean"] == sources[origin].data.metrics["dsc_mean"]
+        assert copy.info.run_name == sources[origin].info.run_name
+        assert f"runs/{origin})" in copy.data.tags["mlflow.note.content"]
+        assert copy.inputs.dataset_inputs  # the Dataset column
     table = artifact_table(client, second.info.run_id, "comparison.csv", tmp_path)
     assert set(table["status"]) == {"skipped"}
-    assert set(table["run_id"]) == {c.info.run_id for c in children}
+    assert set(table["run_id"]) == {c.info.run_id for c in copies}
     assert second.data.metrics["n_skipped_settings"] == 4
     assert second.data.tags["evalharness.best_setting"] in GRID_NAMES
 
@@ -301,12 +314,13 @@ def test_failed_job_fails_the_parent_and_the_others_finish(store: Store, tmp_pat
     assert parent.data.tags["evalharness.error"].startswith("1 of 2 job(s) failed: size=[7,7,7]: ")
     assert "patch.size=[7, 7, 7]" in parent.data.tags["evalharness.error"]
     statuses = {c.info.run_name: c.info.status for c in children}
-    assert statuses == {"size=[7,7,7]": "FAILED", "size=[16,16,16]": "FINISHED"}
+    assert statuses == {"size=[16,16,16]": "FINISHED"}  # [7,7,7] could not start: no run
     worker_pids = {c.data.tags["evalharness.pid"] for c in children}
     assert parent.data.tags["evalharness.pid"] not in worker_pids
     table = artifact_table(client, parent.info.run_id, "comparison.csv", tmp_path)
     rows = table.set_index("setting")
     assert rows.loc["size=[7,7,7]", "status"] == "failed"
+    assert pd.isna(rows.loc["size=[7,7,7]", "run_id"])
     assert rows.loc["size=[16,16,16]", "status"] == "finished"
     assert rows.loc["size=[16,16,16]", "dsc_mean"] >= 0
     assert parent.data.tags["evalharness.best_setting"] == "size=[16,16,16]"
@@ -529,4 +543,5 @@ def test_sharing_sweep_pays_each_patch_once_and_merges_shards(store: Store, tmp_
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("skipped: this setting already finished") == 4
     _, parents, children = runs(store, "sharing")
-    assert len(children) == 4 and parents[1].data.metrics["forward_passes"] == 0
+    assert len(children) == 8 and parents[1].data.metrics["forward_passes"] == 0
+    assert all("evalharness.reused_from" in c.data.tags for c in children[4:])

@@ -299,7 +299,14 @@ def test_sweep_page_shows_best_ties_and_cost_figure() -> None:
         "best": {"setting": "overlap=0.25", "run_id": "r1", "value": 0.71},
         "tied_with_best": ["overlap=0.5"],
         "tests": [
-            {"setting": "overlap=0.5", "n_cases": 4, "median_difference": 0.01, "p_value": 0.62}
+            {
+                "setting": "overlap=0.5",
+                "n_cases": 4,
+                "median_difference": 0.01,
+                "median_difference_ci95": [-0.002, 0.03],
+                "p_value": 0.62,
+                "p_holm": 0.93,
+            }
         ],
         "test_metric": "dsc",
         "n_settings": 3,
@@ -319,7 +326,12 @@ def test_sweep_page_shows_best_ties_and_cost_figure() -> None:
     assert (
         '<tr class="best"><td>overlap=0.25' in page and '<tr class="tied"><td>overlap=0.5' in page
     )
-    assert "Settings tied with the best: overlap=0.5" in page and "dsc_mean_ci95_low" in page
+    assert "Settings tied with the best: overlap=0.5" in page
+    assert "<th>dsc_mean [95% CI]</th>" in page  # the interval beside its mean, one column
+    assert '<td class="num">0.7100 [0.6000 – 0.8000]</td>' in page  # 4 decimals: 0.001 shows
+    tests_row = '<td class="num">-0.0020 – 0.0300</td><td class="num">0.620</td>'
+    assert "<th>p</th><th>Holm p</th>" in page and tests_row + '<td class="num">0.930</td>' in page
+    assert page.count("<table") == page.count('<div class="table"><table')  # scroll inside
     assert page.index("Accuracy against cost") < page.index("compare_dsc.png")
     assert "patch too large" in page and "0.620" in page
     assert '<td class="num">1</td>' in page and "1.000" not in page  # counts without decimals

@@ -213,19 +213,20 @@ GROUPS: dict[str, type] = {
 """The config groups with options in ``conf/`` (each option file includes its typed base)."""
 
 
-def from_mapping(cls: type[T], values: Mapping[str, Any] | None = None) -> T:
+def from_mapping(cls: type[T], values: Mapping[str, Any] | None = None, prefix: str = "") -> T:
     """An instance of the frozen dataclass `cls` from a plain mapping (a composed config as a
     container, or a test's dict): nested groups are built too, absent keys take defaults and
-    unknown keys are refused."""
+    unknown keys are refused, named by their dotted path under `prefix`."""
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise TypeError(f"{cls.__name__}: unknown keys {unknown}")
+        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise TypeError(f"{keys}: unknown key (expected one of {', '.join(sorted(names))})")
     for name in names & set(values):
         if dataclasses.is_dataclass(hints[name]) and isinstance(values[name], Mapping):
-            values[name] = from_mapping(hints[name], values[name])
+            values[name] = from_mapping(hints[name], values[name], f"{prefix}{name}.")
     return cls(**values)
 
 

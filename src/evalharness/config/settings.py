@@ -136,6 +136,33 @@ class EffectiveSettings:
         """Flat JSON-friendly dict, logged as `effective.<name>` params."""
         return {k: _jsonable(v) for k, v in asdict(self).items()}
 
+    def as_text(self, device: str | None = None) -> str:
+        """The settings as a user would write them (``normalization=ZNormalization(channel_
+        wise)``, ``target_spacing_mm=[1.0, 1.0, 2.0]``), with the `device` actually used in
+        place of ``auto``."""
+        params = self.as_params()
+        if device is not None:
+            params["device"] = device
+        return ", ".join(f"{k}={setting_text(v)}" for k, v in params.items())
+
+
+def setting_text(value: Any) -> str:
+    """A setting's value as written in a config: a transform spec ``{"name": ..., ...}`` as
+    ``Name(flag, key=value)`` (true flags by name, false and null ones left out; several
+    joined by `` + ``), lists as ``[a, b]``, anything else as it prints."""
+    if isinstance(value, dict) and "name" in value:
+        args = [
+            k if v is True else f"{k}={setting_text(v)}"
+            for k, v in value.items()
+            if k != "name" and v is not None and v is not False
+        ]
+        return f"{value['name']}({', '.join(args)})"
+    if isinstance(value, (list, tuple)):
+        items = [setting_text(v) for v in value]
+        specs = value and all(isinstance(v, dict) and "name" in v for v in value)
+        return " + ".join(items) if specs else f"[{', '.join(items)}]"
+    return str(value)
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):

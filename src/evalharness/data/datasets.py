@@ -264,16 +264,19 @@ def _read_csv(path: Path, key: str) -> pd.DataFrame:
 
 def _record_lines(path: Path) -> list[int]:
     """The line each data record of a CSV starts on, past the header; blank lines skipped, as
-    pandas skips them."""
-    starts = []
+    pandas skips them (none when the csv module cannot read the file)."""
+    starts: list[int] = []
     with path.open(newline="") as stream:
         reader = csv.reader(stream)
         start, header_seen = 1, False
-        for record in reader:
-            if record and header_seen:
-                starts.append(start)
-            header_seen |= bool(record)
-            start = reader.line_num + 1
+        try:
+            for record in reader:
+                if record and header_seen:
+                    starts.append(start)
+                header_seen |= bool(record)
+                start = reader.line_num + 1
+        except csv.Error:  # e.g. a cell over csv's field limit, which pandas reads
+            return []
     return starts
 
 

@@ -64,8 +64,8 @@ MARKER_VERSION = 1
 class DemoTraining:
     """The demo's training run and the data it was trained on."""
 
-    run_id: str
-    """The training run in the store."""
+    run_id: str | None
+    """The training run in the store (None: not asked for, `ensure_demo`'s ``with_run``)."""
     data_root: Path
     """Decathlon folder (dataset.json, imagesTr/, labelsTr/) plus split.csv."""
     split_file: Path
@@ -98,8 +98,10 @@ def ensure_demo(
     *,
     experiment: str = DEFAULT_EXPERIMENT,
     spec: DemoSpec = DEMO,
+    with_run: bool = True,
 ) -> DemoTraining:
-    """Build (once) the demo dataset and model, and make sure `tracking_uri` holds its run.
+    """Build (once) the demo dataset and model, and make sure `tracking_uri` holds its run
+    (unless not `with_run`: an evaluation of another model only needs the data).
 
     Args:
         cache_dir: folder for the cached data and model (created if missing).
@@ -127,7 +129,9 @@ def ensure_demo(
             marker = _read_valid_marker(build_dir, spec)
             if marker is None:  # pragma: no cover - a bug, not a user error
                 raise RuntimeError(f"demo build in {build_dir} left no valid marker")
-        run_id = _ensure_run(build_dir, marker, tracking_uri, experiment, spec)
+        run_id = None
+        if with_run:
+            run_id = _ensure_run(build_dir, marker, tracking_uri, experiment, spec)
     data_root = build_dir / "data"
     return DemoTraining(run_id=run_id, data_root=data_root, split_file=data_root / "split.csv")
 

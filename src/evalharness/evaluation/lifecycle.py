@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from requests import RequestException
 
-from evalharness.config.schema import MlflowConfig
 from evalharness.errors import HarnessError, StoreError, one_line
 from evalharness.track import tracking
 from evalharness.track.liveness import liveness_tags
@@ -36,6 +35,7 @@ class Outcome:
     run_id: str | None
     skipped: bool = False
     case_ids: tuple[str, ...] = ()  # the cases it was to evaluate (known once planned)
+    error: str = ""  # the one line an evaluation that stopped printed (with or without a run)
 
 
 def tracking_uri_of(tracking_uri: str | None) -> str:
@@ -46,10 +46,19 @@ def tracking_uri_of(tracking_uri: str | None) -> str:
 
 
 class LazyRun:
-    """The evaluation run, created on first need so an early failure still gets one."""
+    """The evaluation run, created once the configuration has started (planned, prepared):
+    a configuration that cannot start creates none."""
 
-    def __init__(self, client: Any, experiment_id: str, name: str | None, parent: str | None):
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        name: str | None,
+        parent: str | None,
+        setting: str = "",
+    ):
         self.client, self.experiment_id, self.name = client, experiment_id, name
+        self.setting = setting  # the values set on the command line, for the default name
         self.tags = {"evalharness.kind": "evaluation", **liveness_tags()}
         if parent is not None:
             self.tags["mlflow.parentRunId"] = parent
@@ -68,7 +77,9 @@ def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
     """`action()`, its run never left RUNNING where the store can still be written: a
     `HarnessError`, or a write the file system refused (disk full, read-only), is one line on
     stderr and a FAILED run (the outcome says so); Ctrl-C and SIGTERM mark it KILLED,
-    anything else FAILED, and both propagate."""
+    anything else FAILED, and both propagate. A configuration that fails before its run was
+    created (it could not start: validation, an unknown run, missing data, a model that does
+    not load) creates none."""
     try:
         return action()
     except (HarnessError, OSError) as error:
@@ -79,7 +90,7 @@ def guarded(run: LazyRun, action: Callable[[], T]) -> T | Outcome:
         message += close_run(run, "FAILED", message)
         print(f"error: {message}", file=sys.stderr)
         log.debug("where the error was raised (hydra.verbose=true shows this)", exc_info=True)
-        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids)
+        return Outcome(EXIT_ERROR, run.run_id, case_ids=run.case_ids, error=message)
     except KeyboardInterrupt:
         close_run(run, "KILLED", "interrupted")
         raise
@@ -105,8 +116,11 @@ def user_message(error: BaseException, run: LazyRun) -> str | None:
 
 
 def close_run(run: LazyRun, status: str, reason: str) -> str:
-    """Finish `run` with `status`; "" when done, else why it stays RUNNING (the store cannot be
-    written): the next run of the setting marks it KILLED and resumes it."""
+    """Finish `run` with `status`; "" when done (or when it was never created: nothing to
+    close), else why it stays RUNNING (the store cannot be written): the next run of the
+    setting marks it KILLED and resumes it."""
+    if run.run_id is None:
+        return ""
     try:
         tracking.finish(run.client, run.ensure(), status, reason)
         return ""
@@ -117,27 +131,17 @@ def close_run(run: LazyRun, status: str, reason: str) -> str:
         return ""
     except StoreError as error:
         cause = tracking.write_failure(error.__cause__ or error) or "the store refused the write"
-        if run.run_id is None:
-            return f"; no run could be created ({cause})"
         return (
             f"; run {run.run_id} could not be closed ({cause}): the same command marks it "
             "KILLED and resumes it once the store can be written"
         )
 
 
-def record_failure(mlflow_config: MlflowConfig, error: HarnessError) -> Outcome:
-    """For an error found before `evaluate` could start: one line on stderr, a FAILED run."""
+def record_failure(error: HarnessError) -> Outcome:
+    """For an error found before `evaluate` could start: one line on stderr, no run."""
     message = one_line(error)
     print(f"error: {message}", file=sys.stderr)
-    uri = tracking_uri_of(mlflow_config.tracking_uri)
-    try:
-        client, experiment = tracking.open_experiment(uri, mlflow_config.experiment)
-        run = LazyRun(client, experiment, mlflow_config.run_name, None)
-        tracking.finish(client, run.ensure(), "FAILED", message)
-    except Exception as unusable:  # the store is unusable too: say so, on one more line
-        print(f"error: {store_error(uri, unusable)}", file=sys.stderr)
-        return Outcome(EXIT_ERROR, None)
-    return Outcome(EXIT_ERROR, run.run_id)
+    return Outcome(EXIT_ERROR, None, error=message)
 
 
 def store_error(uri: str, error: Exception) -> str:

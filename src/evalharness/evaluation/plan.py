@@ -137,6 +137,18 @@ def plan(config: EvalConfig, tracking_uri: str) -> Plan:
     )
 
 
+def model_label(members: tuple[ResolvedModel, ...]) -> str:
+    """What a run's name says about its model: the training run's name (else its id's first 8
+    characters), else the file's name; an ensemble's members joined by ``+``."""
+
+    def one(member: ResolvedModel) -> str:
+        if member.training_run_id:
+            return member.training_run_name or member.training_run_id[:8]
+        return member.local_path.name
+
+    return "+".join(one(m) for m in members)
+
+
 def prepare(
     config: EvalConfig, planned: Plan, load_model: ModelLoader = load_resolved_model
 ) -> Evaluation:

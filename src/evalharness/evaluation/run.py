@@ -3,8 +3,10 @@
 Order of work: plan (model file, training config, settings, cases: the configuration hash) →
 look for earlier runs of the same hash (skip a finished one in a sweep, before the model is
 loaded; resume the finished cases of a killed or failed one) → prepare (load the model, probe
-its channels, config checks) → create the run → cases → results. Any failure marks the run
-FAILED with the reason as the tag `evalharness.error`, and keeps every case already written.
+its channels) → create the run → config checks → cases → results. A failure before the run
+exists (the configuration cannot start) is one line and creates no run; any later failure
+marks the run FAILED with the reason as the tag `evalharness.error`, and keeps every case
+already written.
 Scoring saved predictions (`predictions.*`, `evaluation.saved`) takes the same path with a
 model-free plan and no prepare step.
 """
@@ -48,7 +50,7 @@ from evalharness.evaluation.lifecycle import (
 )
 from evalharness.evaluation.nnunet_plan import is_nnunet, plan_nnunet, prepare_nnunet
 from evalharness.evaluation.outputs import check_outputs_folder
-from evalharness.evaluation.plan import Evaluation, plan, prepare, run_tags
+from evalharness.evaluation.plan import Evaluation, model_label, plan, prepare, run_tags
 from evalharness.evaluation.resume import resumable
 from evalharness.evaluation.run_report import log_results, print_summary, run_context
 from evalharness.evaluation.saved import (
@@ -65,6 +67,7 @@ from evalharness.predict.patch_outputs import ForwardCounts, forward_key
 from evalharness.score.table import CaseTable
 from evalharness.track import tracking
 from evalharness.track.datasets import cases_dataset, log_evaluation_dataset
+from evalharness.track.reuse import finished_setting
 
 log = logging.getLogger(__name__)
 ConfigCompletion = Callable[[EvalConfig, str], EvalConfig]
@@ -79,8 +82,12 @@ def evaluate(
     cache: Reuse | None = None,
     complete: ConfigCompletion | None = None,
     share_forward: bool = False,
+    setting: str = "",
 ) -> Outcome:
     """Evaluate one configuration. Exit code 0 ok, 1 error, 2 some cases failed.
+
+    The run is named `config.mlflow.run_name`, else after its model and `setting` (the values
+    set on the command line, ``overlap=0.25``).
 
     `cache` shares the loaded model and preprocessed cases with the other jobs of a sweep;
     with `share_forward` also the per-patch model outputs (settings differing only after the
@@ -94,7 +101,7 @@ def evaluate(
     except Exception as error:  # the store itself is unusable: there is no run to mark
         print(f"error: {store_error(uri, error)}", file=sys.stderr)
         return Outcome(EXIT_ERROR, None)
-    run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id)
+    run = LazyRun(client, experiment, config.mlflow.run_name, parent_run_id, setting)
 
     def whole() -> Outcome:
         completed = complete_config(config, uri, complete)
@@ -160,8 +167,8 @@ def open_evaluation(
     )
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     if skip_finished and finished:
-        done = finished[0].info.run_id
-        print(f"skipped: this setting already finished as run {done} (sweep.resume=false re-runs)")
+        scratch = output_dir / "reused"
+        done = finished_setting(client, finished, run.experiment_id, run.name, run.tags, scratch)
         return Outcome(EXIT_OK, done, skipped=True, case_ids=run.case_ids)
     if saved:
         ev: Evaluation | SavedPlan = planned
@@ -178,6 +185,9 @@ def open_evaluation(
         else:
             ev = prepare(config, planned, cache.load_model) if cache else prepare(config, planned)
         params, tags = run_params(config, ev), run_tags(config, ev)
+    if run.name is None:
+        label = f"predictions {ev.folder.name}" if saved else model_label(planned.members)
+        run.name = " ".join(filter(None, (label, run.setting)))
     previous_rows, previous_findings, resumed_from = (None, [], None)
     if config.run.resume:
         previous_rows, previous_findings, resumed_from = resumable(client, earlier, output_dir)
@@ -255,7 +265,7 @@ def close_evaluation(opened: Opened, extremes: Extremes) -> Outcome:
     tracking.finish(client, run_id, "FINISHED")
     quiet = config.checks.on_mismatch == "ignore" or (saved and not ev.findings)
     shown = None if quiet else ev.findings  # saved: no training configuration to agree with
-    print_summary(frame, summary, run_id, opened.uri, shown)
+    print_summary(frame, summary, run_id, opened.uri, shown, run.experiment_id, opened.output_dir)
     code = EXIT_CASES_FAILED if summary["n_failed_cases"] else EXIT_OK
     return Outcome(code, run_id, case_ids=run.case_ids)
 

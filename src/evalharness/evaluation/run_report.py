@@ -22,7 +22,7 @@ from evalharness.score.calibration import BINS_COLUMN, pooled_bins
 from evalharness.score.intervals import MIN_CASES
 from evalharness.score.table import HEADLINE, case_scores, console_table, summarize
 from evalharness.score.worst_cases import CaseSlices, with_image
-from evalharness.track import tracking
+from evalharness.track import tracking, ui_links
 from evalharness.track.summaries import headline_first, log_run_summary
 
 HEADLINE_METRICS = ("dsc_mean", "hd95_mm_mean", "sens_mean", "ldr_mean", "rve_mean")
@@ -54,7 +54,7 @@ def run_context(ev: Evaluation, dataset_name: str) -> RunContext:
         "model": resolved.artifact_uri or str(resolved.local_path),
         "loader": ev.loaded.loader,
         "device": str(ev.device),
-        "settings": ", ".join(f"{k}={v}" for k, v in ev.settings.as_params().items()),
+        "settings": ev.settings.as_text(str(ev.device)),
         "configuration hash": ev.config_hash,
     }
     if resolved.training_run_id:
@@ -95,7 +95,16 @@ def log_results(
     tracking.set_tags(client, run_id, {"evalharness.failed_cases": int(summary["n_failed_cases"])})
     findings = [m.as_dict() for m in context.findings]
     log_run_summary(
-        client, run_id, context.title, context.facts, summary, table, findings, figures, gallery
+        client,
+        run_id,
+        context.title,
+        context.facts,
+        summary,
+        table,
+        findings,
+        figures,
+        gallery,
+        folder=csv_path.parent,
     )
     return summary
 
@@ -162,8 +171,11 @@ def print_summary(
     run_id: str,
     uri: str,
     findings: Sequence[Mismatch] | None = None,
+    experiment_id: str = "",
+    folder: Path | None = None,
 ) -> None:
-    """Per-case table, means, worst case, the checks (None: not shown) and the UI command."""
+    """Per-case table, means, worst case, the checks (None: not shown), then where the
+    results are: the run's `folder` and its links in the UI."""
     print("\nPer-case results:\n" + console_table(table))
     print("\nMean over cases [95% bootstrap interval over cases]:")
     shown = [*HEADLINE_METRICS, *(k for k in OPTIONAL_MEANS if k in summary)]
@@ -189,4 +201,10 @@ def print_summary(
     if findings is not None:
         print(summary_line(findings, color=sys.stdout.isatty()))
     print(f"MLflow run {run_id} in {uri}")
-    print(f"Open the MLflow UI: mlflow ui --backend-store-uri '{uri}'")
+    base = ui_links.ui_base(uri)
+    links = [
+        ("run", ui_links.run_link(base, experiment_id, run_id)),
+        ("runs table", ui_links.runs_table_link(base, experiment_id)),
+    ]
+    contents = "summary.html, per_case.csv, plots/"
+    print("\n".join(ui_links.where_lines(uri, str(folder or Path.cwd()), contents, links)))

@@ -51,7 +51,6 @@ class BundlePipeline:
     transform configs, keys narrowed to the image key; a trusted bundle's may hold the values
     its ``$`` expressions evaluated to), the image key, and how the output goes back."""
 
-    bundle_sha256: str
     preprocessing: Any  # [transform config], instantiated by MONAI per case
     image_key: str
     invert: bool  # Invertd of the preprocessing is in the postprocessing
@@ -214,7 +213,7 @@ def _inferer(bundle: Bundle, notes: list, values: dict, unknown: dict) -> int | 
     return int(batch) if isinstance(batch, int) else None
 
 
-def _postprocessing(bundle: Bundle, notes: list, values: dict, image_key: str, preprocessing: Any):
+def _postprocessing(bundle: Bundle, notes: list, values: dict, image_key: str):
     output: dict[str, Any] = {}
     invert = nearest = False
     activated = False
@@ -268,7 +267,7 @@ def _classes(bundle: Bundle) -> list[str]:
     outputs = (bundle.data_format or {}).get("outputs") or {}
     for spec in outputs.values():
         channels = spec.get("channel_def") if isinstance(spec, Mapping) else None
-        if isinstance(channels, Mapping):
+        if isinstance(channels, Mapping) and all(str(k).isdigit() for k in channels):
             return [str(channels[k]) for k in sorted(channels, key=lambda k: int(k))]
     return []
 
@@ -280,12 +279,9 @@ def bundle_contract(bundle: Bundle) -> BundleContract:
     unknown: dict[str, Any] = {}
     applied, image_key = _preprocessing(bundle, notes, values, unknown)
     batch = _inferer(bundle, notes, values, unknown)
-    invert, nearest, output = _postprocessing(
-        bundle, notes, values, image_key, bundle.preprocessing
-    )
+    invert, nearest, output = _postprocessing(bundle, notes, values, image_key)
     training = TrainingConfig(values=values, source=SOURCE, unknown=unknown, output=output or None)
     pipeline = BundlePipeline(
-        bundle_sha256=bundle.sha256,
         preprocessing=applied,
         image_key=image_key,
         invert=invert,

@@ -33,6 +33,10 @@ DPI = layout.DPI
 GT_COLOURS = ("#00c853", "#00b0ff", "#aeea00", "#1de9b6")  # green, light blue, lime, teal
 PRED_COLOURS = ("#ff1744", "#ff9100", "#d500f9", "#ffea00")  # red, orange, purple, yellow
 """Contour colours of label 1, 2, ... (cycled) of the ground truth and the prediction."""
+REFERENCE_LINE = (3.0, "solid")
+PREDICTION_LINE = (1.3, "dashed")
+"""(width in points, style) of the outlines: the reference wide and solid underneath, the
+prediction thin and dashed on top, so where they coincide (DSC near 1) both stay visible."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ def plot_metric_distribution(
     n_cases = table["case"].nunique()
     fig = layout.figure(3.4 * max(len(shown), 2), 4.2)
     axes = fig.subplots(1, len(shown), squeeze=False)[0]
-    layout.adjust(fig, left=0.8, right=0.15, bottom=0.55, top=0.62, wspace=0.9, ncols=len(shown))
+    layout.adjust(fig, left=1.05, right=0.15, bottom=0.55, top=0.62, wspace=1.2, ncols=len(shown))
     for ax, metric in zip(axes, shown, strict=True):
         values, n_dropped = _finite(table, metric)
         info = metric_info(metric)
@@ -118,9 +122,11 @@ def plot_metric_distribution(
         _box_and_strip(ax, values, x="label", y=metric, order=order)
         if summary is not None:
             _mean_intervals(ax, summary, metric, order)
-        _apply_bounds(ax, values[metric], info)
-        if info.higher_is_better is None:
+        shown = _with_intervals(values[metric], summary, metric)
+        if info.higher_is_better is None:  # a signed error: 0 is the mark
             ax.axhline(0.0, color="0.5", linewidth=0.8, linestyle="--", zorder=0)
+            shown = np.append(shown, 0.0)
+        fit_axis(ax, shown, info)
     title = f"Per-case metrics ({n_cases} case{'s' if n_cases != 1 else ''})"
     if summary is not None:
         title += "; ◆ mean with 95 % bootstrap interval over cases"
@@ -170,8 +176,9 @@ def plot_case_overlay(
     The slices pass through the ground truth's centre of mass (the volume centre if it is
     empty). Panels show the voxel axes as stored, in mm: axial = X-Y plane, coronal = X-Z,
     sagittal = Y-Z, with the second axis pointing up (RAS+ arrays show anatomy upright).
-    Ground truth is outlined in green, the prediction in red (further labels in the other
-    colours of `GT_COLOURS` and `PRED_COLOURS`). Size: 13 x 5 in at `DPI`.
+    Ground truth is outlined in green (wide, solid), the prediction in red (thin, dashed, on
+    top: `REFERENCE_LINE`, `PREDICTION_LINE`; further labels in the other colours of
+    `GT_COLOURS` and `PRED_COLOURS`), with a legend. Size: 13 x 5 in at `DPI`.
     """
     image, gt, pred = (np.asarray(a) for a in (image, gt, pred))
     if image.ndim != 3 or gt.shape != image.shape or pred.shape != image.shape:
@@ -200,7 +207,10 @@ def plot_case_overlay(
         index[fixed] = centre[fixed]
         plane_image, plane_gt, plane_pred = (a[tuple(index)] for a in (image, gt, pred))
         h_mm, v_mm = show_plane(ax, plane_image, (spacing[h], spacing[v]), low, high)
-        for mask, colours in ((plane_gt, GT_COLOURS), (plane_pred, PRED_COLOURS)):
+        for mask, colours, (width, style), layer in (
+            (plane_gt, GT_COLOURS, REFERENCE_LINE, 3.0),
+            (plane_pred, PRED_COLOURS, PREDICTION_LINE, 4.0),
+        ):
             for rank, lab in enumerate(labels):  # higher labels on top of shared boundaries
                 region = (mask == lab).T.astype(np.float32)
                 if region.any():
@@ -210,16 +220,20 @@ def plot_case_overlay(
                         region,
                         levels=[0.5],
                         colors=[colours[rank % len(colours)]],
-                        linewidths=1.4,
-                        zorder=3.0 + 0.1 * rank,
+                        linewidths=width,
+                        linestyles=style,
+                        zorder=layer + 0.1 * rank,
                     )
         ax.set_aspect("equal")
         ax.set_title(f"{name} ({axis_names[fixed]} = {centre[fixed]})")
         ax.set_xlabel(f"{axis_names[h]} (mm)")
         ax.set_ylabel(f"{axis_names[v]} (mm)")
     handles = [
-        Line2D([], [], color=colours[rank % len(colours)], linewidth=2, label=name)
-        for source, colours in (("ground truth", GT_COLOURS), ("prediction", PRED_COLOURS))
+        Line2D([], [], color=colours[rank % len(colours)], linewidth=w, linestyle=ls, label=name)
+        for source, colours, (w, ls) in (
+            ("ground truth", GT_COLOURS, REFERENCE_LINE),
+            ("prediction", PRED_COLOURS, PREDICTION_LINE),
+        )
         for rank, lab in enumerate(labels or [1])
         for name in [source if len(labels) <= 1 else f"{source}, label {lab}"]
     ]
@@ -275,14 +289,45 @@ def _mean_intervals(ax: Axes, summary: Mapping[str, float], metric: str, order: 
             ax.plot(x + 0.38, mean, "D", color="black", markersize=4, zorder=5)
 
 
-def _apply_bounds(ax: Axes, values: pd.Series, info: MetricInfo) -> None:
-    """Show the whole range of bounded metrics (when the values lie inside it)."""
-    if info.bounds is None or values.empty:
-        return
-    low, high = info.bounds
-    if values.min() >= low and values.max() <= high:
-        margin = 0.03 * (high - low)
-        ax.set_ylim(low - margin, high + margin)
+FITTED = "axis fitted to the values"
+"""Said in the label of every axis (or colour scale) fitted to its values, not its full range."""
+
+
+def fitted_limits(values: pd.Series | np.ndarray, pad: float = 0.08) -> tuple[float, float]:
+    """Axis limits around the finite `values`: their range plus `pad` of it on each side (a
+    single value: 1 % of it, at least 1e-3), so differences of 0.001 in values near 1 span
+    most of the axis."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    margin = pad * (high - low) if high > low else max(abs(high) * 0.01, 1e-3)
+    return low - margin, high + margin
+
+
+def fit_axis(ax: Axes, values: pd.Series | np.ndarray, info: MetricInfo, axis: str = "y") -> None:
+    """Limit `axis` of `ax` to `values` (everything drawn there: points, intervals, a zero
+    line; `fitted_limits`) and say so in its label."""
+    low, high = fitted_limits(values)
+    if axis == "y":
+        ax.set_ylim(low, high)
+        ax.set_ylabel(f"{info.label}\n({FITTED})")
+    else:
+        ax.set_xlim(low, high)
+        ax.set_xlabel(f"{info.label} ({FITTED})")
+
+
+def _with_intervals(
+    values: pd.Series, summary: Mapping[str, float] | None, metric: str
+) -> np.ndarray:
+    """`values` and the ends of the intervals `_mean_intervals` draws for `metric`."""
+    ends = [
+        v
+        for k, v in (summary or {}).items()
+        if k.startswith(f"{metric}_mean") and ("_ci95_" in k or k == f"{metric}_mean")
+    ]
+    return np.concatenate([values.to_numpy(dtype=float), np.asarray(ends, dtype=float)])
 
 
 def _no_values(ax: Axes) -> None:

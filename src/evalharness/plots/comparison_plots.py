@@ -20,25 +20,32 @@ from matplotlib.figure import Figure
 from evalharness.plots import layout
 from evalharness.plots.boxes import box_and_strip as _box_and_strip
 from evalharness.plots.case_plots import (
-    _apply_bounds,
+    FITTED,
     _figure,
     _finite,
     _no_values,
     _save,
+    fit_axis,
+    fitted_limits,
     metric_info,
 )
 
 
 def plot_setting_comparison(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Box plot plus one point per case for each inference setting (one box per label).
+    """`draw_setting_comparison` written to `path` (PNG); returns `path`."""
+    return _save(draw_setting_comparison(per_case_long, metric), path)
+
+
+def draw_setting_comparison(per_case_long: pd.DataFrame, metric: str) -> Figure:
+    """Box plot plus one point per case for each inference setting (one box per label), the
+    axis fitted to the values.
 
     Args:
         per_case_long: columns ``setting``, ``case``, ``label``, `metric`.
         metric: the metric column to compare.
-        path: PNG to write.
 
     Returns:
-        `path`. Size: (2 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+        The figure. Size: (2 + 0.9 per setting, at least 6) x 5 in at `DPI`.
     """
     table = _long_table(per_case_long, metric)
     settings = list(pd.unique(table["setting"]))
@@ -61,24 +68,31 @@ def plot_setting_comparison(per_case_long: pd.DataFrame, metric: str, path: Path
             hue="label" if several_labels else None,
             hue_order=labels,
         )
-        _apply_bounds(ax, values[metric], info)
     _rotate_ticks(ax)
     ax.set_xlabel("inference setting")
     ax.set_ylabel(info.label)
+    if not values.empty:
+        fit_axis(ax, values[metric], info)
     ax.set_title(_comparison_title(metric, table, n_dropped))
-    return _save(fig, path)
+    return fig
 
 
 def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
+    """`draw_case_setting_heatmap` written to `path` (PNG); returns `path`."""
+    return _save(draw_case_setting_heatmap(per_case_long, metric), path)
+
+
+def draw_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str) -> Figure:
     """Heatmap of `metric` (mean over labels) with one row per case, one column per setting.
 
     Cells are annotated with their value (unless there are more than 600 cells); a cell whose
-    labels are all non-finite stays blank. Higher-is-better metrics use viridis, distances the
-    reversed map, signed errors a diverging map centred at 0.
+    labels are all non-finite stays blank. The colour scale spans the values (its label says
+    so): higher-is-better metrics use viridis, distances the reversed map, signed errors a
+    diverging map centred at 0.
 
     Returns:
-        `path`. Size: (3.5 + 1.1 per setting, at least 6) x (2 + 0.35 per case, at least 4,
-        at most 60) in at `DPI`.
+        The figure. Size: (3.5 + 1.1 per setting, at least 6) x (2 + 0.35 per case, at least
+        4, at most 60) in at `DPI`.
     """
     table = _long_table(per_case_long, metric)
     settings = list(pd.unique(table["setting"]))
@@ -98,8 +112,8 @@ def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Pa
         kwargs: dict = {"cmap": "viridis" if info.higher_is_better is not False else "viridis_r"}
         if info.higher_is_better is None:
             kwargs = {"cmap": "RdBu_r", "center": 0.0}
-        elif info.bounds is not None:
-            kwargs |= {"vmin": info.bounds[0], "vmax": info.bounds[1]}
+        else:
+            kwargs |= dict(zip(("vmin", "vmax"), _colour_limits(grid), strict=True))
         sns.heatmap(
             grid.astype(float),
             ax=ax,
@@ -108,7 +122,7 @@ def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Pa
             linewidths=0.5,
             linecolor="white",
             cbar_ax=cbar_ax,
-            cbar_kws={"label": info.label},
+            cbar_kws={"label": f"{info.label}\n(colour scale fitted to the values)"},
             **kwargs,
         )
     _rotate_ticks(ax)
@@ -116,17 +130,23 @@ def plot_case_setting_heatmap(per_case_long: pd.DataFrame, metric: str, path: Pa
     ax.set_xlabel("inference setting")
     ax.set_ylabel("case")
     ax.set_title(f"{metric} per case and setting (mean over labels; blank = not finite)")
-    return _save(fig, path)
+    return fig
 
 
 def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> Path:
-    """Paired plot: one line per case across the settings (mean over labels), median in black.
+    """`draw_paired_cases` written to `path` (PNG); returns `path`."""
+    return _save(draw_paired_cases(per_case_long, metric), path)
+
+
+def draw_paired_cases(per_case_long: pd.DataFrame, metric: str) -> Figure:
+    """Paired plot: one line per case across the settings (mean over labels), median in black,
+    the axis fitted to the values.
 
     A non-finite value breaks its case's line. Cases get their own colour and a legend when
     there are at most 12; otherwise thin grey lines.
 
     Returns:
-        `path`. Size: (3 + 0.9 per setting, at least 6) x 5 in at `DPI`.
+        The figure. Size: (3 + 0.9 per setting, at least 6) x 5 in at `DPI`.
     """
     table = _long_table(per_case_long, metric)
     settings = list(pd.unique(table["setting"]))
@@ -156,7 +176,6 @@ def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> P
         (median_line,) = ax.plot(
             x, median, color="black", linewidth=2.5, marker="D", label="median", zorder=5
         )
-        _apply_bounds(ax, pd.Series(grid.to_numpy().ravel()).dropna(), info)
     else:
         _no_values(ax)
     ax.set_xticks(x, [str(s) for s in settings])
@@ -164,13 +183,16 @@ def plot_paired_cases(per_case_long: pd.DataFrame, metric: str, path: Path) -> P
     _rotate_ticks(ax)
     ax.set_xlabel("inference setting")
     ax.set_ylabel(f"{info.label}, mean over labels")
+    if has_values:
+        ax.set_ylim(*fitted_limits(grid.to_numpy()))
+        ax.set_ylabel(f"{info.label}, mean over labels\n({FITTED})")
     ax.set_title(_comparison_title(metric, table, None) + ": paired by case")
     ax.grid(axis="y", alpha=0.3)
     if coloured:
         ax.legend(title="case", loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     elif has_values:
         ax.legend(handles=[median_line], loc="best", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_accuracy_cost(
@@ -210,13 +232,18 @@ def plot_accuracy_cost(
             label="Pareto-optimal",
             zorder=4,
         )
+        ax.margins(x=0.08, y=0.15)  # room for the labels above the points
+        middle = (shown["c"].min() + shown["c"].max()) / 2
         for row in shown.itertuples():
+            right_half = row.c > middle  # label towards the inside: never clipped at an edge
             ax.annotate(
                 str(row.setting),
                 (row.c, row.v),
                 textcoords="offset points",
-                xytext=(5, 4),
+                xytext=(-5 if right_half else 5, 5),
+                ha="right" if right_half else "left",
                 fontsize=7,
+                annotation_clip=False,
             )
         ax.legend(loc="best", fontsize=8)
     ax.set_xlabel(f"{cost.replace('_', ' ')} (s, what the setting costs alone)")
@@ -288,7 +315,19 @@ def _comparison_title(metric: str, table: pd.DataFrame, n_dropped: int | None) -
     return title + ")"
 
 
+def _colour_limits(grid: pd.DataFrame) -> tuple[float, float]:
+    """The colour scale's ends: the finite values' range (a single value: 1 % around it)."""
+    low, high = fitted_limits(grid.to_numpy(dtype=float), pad=0.0)
+    return low, high
+
+
 def _value_format(grid: pd.DataFrame) -> str:
+    """Decimals that tell the cells apart: 3 (1 above 10), 4 when they differ by < 0.01."""
     values = grid.to_numpy(dtype=float)
-    largest = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 0.0
-    return ".3f" if largest < 10 else ".1f"
+    if not np.isfinite(values).any():
+        return ".3f"
+    largest = np.nanmax(np.abs(values))
+    spread = np.nanmax(values) - np.nanmin(values)
+    if largest >= 10:
+        return ".1f"
+    return ".4f" if 0 < spread < 0.01 else ".3f"

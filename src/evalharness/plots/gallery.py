@@ -2,8 +2,9 @@
 
 One PNG per (label, rank), drawn from the 2-D planes that `score.worst_cases.WorstCases` kept,
 so no volume is needed here. Each figure shows the axial, coronal and sagittal planes through
-the case's largest error, the reference outlined in green, the prediction in red, and a cross
-where the planes meet. Drawn like `case_plots` (own Figure on an Agg canvas: thread-safe, no
+the case's largest error, the reference outlined in green (wide, solid), the prediction in red
+(thin, dashed, on top: both stay visible where they coincide), a legend, and a cross where the
+planes meet. Drawn like `case_plots` (own Figure on an Agg canvas: thread-safe, no
 display needed).
 """
 
@@ -19,6 +20,8 @@ from matplotlib.lines import Line2D
 from evalharness.plots.case_plots import (
     GT_COLOURS,
     PRED_COLOURS,
+    PREDICTION_LINE,
+    REFERENCE_LINE,
     _figure,
     _intensity_window,
     _save,
@@ -69,11 +72,11 @@ def plot_worst_case(
         fixed = FIXED_AXIS[plane]
         h, v = [a for a in range(3) if a != fixed]
         h_mm, v_mm = show_plane(ax, images[index], (spacing[h], spacing[v]), low, high)
-        for mask, colour in (
-            (entry.reference[index], GT_COLOURS[0]),
-            (entry.prediction[index], PRED_COLOURS[0]),
+        for mask, colour, line, layer in (
+            (entry.reference[index], GT_COLOURS[0], REFERENCE_LINE, 3.0),
+            (entry.prediction[index], PRED_COLOURS[0], PREDICTION_LINE, 3.5),
         ):
-            _outline(ax, h_mm, v_mm, mask, colour)
+            _outline(ax, h_mm, v_mm, mask, colour, line, layer)
         centre = entry.centre_vox
         ax.plot(
             (centre[h] + 0.5) * spacing[h],
@@ -96,20 +99,53 @@ def plot_worst_case(
     )
     fig.suptitle(f"{name}, worst {rank}: case {entry.case.case_id}, DSC {entry.dsc:.3f}; {where}")
     handles = [
-        Line2D([], [], color=GT_COLOURS[0], linewidth=2, label="reference"),
-        Line2D([], [], color=PRED_COLOURS[0], linewidth=2, label="prediction"),
+        Line2D(
+            [],
+            [],
+            color=GT_COLOURS[0],
+            lw=REFERENCE_LINE[0],
+            ls=REFERENCE_LINE[1],
+            label="reference",
+        ),
+        Line2D(
+            [],
+            [],
+            color=PRED_COLOURS[0],
+            lw=PREDICTION_LINE[0],
+            ls=PREDICTION_LINE[1],
+            label="prediction",
+        ),
     ]
     fig.legend(handles=handles, loc="lower center", ncols=2, frameon=False)
     return _save(fig, path)
 
 
-def _outline(ax: Axes, h_mm: np.ndarray, v_mm: np.ndarray, mask: np.ndarray, colour: str) -> None:
-    """Contour of bool `mask` [h, v]; a single voxel or line still shows (as filled dots)."""
+def _outline(
+    ax: Axes,
+    h_mm: np.ndarray,
+    v_mm: np.ndarray,
+    mask: np.ndarray,
+    colour: str,
+    line: tuple[float, str],
+    layer: float,
+) -> None:
+    """Contour of bool `mask` [h, v] drawn as `line` (width, style) at z-order `layer`; a single
+    voxel or line still shows (as dots)."""
     if not mask.any():
         return
     region = mask.T.astype(np.float32)
+    width, style = line
     if min(mask.shape) > 1 and np.ptp(region) > 0:
-        ax.contour(h_mm, v_mm, region, levels=[0.5], colors=[colour], linewidths=1.4, zorder=3)
+        ax.contour(
+            h_mm,
+            v_mm,
+            region,
+            levels=[0.5],
+            colors=[colour],
+            linewidths=width,
+            linestyles=style,
+            zorder=layer,
+        )
     if mask.sum() <= 4:  # too small for a contour line to be seen
         hs, vs = np.nonzero(mask)
-        ax.scatter(h_mm[hs], v_mm[vs], s=10, color=colour, zorder=3)
+        ax.scatter(h_mm[hs], v_mm[vs], s=6 * width, color=colour, zorder=layer)

@@ -51,8 +51,11 @@ STYLE = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
        margin: 1.2em; color: #1f2328; }
 h1 { font-size: 1.45em; margin-bottom: 0.2em; } h2 { font-size: 1.15em; margin-top: 1.6em; }
+div.table { max-width: 100%; overflow-x: auto; }
 table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
-th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: left; vertical-align: top; }
+td { max-width: 32em; overflow-wrap: break-word; }
+th { overflow-wrap: normal; }
 th { background: #f6f8fa; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.best td { font-weight: bold; background: #eaf5ea; } tr.tied td { background: #f3faf3; }
 tr.bad td { background: #fff4f4; }
@@ -99,7 +102,8 @@ def run_page(
         parts.append("<h2>Worst cases</h2>")
         parts.append(
             '<p class="note">Per label, the cases with the lowest DSC: the three planes through '
-            "each case's largest error (reference green, prediction red).</p>"
+            "each case's largest error (reference: wide green outline; prediction: thin dashed "
+            "red outline on top).</p>"
         )
         parts += [_figure(f) for f in gallery]
     return _document(title, parts)
@@ -233,20 +237,28 @@ def sweep_page(
 
 def _comparison_table(table: pd.DataFrame, primary: str, best: str, tied: set) -> str:
     wanted = [*COMPARISON_COLUMNS[:2], primary, *COMPARISON_COLUMNS[2:]]
-    for metric in HEADLINE:  # intervals next to their means, where the table has them
-        low = f"{metric}_mean_ci95_low"
-        if low in table.columns and f"{metric}_mean" in wanted:
-            wanted.insert(wanted.index(f"{metric}_mean") + 1, low)
-            wanted.insert(wanted.index(low) + 1, f"{metric}_mean_ci95_high")
     columns = [c for c in dict.fromkeys(wanted) if c in table.columns]
+    header = [
+        f"{c} [95% CI]" if f"{c}_ci95_low" in table.columns else c for c in columns
+    ]  # an interval beside its mean, in the same cell: a narrower table
     rows = []
-    for record in table[columns].to_dict("records") if columns else []:
+    for record in table.to_dict("records") if columns else []:
         setting = record.get("setting")
         kind = "best" if setting == best else "tied" if setting in tied else ""
         kind = kind or ("bad" if record.get("status") not in ("finished", "skipped") else "")
-        cells = "".join(_cell(record[c], _digits(c)) for c in columns)
+        cells = "".join(_comparison_cell(record, c) for c in columns)
         rows.append(f"{_row_start(kind)}{cells}</tr>")
-    return _table(columns, rows)
+    return _table(header, rows)
+
+
+def _comparison_cell(record: Mapping[str, Any], column: str) -> str:
+    """A comparison table cell: a mean with 4 decimals and its interval where there is one."""
+    value = record[column]
+    low, high = record.get(f"{column}_ci95_low"), record.get(f"{column}_ci95_high")
+    interval = _pair([low, high]) if low is not None and high is not None else ""
+    if not interval or _num(value, 4) in ("", "n/a"):
+        return _cell(value, _digits(column, fine=True))
+    return f'<td class="num">{_e(_num(value, 4))} [{_e(interval)}]</td>'
 
 
 def _tests(stats: Mapping[str, Any]) -> str:
@@ -255,15 +267,27 @@ def _tests(stats: Mapping[str, Any]) -> str:
         return ""
     rows = [
         f"<tr><td>{_e(t.get('setting', ''))}</td>{_num_cell(t.get('n_cases'), 0)}"
-        f"{_num_cell(t.get('median_difference'), 4)}{_num_cell(t.get('p_value'), 3)}</tr>"
+        f"{_num_cell(t.get('median_difference'), 4)}"
+        f'<td class="num">{_e(_pair(t.get("median_difference_ci95")))}</td>'
+        f"{_num_cell(t.get('p_value'), 3)}{_num_cell(t.get('p_holm'), 3)}</tr>"
         for t in tests
     ]
     metric = stats.get("test_metric", "")
     caption = (
         f'<p class="note">Paired Wilcoxon signed-rank test of the best setting against each '
-        f"other one, per-case {_e(metric)} (mean over labels).</p>"
+        f"other one, per-case {_e(metric)} (mean over labels). Holm p: adjusted over the "
+        f"{len(tests)} tests, the p that decides the ties (at least 0.05).</p>"
     )
-    return caption + _table(["setting", "cases", "median best − other", "p"], rows)
+    header = ["setting", "cases", "median best − other", "95% CI", "p", "Holm p"]
+    return caption + _table(header, rows)
+
+
+def _pair(values: Any) -> str:
+    """``-0.0011 – 0.0042`` of a [low, high] interval; "" when undefined."""
+    if not isinstance(values, Sequence) or len(values) != 2:
+        return ""
+    low, high = (_num(v, 4) for v in values)
+    return "" if "n/a" in (low, high) else f"{low} – {high}"
 
 
 def _direction_text(direction: Any) -> str:
@@ -286,7 +310,7 @@ def _facts(facts: Mapping[str, str]) -> str:
     if not facts:
         return ""
     rows = [f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in facts.items()]
-    return f'<table class="facts">{"".join(rows)}</table>'
+    return f'<div class="table"><table class="facts">{"".join(rows)}</table></div>'
 
 
 def _row_start(css_class: str) -> str:
@@ -294,8 +318,10 @@ def _row_start(css_class: str) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[str]) -> str:
+    """A table inside a box that scrolls sideways when the page is narrower (long cells wrap)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return f'<div class="table">{table}</div>'
 
 
 def _figure(figure: Figure) -> str:
@@ -306,11 +332,14 @@ def _figure(figure: Figure) -> str:
     )
 
 
-def _digits(column: str) -> int:
-    """Decimals shown in `column`: none for counts, two for seconds, else three."""
+def _digits(column: str, fine: bool = False) -> int:
+    """Decimals shown in `column`: none for counts, two for seconds, else three (`fine`: four,
+    for means whose settings may differ in the third decimal)."""
     if column.startswith(("n_", "cache.")) or column == "label":
         return 0
-    return 2 if column.startswith("seconds") else 3
+    if column.startswith("seconds"):
+        return 2
+    return 4 if fine else 3
 
 
 def _cell(value: Any, digits: int = 3) -> str:

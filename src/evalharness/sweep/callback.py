@@ -35,7 +35,7 @@ from evalharness.score.comparison import SHARD_KEY, JobRecord, report, status_of
 from evalharness.sweep import grouping
 from evalharness.sweep.parent_report import closing_status, refresh
 from evalharness.sweep.state import STATE_DIR, SweepState, setting_of, write_json, write_state
-from evalharness.track import tracking
+from evalharness.track import tracking, ui_links
 from evalharness.track.liveness import liveness_tags, process_alive
 
 REFRESH_AFTER_S = 10.0
@@ -101,7 +101,10 @@ class SweepCallback(Callback):
         parent = tracking.create_run(client, experiment, sweep_dir.name, tags)
         self.sweep_dir = sweep_dir
         primary = str(config.sweep.primary_metric)
-        self.state = SweepState(parent, uri, keys, primary, bool(config.output.plots))
+        for key, value in ui_links.sweep_view_tags(parent, primary).items():
+            tracking.set_experiment_tag(client, experiment, key, value)
+        plots = bool(config.output.plots)
+        self.state = SweepState(parent, uri, keys, primary, plots, experiment)
         atexit.register(self._close_at_exit)
         stop_on_sigterm()
         tracking.log_params(
@@ -172,7 +175,26 @@ class SweepCallback(Callback):
         print(report(comparison))
         if reason:
             print(f"sweep {status.lower()}: {reason}", file=sys.stderr)
+        print("\n".join(where_lines(self.sweep_dir, self.state, comparison)))
         return code
+
+
+def where_lines(sweep_dir: Path, state: SweepState, comparison: Any) -> list[str]:
+    """The sweep's last lines: its folder and the parent, its settings and their comparison
+    in the UI."""
+    uri, experiment, parent = state.tracking_uri, state.experiment_id, state.parent_run_id
+    base = ui_links.ui_base(uri)
+    table = comparison.table
+    children = [r for r in table.get("run_id", []) if r]
+    view = ui_links.sweep_view_key(parent)
+    links = [
+        ("parent run", ui_links.run_link(base, experiment, parent)),
+        ("its settings", ui_links.runs_table_link(base, experiment, view)),
+    ]
+    if children:
+        links.append(("compare them", ui_links.compare_link(base, experiment, children)))
+    contents = "summary.html, comparison.csv, plots/, a folder per job"
+    return ui_links.where_lines(uri, str(sweep_dir), contents, links)
 
 
 def close_orphaned_parents(client: Any, experiment: str) -> None:
@@ -189,7 +211,14 @@ def _record(num: int, setting: str, values: dict[str, str], job_return: JobRetur
         if isinstance(value, Outcome):
             status = status_of(value.code, value.skipped)
             return JobRecord(
-                num, setting, values, status, value.code, value.run_id, cases=list(value.case_ids)
+                num,
+                setting,
+                values,
+                status,
+                value.code,
+                value.run_id,
+                value.error,
+                cases=list(value.case_ids),
             )
         code = int(value or 0)
         return JobRecord(num, setting, values, status_of(code, False), code, None)

@@ -122,6 +122,7 @@ class DoneRecord:
     run_id: str | None
     skipped: bool
     case_ids: tuple[str, ...]
+    error: str = ""
 
 
 def write_done(sweep_dir: Path, num: int, record: DoneRecord) -> None:

@@ -69,7 +69,7 @@ def start_job(config: EvalConfig, job: Job) -> JobStart:
     if record is None:
         return JobStart(config, job, state, share)
     grouping.take_outputs(job.sweep_dir, job.num, job.output_dir)
-    outcome = Outcome(record.code, record.run_id, record.skipped, record.case_ids)
+    outcome = Outcome(record.code, record.run_id, record.skipped, record.case_ids, record.error)
     return JobStart(config, job, state, share, outcome=outcome)
 
 
@@ -164,7 +164,7 @@ def _in_group(
         for member in members:  # every waiting job gets an answer, a failure too
             outcome = outcomes.get(member.num, Outcome(EXIT_ERROR, None))
             record = grouping.DoneRecord(
-                outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids
+                outcome.code, outcome.run_id, outcome.skipped, outcome.case_ids, outcome.error
             )
             grouping.write_done(sweep_dir, member.num, record)
     return outcomes[job.num]

@@ -15,7 +15,14 @@ from typing import Any
 from filelock import FileLock
 
 from evalharness.evaluation.lifecycle import EXIT_ERROR
-from evalharness.score.comparison import Comparison, RunData, base_metric, compare, describe_test
+from evalharness.score.comparison import (
+    Comparison,
+    RunData,
+    base_metric,
+    case_values,
+    compare,
+    describe_test,
+)
 from evalharness.score.shards import merge_shards
 from evalharness.score.table import HEADLINE
 from evalharness.sweep.state import STATE_DIR, SweepState, read_records, write_json
@@ -129,11 +136,12 @@ def _log_comparison(
     facts = {"sweep folder": str(sweep_dir), "swept": ", ".join(state.swept_keys) or "none"}
     plot_dir = sweep_dir / "plots" if state.plots and figures else None
     title = f"Sweep {sweep_dir.name}"
-    log_sweep_summary(client, parent, title, facts, table, stats, plot_dir)
+    log_sweep_summary(client, parent, title, facts, table, stats, plot_dir, sweep_dir)
 
 
 def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> list[Path]:
     from evalharness.plots import comparison_plots
+    from evalharness.plots.differences import plot_differences
 
     long = comparison.per_case_long
     main = base_metric(primary) or "dsc"
@@ -148,6 +156,11 @@ def _plots(comparison: Comparison, primary: str, folder: Path, final: bool) -> l
     ]
     paths.append(comparison_plots.plot_case_setting_heatmap(long, main, heatmap))
     paths.append(comparison_plots.plot_paired_cases(long, main, folder / f"paired_{main}.png"))
+    best = (comparison.stats.get("best") or {}).get("setting")
+    grid = case_values(long, main)
+    if best in grid.columns and len(grid.columns) > 1:
+        path = folder / f"differences_{main}.png"
+        paths.append(plot_differences(grid, best, comparison.stats.get("tests", []), main, path))
     front = [entry["setting"] for entry in comparison.stats.get("pareto", [])]
     cost_path = folder / f"cost_{primary}.png"
     paths.append(comparison_plots.plot_accuracy_cost(comparison.table, primary, front, cost_path))

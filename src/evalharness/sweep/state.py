@@ -28,6 +28,7 @@ class SweepState:
     swept_keys: tuple[str, ...]
     primary_metric: str
     plots: bool = True  # output.plots: comparison figures on the parent
+    experiment_id: str = ""
 
 
 def write_state(sweep_dir: Path, state: SweepState) -> None:

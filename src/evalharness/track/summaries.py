@@ -63,8 +63,10 @@ def log_run_summary(
     findings: Sequence[Mapping[str, Any]],
     figures: Sequence[Path] = (),
     gallery: Sequence[Path] = (),
+    folder: Path | None = None,
 ) -> None:
-    """Log the run's `SUMMARY_PAGE` and set its description (`NOTE_TAG`)."""
+    """Log the run's `SUMMARY_PAGE` (also written to `folder`) and set its description
+    (`NOTE_TAG`)."""
     scores = case_scores(table)
     worst = (str(scores.idxmin()), float(scores.min())) if not scores.empty else None
     page = run_page(
@@ -76,6 +78,7 @@ def log_run_summary(
         figures=png_figures(figures),
         gallery=png_figures(gallery, _gallery_caption),
     )
+    _write_page(folder, page)
     tracking.log_text(client, run_id, page, SUMMARY_PAGE)
     tracking.set_tags(client, run_id, {NOTE_TAG: run_note(summary, worst, findings)})
 
@@ -88,13 +91,16 @@ def log_sweep_summary(
     table: pd.DataFrame,
     stats: Mapping[str, Any],
     plot_dir: Path | None,
+    folder: Path | None = None,
 ) -> None:
     """Log the parent's `SUMMARY_PAGE` (figures: the PNGs in `plot_dir`, those with ``cost`` in
-    their name as the accuracy-against-cost section) and its description."""
+    their name as the accuracy-against-cost section; also written to `folder`) and its
+    description."""
     pngs = sorted(plot_dir.glob("*.png")) if plot_dir is not None and plot_dir.is_dir() else []
     cost = [p for p in pngs if "cost" in p.stem]
-    others = [p for p in pngs if p not in cost]
+    others = sorted((p for p in pngs if p not in cost), key=lambda p: "differences" not in p.stem)
     page = sweep_page(title, facts, table, stats, png_figures(cost), png_figures(others))
+    _write_page(folder, page)
     tracking.log_text(client, parent_run_id, page, SUMMARY_PAGE)
     tracking.set_tags(client, parent_run_id, {NOTE_TAG: sweep_note(stats)})
 
@@ -117,6 +123,12 @@ def sweep_note(stats: Mapping[str, Any]) -> str:
         f"{stats.get('n_skipped', 0)} skipped; see {SUMMARY_PAGE}"
     )
     return "\n".join(lines)
+
+
+def _write_page(folder: Path | None, page: str) -> None:
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / SUMMARY_PAGE).write_text(page, encoding="utf-8")
 
 
 def _gallery_caption(path: Path) -> str:

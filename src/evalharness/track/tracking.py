@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 
 from evalharness.errors import ConfigError, HarnessError, StoreError, first_line
 from evalharness.mlflow_client import client_for, local_store_path, store_lock
+from evalharness.track import ui_links
 
 MAX_PARAM_CHARS = 6000
 BATCH = 100
@@ -33,8 +34,8 @@ LOCKED_RETRIES = 8  # SQLite "database is locked" under concurrent writers: retr
 LOCKED_BACKOFF_S = 0.2  # first wait; doubles each attempt (25 s in all at most)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's UI opens an experiment without this tag on its GenAI overview (traces, tokens);
-with it, on the model-training runs table."""
+"""The experiment's kind for MLflow clients that read it; MLflow 3.17's UI itself follows the
+GenAI | Model training switch instead (see `ui_links`)."""
 T = TypeVar("T")
 
 
@@ -78,9 +79,10 @@ def prepare_store(tracking_uri: str) -> MlflowClient:
 def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
     """Id of experiment `name`, created if missing (race-safe across processes).
 
-    An experiment without a kind gets `EXPERIMENT_KIND` (the UI then opens on its runs
-    table); a kind someone set is left alone.
+    An experiment without a kind gets `EXPERIMENT_KIND` (a kind someone set is left alone),
+    and the harness's shared runs-table view (`ui_links`), which the links it prints open.
     """
+    wanted = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, **ui_links.experiment_view_tags()}
     with store_lock(tracking_uri):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None and experiment.lifecycle_stage == "deleted":
@@ -91,17 +93,17 @@ def experiment_id(client: MlflowClient, tracking_uri: str, name: str) -> str:
             )
         if experiment is None:
             return client.create_experiment(
-                name,
-                artifact_location=artifact_location(tracking_uri),
-                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                name, artifact_location=artifact_location(tracking_uri), tags=wanted
             )
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            retry_locked(
-                lambda: client.set_experiment_tag(
-                    experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
-                )
-            )
+        have = experiment.tags
+        for key, value in wanted.items():
+            if key not in have or (key != EXPERIMENT_KIND_TAG and have[key] != value):
+                set_experiment_tag(client, experiment.experiment_id, key, value)
         return experiment.experiment_id
+
+
+def set_experiment_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    retry_locked(lambda: client.set_experiment_tag(experiment_id, key, value))
 
 
 def open_experiment(tracking_uri: str, name: str) -> tuple[MlflowClient, str]:
