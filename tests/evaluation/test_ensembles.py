@@ -221,6 +221,7 @@ def test_fastmonai_learner_and_callback_run_model_as_an_ensemble(sqlite_uri, tmp
     shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (learner, callback)]
     assert tags["evalharness.ensemble_sha256"] == ",".join(shas)
     assert tags["evalharness.ensemble_loaders"] == "fastai_learner,safetensors"
-    # the learner file carries no training configuration: the safetensors metadata gives it
-    assert tags["evalharness.training_config_source"] == "none+safetensors"
+    # the learner's configuration is the patch_config.pkl of its training run folder (read
+    # beside a model file, then one folder up); the callback run's from its safetensors metadata
+    assert tags["evalharness.training_config_source"] == "patch_config.pkl+safetensors"
     assert result.run.data.params["effective.patch_size_vox"] == "[48, 48, 32]"
