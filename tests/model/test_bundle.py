@@ -125,7 +125,7 @@ def test_weights_that_do_not_fit_network_def(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as raised:
         load_bundle_network(bundle)
     message = str(raised.value)
-    assert message.startswith(f"{root / 'models/model.pt'}: the weights do not fit network_def")
+    assert message.startswith(f"{root / 'models/model.pt'}: weights do not fit network_def")
     assert "1 missing ['bias']" in message and "1 unexpected ['extra.weight']" in message
 
 

@@ -26,7 +26,12 @@ from monai.bundle import ConfigParser
 
 from evalharness.errors import SourceError, first_line
 from evalharness.model.bundle_safety import closed_config, instantiate, target_class
-from evalharness.model.loaders import LoadedModel, _fastai_checkpoint_state, _unpickle
+from evalharness.model.loaders import (
+    LoadedModel,
+    _fastai_checkpoint_state,
+    _unpickle,
+    load_fitting_weights,
+)
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
 METADATA = "configs/metadata.json"
@@ -210,24 +215,6 @@ def _state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def _fit(
-    network: torch.nn.Module, state: Mapping[str, torch.Tensor], path: Path, what: str
-) -> None:
-    expected = network.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    reshaped = sorted(
-        k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
-    )
-    if missing or unexpected or reshaped:
-        raise SourceError(
-            f"{path}: the weights do not fit {what}: {len(missing)} missing {missing[:4]}, "
-            f"{len(unexpected)} unexpected {unexpected[:4]}, {len(reshaped)} of another shape "
-            f"{reshaped[:4]}"
-        )
-    network.load_state_dict(state, strict=True)
-
-
 def load_bundle_network(bundle: Bundle) -> LoadedModel:
     """The bundle's network with its weights, wrapped in `BundleNetwork`, in eval mode on CPU."""
     path = bundle.root / bundle.weights
@@ -243,7 +230,9 @@ def load_bundle_network(bundle: Bundle) -> LoadedModel:
         if not isinstance(network, torch.nn.Module):
             raise SourceError(f"{bundle.root / bundle.config_file}: network_def is not a network")
         target = target_class(bundle.network_def)
-        _fit(network, state, path, f"network_def ({target} of {bundle.config_file})")
+        load_fitting_weights(
+            network, state, path, f"network_def ({target} of {bundle.config_file})"
+        )
         arch = {"network_def": target}
     wrapped = BundleNetwork(network, _in_channels(bundle, network)).eval()
     return LoadedModel(wrapped, bundle.loader, None, arch)

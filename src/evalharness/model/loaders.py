@@ -80,7 +80,11 @@ def _instantiate(arch: Mapping[str, Any], path: Path) -> torch.nn.Module:
     return network
 
 
-def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path) -> None:
+def load_fitting_weights(
+    network: torch.nn.Module, state: Mapping[str, Any], path: Path, what: str | None = None
+) -> None:
+    """Load `state` into `network` only when every key and shape fits; otherwise one line
+    naming `path`, `what` it should fit (default: the network's class) and the keys that differ."""
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -88,9 +92,11 @@ def _load_weights(network: torch.nn.Module, state: Mapping[str, Any], path: Path
         k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape)
     )
     if missing or unexpected or reshaped:
+        what = what or f"the {type(network).__name__} architecture"
         raise SourceError(
-            f"{path}: weights do not fit the {type(network).__name__} architecture "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {reshaped[:3]})"
+            f"{path}: weights do not fit {what}: {len(missing)} missing {missing[:4]}, "
+            f"{len(unexpected)} unexpected {unexpected[:4]}, {len(reshaped)} of another shape "
+            f"{reshaped[:4]}"
         )
     network.load_state_dict(state, strict=True)
 
@@ -119,7 +125,7 @@ def _rebuilt(
     stored = sum(t.numel() * t.element_size() for t in state.values())
     network = build_network(spec, path, max_bytes=2 * stored + 16 * 2**20)
     check_repr(network, spec, path)
-    _load_weights(network, with_shared_aliases(network, state), path)
+    load_fitting_weights(network, with_shared_aliases(network, state), path)
     arch_info = {"arch_id": spec.arch_id, "arch_kwargs": spec.arch_kwargs}
     if spec.wrapper_spec:
         arch_info["wrapper_spec"] = spec.wrapper_spec
@@ -137,7 +143,7 @@ def _from_safetensors(
     if arch is None:
         return _rebuilt(state, metadata, path, "safetensors")
     network = _instantiate(arch, path)
-    _load_weights(network, with_shared_aliases(network, state), path)
+    load_fitting_weights(network, with_shared_aliases(network, state), path)
     inference_config = _json_metadata(metadata, "inference_config", "null", path)
     return LoadedModel(network.eval(), "safetensors", inference_config, _plain_mapping(arch))
 
@@ -188,7 +194,7 @@ def _from_unpickled(
                 "(e.g. {_target_: monai.networks.nets.UNet, spatial_dims: 3, ...})"
             )
         network = _instantiate(arch, path)
-        _load_weights(network, with_shared_aliases(network, obj), path)
+        load_fitting_weights(network, with_shared_aliases(network, obj), path)
         return LoadedModel(network.eval(), "state_dict", None, _plain_mapping(arch))
     if isinstance(obj, torch.nn.Module):
         network, loader = obj, "pickled_module"
