@@ -9,15 +9,12 @@ one (`bundle.read_bundle`); its contract (`bundle_contract`) is the training con
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -35,6 +32,7 @@ from evalharness.model.bundle import (
 )
 from evalharness.model.bundle_contract import BundleContract, bundle_contract
 from evalharness.model.discovery import MODEL_FOLDER, choose_model_artifact
+from evalharness.model.download_cache import build_once
 from evalharness.model.loaders import LoadedModel
 from evalharness.model.sources import (
     SPLIT_VERSION_TAG,
@@ -87,29 +85,23 @@ def _download(
     listing = "\n".join(f"{p} {s}" for p, s in sorted(files))
     key = hashlib.sha256(f"{folder}\n{listing}\n{run.info.end_time}".encode()).hexdigest()[:16]
     entry = Path(cache_dir) / run_id / f"bundle-{key}"
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(f"{entry}.lock", timeout=900):
-            downloaded = not entry.is_dir()
-            if downloaded:
-                staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".staging-"))
-                try:
-                    for sub in FETCHED:
-                        path = posixpath.join(folder, sub) if folder else sub
-                        if any(p.startswith(f"{path}/") for p, _ in files):
-                            got = mlflow.artifacts.download_artifacts(
-                                run_id=run_id,
-                                artifact_path=path,
-                                dst_path=str(staging / "download"),
-                                tracking_uri=uri,
-                            )
-                            (staging / "bundle").mkdir(exist_ok=True)
-                            shutil.move(got, staging / "bundle" / sub)
-                    os.replace(staging / "bundle", entry)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-    except Timeout:
-        raise SourceError(f"timed out waiting for the cache lock {entry}.lock") from None
+
+    def fetch(staging: Path) -> Path:
+        kept = staging / "bundle"
+        kept.mkdir()
+        for sub in FETCHED:
+            path = posixpath.join(folder, sub) if folder else sub
+            if any(p.startswith(f"{path}/") for p, _ in files):
+                got = mlflow.artifacts.download_artifacts(
+                    run_id=run_id,
+                    artifact_path=path,
+                    dst_path=str(staging / "download"),
+                    tracking_uri=uri,
+                )
+                shutil.move(got, kept / sub)
+        return kept
+
+    downloaded = build_once(entry, fetch)
     return entry, downloaded
 
 

@@ -9,19 +9,16 @@ folder and the run's end time, under a file lock) with a ``splits_final.json`` t
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-from filelock import FileLock, Timeout
 from mlflow.exceptions import MlflowException
 
 from evalharness.errors import SourceError, first_line
 from evalharness.mlflow_client import client_for
+from evalharness.model.download_cache import build_once
 from evalharness.model.nnunet import SPLITS, is_model_folder
 
 _DEPTH = 8  # artifact folder levels searched
@@ -67,22 +64,15 @@ def model_folders(files: list[str]) -> list[str]:
 
 def _download(run_id: str, artifact: str, entry: Path, uri: str) -> bool:
     """`artifact` (a folder or file) into `entry` once; whether this call downloaded it."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(f"{entry}.lock", timeout=900):
-            if entry.exists():
-                return False
-            staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".staging-"))
-            try:
-                fetched = mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=artifact, dst_path=str(staging), tracking_uri=uri
-                )
-                os.replace(fetched, entry)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            return True
-    except Timeout:
-        raise SourceError(f"timed out waiting for the cache lock {entry}.lock") from None
+
+    def fetch(staging: Path) -> Path:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact, dst_path=str(staging), tracking_uri=uri
+            )
+        )
+
+    return build_once(entry, fetch)
 
 
 def fetch_run_folder(

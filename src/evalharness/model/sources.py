@@ -17,13 +17,11 @@ import os
 import posixpath
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from filelock import FileLock, Timeout
 from mlflow import MlflowClient
 from mlflow.entities import FileInfo, Run
 from mlflow.exceptions import MlflowException
@@ -40,6 +38,7 @@ from evalharness.model.discovery import (
     looked_for,
     safetensors_sibling,
 )
+from evalharness.model.download_cache import build_once
 from evalharness.model.training_config import (
     CONFIG_ARTIFACT_NAMES,
     TrainingConfig,
@@ -142,25 +141,15 @@ def _fetch(
     info = _artifact_info(client, run_id, artifact)
     key = hashlib.sha256(f"{artifact}\n{info.file_size}\n{run.info.end_time}".encode())
     entry = Path(cache_dir) / run_id / key.hexdigest()[:16]
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(f"{entry}.lock", timeout=900):
-            downloaded = not entry.is_dir()
-            if downloaded:
-                staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".staging-"))
-                try:
-                    _download(run_id, artifact, info.file_size, staging, uri)
-                    os.replace(staging / "entry", entry)
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-    except Timeout:
-        raise SourceError(f"timed out waiting for the cache lock {entry}.lock") from None
+    downloaded = build_once(
+        entry, lambda staging: _download(run_id, artifact, info.file_size, staging, uri)
+    )
     sha = (entry / "sha256").read_text().strip()
     return entry / posixpath.basename(artifact), sha, downloaded
 
 
-def _download(run_id: str, artifact: str, size: int | None, staging: Path, uri: str) -> None:
-    """Into ``staging/entry``: the artifact (its size checked) and its sha256."""
+def _download(run_id: str, artifact: str, size: int | None, staging: Path, uri: str) -> Path:
+    """``staging/entry``: the artifact (its size checked) and its sha256."""
     fetched = mlflow.artifacts.download_artifacts(
         run_id=run_id, artifact_path=artifact, dst_path=str(staging / "download"), tracking_uri=uri
     )
@@ -170,6 +159,7 @@ def _download(run_id: str, artifact: str, size: int | None, staging: Path, uri: 
     kept.parent.mkdir()
     shutil.move(fetched, kept)
     (kept.parent / "sha256").write_text(_sha256(kept))
+    return kept.parent
 
 
 def _split_runs_uri(uri: str) -> tuple[str, str]:
